@@ -1,0 +1,33 @@
+"""lightning_quant: INT8 PTQ and QAT inside the Lightning Trainer.
+
+Example:
+    >>> from lightning_quant import QuantCallback
+    >>> callback = QuantCallback(mode="ptq", target="x86", calibration_batches=16)
+"""
+
+from lightning_quant.api import quantize
+from lightning_quant.callbacks.quant_callback import QuantCallback
+from lightning_quant.config import QATSchedule, QuantMode, QuantScheme, QuantSpec, Target, scheme_for_target
+from lightning_quant.errors import CheckpointMismatchError, NotCalibratedError, NothingToQuantizeError
+from lightning_quant.quantizers import convert, prepare
+from lightning_quant.report import QuantReport, quantization_report
+
+__all__ = [
+    "CheckpointMismatchError",
+    "NotCalibratedError",
+    "NothingToQuantizeError",
+    "QATSchedule",
+    "QuantCallback",
+    "QuantMode",
+    "QuantReport",
+    "QuantScheme",
+    "QuantSpec",
+    "Target",
+    "convert",
+    "prepare",
+    "quantization_report",
+    "quantize",
+    "scheme_for_target",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,74 @@
+"""Checks that a checkpoint's quantization state belongs to the model and configuration loading it.
+
+Without them, a mismatch surfaces as a wall of missing/unexpected state-dict keys; with them, the error says
+what differs and how to fix it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from lightning_quant.errors import CheckpointMismatchError
+
+__all__ = ["check_quant_state_keys", "is_quant_key", "require_matching_config"]
+
+_QUANT_MARKERS = ("weight_fake_quant.", "activation_quantizers.", "input_fake_quant.")
+
+
+def is_quant_key(key: str) -> bool:
+    return any(marker in key for marker in _QUANT_MARKERS)
+
+
+def _sample(keys: set[str]) -> str:
+    shown = sorted(keys)[:3]
+    return ", ".join(shown) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+
+def check_quant_state_keys(
+    module: nn.Module, state_dict: dict, prefix: str, _metadata: Any, strict: bool, *_: Any
+) -> None:
+    """``load_state_dict`` pre-hook: the checkpoint's quantizer entries must match the model's.
+
+    Raises:
+        CheckpointMismatchError: the checkpoint has no quantization state, different quantizers, or
+            differently shaped scales (another model, mode, target or exclude list).
+    """
+    if not strict:
+        return
+    own = {k: v for k, v in module.state_dict(prefix=prefix).items() if is_quant_key(k)}
+    saved = {k for k in state_dict if k.startswith(prefix) and is_quant_key(k)}
+    if not saved:
+        raise CheckpointMismatchError(
+            "the checkpoint holds no quantization state (no fake-quant scales): it was saved from a float model. "
+            "Load float weights into the model before the Trainer runs (e.g. Model.load_from_checkpoint) and pass "
+            "ckpt_path only for checkpoints written with QuantCallback."
+        )
+    missing, unexpected = set(own) - saved, saved - set(own)
+    if missing or unexpected:
+        raise CheckpointMismatchError(
+            f"the checkpoint's quantization state does not match this model: missing {_sample(missing) or 'none'}; "
+            f"unexpected {_sample(unexpected) or 'none'}. It was written for another model or another QuantCallback "
+            "configuration (mode ptq/qat, target, exclude); use the same ones that wrote it."
+        )
+    wrong = {k for k in saved if tuple(state_dict[k].shape) != tuple(own[k].shape)}
+    if wrong:
+        raise CheckpointMismatchError(
+            f"quantizer shapes differ from the checkpoint ({_sample(wrong)}): per-channel vs per-tensor or another "
+            "layer size. Use the scheme/target the checkpoint was written with."
+        )
+
+
+def require_matching_config(current: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Compare the callback configuration stored in a checkpoint with the current one.
+
+    Raises:
+        CheckpointMismatchError: mode, target or scheme differ.
+    """
+    for key in ("mode", "target", "scheme", "exclude"):
+        if key in saved and saved[key] != current[key]:
+            raise CheckpointMismatchError(
+                f"the checkpoint was written with QuantCallback {key}={saved[key]!r}, this run uses {current[key]!r}; "
+                f"create the callback with {key}={saved[key]!r} to load it, or start from the float model."
+            )

@@ -1,0 +1,315 @@
+"""QuantCallback: PTQ calibration and QAT inside any Lightning Trainer.
+
+Example:
+    >>> import lightning.pytorch as pl
+    >>> from lightning_quant import QuantCallback
+    >>> ptq = pl.Trainer(callbacks=[QuantCallback(mode="ptq", target="x86", calibration_batches=16)], logger=False)
+    >>> qat = pl.Trainer(max_epochs=2, callbacks=[QuantCallback(mode="qat", target="x86")], logger=False)
+
+``trainer.validate(model, datamodule=dm)`` then calibrates on the calibration data and evaluates the INT8
+(fake-quant) model; ``trainer.fit`` fine-tunes with fake-quant in the loop, and resumes from checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from lightning_quant.calibration import calibrate, default_transform, move_to_device
+from lightning_quant.callbacks.checkpoint_guard import check_quant_state_keys, require_matching_config
+from lightning_quant.config import QATSchedule, QuantMode, QuantScheme, Target, _coerce_enum, scheme_for_target
+from lightning_quant.quantizers.prepare import (
+    freeze_bn,
+    iter_quantizers,
+    prepare,
+    prepare_info,
+    set_fake_quant,
+    set_observers,
+)
+from lightning_quant.report import QuantReport, quantization_report
+
+__all__ = ["QuantCallback"]
+
+_DEFAULT_ATTRS = ("model", "net", "network", "backbone")
+_SOURCES = ("auto", "calibration", "train", "val")
+
+
+class QuantCallback(Callback):
+    """Insert fake-quant into a LightningModule's network and calibrate it (PTQ) or fine-tune it (QAT).
+
+    Example:
+        >>> cb = QuantCallback(mode="qat", target="tensorrt", qat_schedule=QATSchedule(freeze_bn_epoch=1))
+        >>> cb.scheme.activation.signed
+        True
+
+    Args:
+        mode: ``ptq`` (calibrate, then evaluate in ``validate``/``test``/``predict``) or ``qat`` (``fit``).
+        target: ``x86``, ``tensorrt`` or ``dpu``; sets the default scheme.
+        scheme: explicit :class:`~lightning_quant.config.QuantScheme` (wins over ``target``'s defaults).
+        calibration_batches: batches used to calibrate (PTQ) or to initialize ranges before QAT (0 = none).
+        calibration_data: any iterable of batches; otherwise the datamodule's ``calibration_dataloader()``,
+            then its ``train_dataloader()`` (see ``calibration_source``).
+        calibration_source: ``auto``, ``calibration``, ``train`` or ``val`` (the loader being evaluated;
+            optimistic, for quick checks only).
+        transform_fn: maps one batch to the network input (default: first element of ``(x, y)`` pairs).
+        qat_schedule: when observers and BatchNorm statistics freeze during QAT.
+        exclude: glob patterns of layer names kept in float.
+        module_name: attribute of the LightningModule holding the network (default: ``model``, ``net``,
+            ``network``, ``backbone``, or the only child module).
+        report: print the quantization report and log its metrics.
+        progress: show a calibration progress bar.
+
+    Raises:
+        ValueError: unknown mode/target/source, negative ``calibration_batches``, ``calibration_source='calibration'``
+            without ``calibration_data`` or a datamodule ``calibration_dataloader``.
+        TypeError: ``qat_schedule`` or ``scheme`` of the wrong type.
+    """
+
+    def __init__(
+        self,
+        mode: QuantMode | str = QuantMode.PTQ,
+        target: Target | str = Target.X86,
+        *,
+        scheme: QuantScheme | None = None,
+        calibration_batches: int = 16,
+        calibration_data: Iterable[Any] | None = None,
+        calibration_source: str = "auto",
+        transform_fn: Callable[[Any], Any] | None = None,
+        qat_schedule: QATSchedule | None = None,
+        exclude: Iterable[str] = (),
+        module_name: str | None = None,
+        report: bool = True,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        self.mode: QuantMode = _coerce_enum(QuantMode, mode, "mode")  # type: ignore[assignment]
+        self.target: Target = _coerce_enum(Target, target, "target")  # type: ignore[assignment]
+        if scheme is not None and not isinstance(scheme, QuantScheme):
+            raise TypeError(f"scheme must be a QuantScheme, got {type(scheme).__name__}; see scheme_for_target().")
+        self.scheme = scheme or scheme_for_target(self.target, self.mode)
+        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 0:
+            raise ValueError(f"calibration_batches={calibration_batches!r} must be an integer >= 0 (16 is typical).")
+        if self.mode is QuantMode.PTQ and calibration_batches == 0:
+            raise ValueError("mode='ptq' needs calibration_batches >= 1: PTQ ranges come from calibration.")
+        if calibration_source not in _SOURCES:
+            raise ValueError(f"calibration_source={calibration_source!r}; use one of {', '.join(map(repr, _SOURCES))}.")
+        if qat_schedule is not None and not isinstance(qat_schedule, QATSchedule):
+            raise TypeError(f"qat_schedule must be a QATSchedule, got {type(qat_schedule).__name__}.")
+        self.calibration_batches = calibration_batches
+        self.calibration_data = calibration_data
+        self.calibration_source = calibration_source
+        self.transform_fn = transform_fn or default_transform
+        self.qat_schedule = qat_schedule or QATSchedule()
+        self.exclude = tuple(exclude)
+        self.module_name = module_name
+        self.report = report
+        self.progress = progress
+        self.last_report: QuantReport | None = None
+        self._report_inputs: Any = None
+        self._applied: tuple[bool, bool] | None = None
+
+    # -- helpers ----------------------------------------------------------------------------------------
+    def _resolve_name(self, pl_module: pl.LightningModule) -> str:
+        if self.module_name is not None:
+            if not isinstance(getattr(pl_module, self.module_name, None), nn.Module):
+                raise ValueError(
+                    f"module_name={self.module_name!r}: {type(pl_module).__name__} has no nn.Module attribute of that "
+                    f"name; its child modules are {[n for n, _ in pl_module.named_children()]}."
+                )
+            return self.module_name
+        for attr in _DEFAULT_ATTRS:
+            if isinstance(getattr(pl_module, attr, None), nn.Module):
+                return attr
+        children = [n for n, _ in pl_module.named_children()]
+        if len(children) == 1:
+            return children[0]
+        raise ValueError(
+            f"cannot tell which child of {type(pl_module).__name__} is the network to quantize (children: {children}); "
+            "pass QuantCallback(module_name='<attribute>')."
+        )
+
+    def network(self, pl_module: pl.LightningModule) -> nn.Module:
+        """The (prepared) network inside ``pl_module`` this callback quantizes."""
+        return getattr(pl_module, self._resolve_name(pl_module))
+
+    def _is_prepared(self, module: nn.Module) -> bool:
+        try:
+            prepare_info(module)
+            return True
+        except ValueError:
+            return False
+
+    def _calibration_loader(self, trainer: pl.Trainer, stage: str) -> Iterable[Any]:
+        if self.calibration_data is not None:
+            return self.calibration_data
+        dm = trainer.datamodule
+        source = self.calibration_source
+        if source in ("auto", "calibration") and dm is not None and hasattr(dm, "calibration_dataloader"):
+            return dm.calibration_dataloader()
+        if source == "calibration":
+            raise ValueError(
+                "calibration_source='calibration' but neither calibration_data nor a datamodule "
+                "calibration_dataloader() was given."
+            )
+        if source in ("auto", "train"):
+            if dm is not None and _overrides(dm, "train_dataloader"):
+                return dm.train_dataloader()
+            if stage == "fit":
+                return trainer.fit_loop._combined_loader or trainer.train_dataloader  # type: ignore[return-value]
+            if source == "train":
+                raise ValueError("calibration_source='train' needs a datamodule with train_dataloader().")
+        if source == "val" or source == "auto":
+            loaders = {"validate": trainer.val_dataloaders, "test": trainer.test_dataloaders,
+                       "predict": trainer.predict_dataloaders}.get(stage)
+            if source == "val" and loaders is not None:
+                rank_zero_warn("calibrating on the evaluation data: accuracy will be optimistic.")
+                return loaders
+        raise ValueError(
+            "no calibration data: pass QuantCallback(calibration_data=loader), give the datamodule a "
+            "calibration_dataloader() or train_dataloader(), or set calibration_source='val' for a quick check "
+            "(optimistic accuracy)."
+        )
+
+    def _run_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        network = self.network(pl_module)
+        loader = self._calibration_loader(trainer, stage)
+        first: list[Any] = []
+
+        def transform(item: Any) -> Any:
+            inputs = self.transform_fn(item)
+            if not first:
+                first.append(move_to_device(inputs, "cpu"))
+            return inputs
+
+        progress = self.progress and trainer.is_global_zero
+        seen = calibrate(network, loader, transform_fn=transform, num_batches=self.calibration_batches,
+                         progress=progress, desc=f"Calibrating ({self.mode.value}, {self.target.value})")
+        rank_zero_info(f"lightning_quant: calibrated {len(list(iter_quantizers(network)))} quantizers on {seen} batches")
+        self._report_inputs = first[0] if first else None
+
+    def _emit_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.report or self._report_inputs is None:
+            return
+        self.last_report = quantization_report(self.network(pl_module), self._report_inputs)
+        rank_zero_info(f"lightning_quant report ({self.mode.value}, target={self.target.value}):\n{self.last_report}")
+        if trainer.logger is not None and trainer.is_global_zero:
+            trainer.logger.log_metrics(self.last_report.metrics(), step=trainer.global_step)
+
+    def _calibrated(self, pl_module: pl.LightningModule) -> bool:
+        quantizers = list(iter_quantizers(self.network(pl_module)))
+        return bool(quantizers) and all(fq.calibrated.item() for _, fq in quantizers)
+
+    def _apply_schedule(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state = (self.qat_schedule.observers_frozen(trainer.current_epoch, trainer.global_step),
+                 self.qat_schedule.bn_frozen(trainer.current_epoch, trainer.global_step))
+        if state == self._applied:
+            return
+        network = self.network(pl_module)
+        for _, fq in iter_quantizers(network):
+            fq.enable_observer(not state[0] and not fq.spec.learnable)
+        freeze_bn(network, state[1])
+        if self._applied is not None or any(state):
+            rank_zero_info(f"lightning_quant: epoch {trainer.current_epoch} step {trainer.global_step}: observers "
+                           f"{'frozen' if state[0] else 'updating'}, BatchNorm {'frozen' if state[1] else 'updating'}")
+        self._applied = state
+
+    # -- hooks ------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.mode is QuantMode.PTQ and stage == "fit":
+            raise ValueError(
+                "QuantCallback(mode='ptq') calibrates without training: use trainer.validate/test/predict, "
+                "or mode='qat' to fine-tune with trainer.fit."
+            )
+        name = self._resolve_name(pl_module)
+        network = getattr(pl_module, name)
+        if self._is_prepared(network):
+            return
+        prepared = prepare(network, self.scheme, mode=self.mode, exclude=self.exclude, inplace=True)
+        setattr(pl_module, name, prepared)
+        pl_module.register_load_state_dict_pre_hook(check_quant_state_keys)
+        if self.mode is QuantMode.QAT:
+            set_fake_quant(prepared, True)
+            set_observers(prepared, True)
+        info = prepare_info(prepared)
+        rank_zero_info(
+            f"lightning_quant: prepared {type(network).__name__} for {self.mode.value} ({self.target.value}): "
+            f"{len(info.quantized_layers)} layers quantized, {len(info.folded_bn)} BatchNorms folded, "
+            f"{len(info.float_layers) + len(info.untraced)} parts kept in float"
+        )
+
+    def _ensure_calibrated(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._calibrated(pl_module):
+            set_observers(self.network(pl_module), False)
+            return
+        self._run_calibration(trainer, pl_module, stage)
+        self._emit_report(trainer, pl_module)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.mode is QuantMode.PTQ:
+            self._ensure_calibrated(trainer, pl_module, "validate")
+        else:  # QAT: evaluation never updates ranges; the schedule restores observers afterwards
+            set_observers(self.network(pl_module), False)
+            self._applied = None
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.mode is QuantMode.PTQ:
+            self._ensure_calibrated(trainer, pl_module, "test")
+        else:
+            set_observers(self.network(pl_module), False)
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.mode is QuantMode.PTQ:
+            self._ensure_calibrated(trainer, pl_module, "predict")
+        else:
+            set_observers(self.network(pl_module), False)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.calibration_batches > 0 and not self._calibrated(pl_module):
+            self._run_calibration(trainer, pl_module, "fit")
+            pl_module.train()
+        self._applied = None
+        self._apply_schedule(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._report_inputs is None:
+            self._report_inputs = move_to_device(self.transform_fn(batch), "cpu")
+        self._apply_schedule(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._emit_report(trainer, pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "mode": self.mode.value,
+            "target": self.target.value,
+            "scheme": self.scheme.to_dict(),
+            "exclude": list(self.exclude),
+            "module_name": self.module_name,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        require_matching_config(self.state_dict(), state_dict)
+
+
+def _overrides(obj: Any, method: str) -> bool:
+    """True when ``obj`` defines ``method`` itself (not Lightning's default that raises)."""
+    from lightning.pytorch.core.hooks import DataHooks
+
+    impl = getattr(type(obj), method, None)
+    return impl is not None and impl is not getattr(DataHooks, method, None)

@@ -1,0 +1,98 @@
+"""BatchNorm folding: merge ``conv -> bn`` (and ``linear -> bn``) into one layer, on tensors and on fx graphs.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> conv, bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).eval()
+    >>> _ = bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+    >>> x = torch.randn(2, 3, 8, 8)
+    >>> torch.allclose(fold_bn_into(conv, bn)(x), bn(conv(x)), atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+__all__ = ["FOLDABLE_PAIRS", "fold_batchnorm", "fold_bn_into", "foldable_pairs"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+FOLDABLE_PAIRS = (_CONVS, _BNS)
+
+
+@torch.no_grad()
+def fold_bn_into(layer: nn.Module, bn: nn.Module) -> nn.Module:
+    """Return a copy of ``layer`` whose output equals ``bn(layer(x))`` with ``bn`` in eval mode.
+
+    Raises:
+        ValueError: ``bn`` tracks no running statistics (nothing to fold).
+    """
+    if bn.running_var is None or bn.running_mean is None:
+        raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False).")
+    fused = copy.deepcopy(layer)
+    std = torch.sqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.affine else torch.ones_like(std)
+    beta = bn.bias if bn.affine else torch.zeros_like(std)
+    factor = gamma / std
+    shape = [-1] + [1] * (fused.weight.dim() - 1)
+    fused.weight.copy_(fused.weight * factor.reshape(shape))
+    bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
+    new_bias = beta + (bias - bn.running_mean) * factor
+    if fused.bias is None:
+        fused.bias = nn.Parameter(new_bias.to(fused.weight.dtype))
+    else:
+        fused.bias.copy_(new_bias)
+    return fused
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def foldable_pairs(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+    """``(layer_node, bn_node)`` pairs where the layer's only user is a BatchNorm of matching size."""
+    pairs = []
+    for node in gm.graph.nodes:
+        bn = _module(gm, node)
+        if not isinstance(bn, _BNS) or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        producer = node.args[0]
+        layer = _module(gm, producer)
+        if type(layer) not in _CONVS or len(producer.users) != 1:
+            continue
+        out_features = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        if bn.num_features == out_features and bn.track_running_stats:
+            pairs.append((producer, node))
+    return pairs
+
+
+def fold_batchnorm(gm: fx.GraphModule) -> list[str]:
+    """Fold every foldable ``layer -> bn`` pair of ``gm`` in place; returns the folded BatchNorm names.
+
+    Layers reached through more than one call are left as they are, since folding would change the others.
+    """
+    call_counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            call_counts[node.target] = call_counts.get(node.target, 0) + 1
+    folded = []
+    for layer_node, bn_node in foldable_pairs(gm):
+        if call_counts[layer_node.target] > 1 or call_counts[bn_node.target] > 1:
+            continue
+        fused = fold_bn_into(gm.get_submodule(layer_node.target), gm.get_submodule(bn_node.target))
+        _set_submodule(gm, layer_node.target, fused)
+        bn_node.replace_all_uses_with(layer_node)
+        gm.graph.erase_node(bn_node)
+        folded.append(bn_node.target)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return folded
+
+
+def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+    parent_name, _, attr = target.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, attr, module)

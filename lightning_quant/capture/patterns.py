@@ -1,0 +1,114 @@
+"""Where a deployed INT8 backend quantizes activations, decided on an fx graph.
+
+The rule follows what onnxruntime's QDQ fusion and TensorRT expect:
+* inputs of quantized ops (conv, linear, matmul, add, mul, concat, pooling) are quantized;
+* outputs of those ops are quantized, after a fused ReLU/ReLU6 when the op's only user is one (never
+  between a conv and its ReLU);
+* shape-only ops (flatten, reshape, dropout, ...) pass quantized values through, so no second quantizer.
+
+Example:
+    >>> from torch import fx, nn
+    >>> gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2)))
+    >>> [n.name for n in activation_quant_points(gm, is_weight_layer=lambda m: isinstance(m, (nn.Conv2d, nn.Linear)))]
+    ['input_1', '_1', '_3']
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+__all__ = ["activation_quant_points", "is_quantized_op", "source_through_passthrough"]
+
+_FUSED_ACT_MODULES = (nn.ReLU, nn.ReLU6)
+_FUSED_ACT_FUNCS = {F.relu, F.relu6, torch.relu, torch.relu_, F.hardtanh}
+_POOL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d,
+)
+_POOL_FUNCS = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.max_pool2d, torch.avg_pool1d,
+}
+_BINARY_FUNCS = {operator.add, operator.iadd, torch.add, operator.mul, operator.imul, torch.mul}
+_CAT_FUNCS = {torch.cat, torch.concat}
+_MATMUL_FUNCS = {torch.matmul, operator.matmul, torch.bmm, torch.mm}
+_PASSTHROUGH_MODULES = (nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout2d, nn.Identity)
+_PASSTHROUGH_FUNCS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose, F.dropout}
+_PASSTHROUGH_METHODS = {
+    "flatten", "reshape", "view", "squeeze", "unsqueeze", "permute", "transpose", "contiguous", "view_as",
+}
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    """Node arguments that carry activations (lists flattened, constants and parameters dropped)."""
+    args: list[fx.Node] = []
+    for arg in node.args:
+        items = arg if isinstance(arg, (list, tuple)) else [arg]
+        args.extend(a for a in items if isinstance(a, fx.Node) and a.op != "get_attr")
+    return args
+
+
+def is_fused_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(_module(gm, node), _FUSED_ACT_MODULES)
+    if node.op == "call_function" and node.target is F.hardtanh:
+        return node.args[1:3] == (0.0, 6.0) or node.kwargs.get("min_val") == 0.0
+    return node.op in ("call_function", "call_method") and (
+        node.target in _FUSED_ACT_FUNCS or node.target in ("relu", "relu_")
+    )
+
+
+def is_quantized_op(gm: fx.GraphModule, node: fx.Node, is_weight_layer: Callable[[nn.Module], bool]) -> bool:
+    """True when ``node`` runs as an integer kernel at deployment (its inputs and output are quantized)."""
+    if node.op == "call_module":
+        module = _module(gm, node)
+        return is_weight_layer(module) or isinstance(module, _POOL_MODULES)
+    if node.op == "call_function":
+        if node.target in _POOL_FUNCS or node.target in _CAT_FUNCS:
+            return True
+        if node.target in _BINARY_FUNCS or node.target in _MATMUL_FUNCS:
+            return len(_tensor_args(node)) >= 2
+    if node.op == "call_method" and node.target in ("add", "mul", "matmul", "add_", "mul_"):
+        return len(_tensor_args(node)) >= 2
+    return False
+
+
+def _is_passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(_module(gm, node), _PASSTHROUGH_MODULES)
+    if node.op == "call_function":
+        return node.target in _PASSTHROUGH_FUNCS
+    return node.op == "call_method" and node.target in _PASSTHROUGH_METHODS
+
+
+def source_through_passthrough(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """Walk back through shape-only ops to the node that produced the values."""
+    while _is_passthrough(gm, node) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def activation_quant_points(gm: fx.GraphModule, is_weight_layer: Callable[[nn.Module], bool]) -> list[fx.Node]:
+    """Nodes whose output gets an activation fake-quant, in graph order, without duplicates."""
+    points: dict[fx.Node, None] = {}
+    for node in gm.graph.nodes:
+        if not is_quantized_op(gm, node, is_weight_layer):
+            continue
+        for arg in _tensor_args(node):
+            points[source_through_passthrough(gm, arg)] = None
+        users = list(node.users)
+        if len(users) == 1 and is_fused_activation(gm, users[0]):
+            points[users[0]] = None
+        else:
+            points[node] = None
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted((p for p in points if p.op != "output"), key=order.__getitem__)

@@ -1,0 +1,119 @@
+"""FakeQuantize: an observer plus quantize-dequantize with a straight-through gradient.
+
+Example:
+    >>> import torch
+    >>> from lightning_quant.config import QuantSpec
+    >>> fq = FakeQuantize(QuantSpec(symmetric=False, signed=False), name="demo")
+    >>> y = fq(torch.linspace(0, 1, 5))            # observes, then fake-quantizes with the new range
+    >>> fq.disable_observer(); bool(fq.calibrated)
+    True
+    >>> round(fq.scale.item() * 255, 4)
+    1.0
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_quant.config import QuantSpec
+from lightning_quant.quantizers.functional import fake_quantize
+from lightning_quant.quantizers.observers import build_observer
+
+__all__ = ["FakeQuantize"]
+
+
+class FakeQuantize(nn.Module):
+    """Observe ranges and/or fake-quantize one tensor.
+
+    State (all saved in ``state_dict``): ``scale``, ``zero_point``, the observer's buffers, and the flags
+    ``observer_enabled``, ``fake_quant_enabled``, ``calibrated``. With ``spec.learnable`` the scale is an
+    ``nn.Parameter`` trained by LSQ once the observer is switched off.
+
+    Args:
+        spec: how the tensor is quantized.
+        num_channels: channel count for per-channel specs.
+        name: the model location, used in error messages and reports.
+
+    Raises:
+        FloatingPointError: NaN/inf reached the observer; the message names this quantizer.
+    """
+
+    def __init__(self, spec: QuantSpec, num_channels: int | None = None, name: str = "") -> None:
+        super().__init__()
+        self.spec = spec
+        self.name = name
+        self.observer = build_observer(spec, num_channels)
+        shape = (num_channels,) if spec.per_channel else ()
+        scale = torch.ones(shape)
+        if spec.learnable:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
+        self.register_buffer("observer_enabled", torch.tensor(1, dtype=torch.uint8))
+        self.register_buffer("fake_quant_enabled", torch.tensor(1, dtype=torch.uint8))
+        self.register_buffer("calibrated", torch.tensor(0, dtype=torch.uint8))
+
+    # -- switches -------------------------------------------------------------------------------------------
+    def enable_observer(self, enabled: bool = True) -> None:
+        self.observer_enabled.fill_(int(enabled))
+
+    def disable_observer(self) -> None:
+        self.enable_observer(False)
+
+    def enable_fake_quant(self, enabled: bool = True) -> None:
+        self.fake_quant_enabled.fill_(int(enabled))
+
+    def disable_fake_quant(self) -> None:
+        self.enable_fake_quant(False)
+
+    # -- forward --------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer_enabled.item():
+            self._observe(x)
+        if self.fake_quant_enabled.item() and self.calibrated.item():
+            return fake_quantize(x, self.scale, self.zero_point, self.spec, grad_scale=self._lsq_grad_scale(x))
+        return x
+
+    def _observe(self, x: torch.Tensor) -> None:
+        try:
+            self.observer(x)
+        except FloatingPointError as err:
+            raise FloatingPointError(
+                f"{err} at quantizer {self.name or '<unnamed>'!r}: the model produced non-finite values during "
+                "calibration/QAT. Check the input normalization and the learning rate, or exclude this layer."
+            ) from None
+        if not self.observer.initialized:
+            return
+        scale, zero_point = self.observer.calculate_qparams()
+        with torch.no_grad():
+            self.scale.copy_(scale.to(self.scale.device))
+            self.zero_point.copy_(zero_point.to(self.zero_point.device))
+        self.calibrated.fill_(1)
+
+    def _lsq_grad_scale(self, x: torch.Tensor) -> float | None:
+        if not self.spec.learnable:
+            return None
+        per_scale = x.numel() / max(self.scale.numel(), 1)
+        return 1.0 / math.sqrt(per_scale * self.spec.quant_range()[1])
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        kind = "sym" if s.symmetric else "asym"
+        sign = "int" if s.signed else "uint"
+        return f"{self.name!r}, {sign}{s.bits} {kind} {s.granularity.value} {s.scale_type.value}"
+
+    def describe(self) -> dict[str, Any]:
+        """Scale/zero-point/range summary for reports."""
+        scale = self.scale.detach().float()
+        return {
+            "scale_min": scale.min().item(),
+            "scale_max": scale.max().item(),
+            "zero_point": int(self.zero_point.flatten()[0].item()) if self.zero_point.numel() else 0,
+            "range_min": self.observer.min_val.min().item(),
+            "range_max": self.observer.max_val.max().item(),
+        }

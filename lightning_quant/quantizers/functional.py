@@ -1,0 +1,152 @@
+"""Pure tensor functions: rounding, quantization parameters, (fake-)quantize and dequantize.
+
+Nothing here holds state; observers and fake-quant modules are built on these functions.
+
+Example:
+    >>> import torch
+    >>> from lightning_quant.config import QuantSpec
+    >>> spec = QuantSpec(symmetric=False, signed=False)
+    >>> scale, zp = qparams_from_range(torch.tensor(-1.0), torch.tensor(3.0), spec)
+    >>> round(scale.item(), 6), zp.item()
+    (0.015686, 64)
+    >>> round(fake_quantize(torch.tensor([0.5]), scale, zp, spec).item(), 5)  # code 96 = 32 + zp 64
+    0.50196
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_quant.config import QuantSpec, RoundingMode, ScaleType
+
+__all__ = [
+    "dequantize",
+    "fake_quantize",
+    "qparams_from_range",
+    "quantize",
+    "round_ste",
+    "round_tensor",
+    "sqnr_db",
+]
+
+_EPS = torch.finfo(torch.float32).eps
+
+
+def round_tensor(x: torch.Tensor, mode: RoundingMode = RoundingMode.HALF_EVEN) -> torch.Tensor:
+    """Round with the given tie-breaking rule.
+
+    Example:
+        >>> x = torch.tensor([-2.5, -1.5, 0.5, 1.5, 2.5])
+        >>> round_tensor(x, RoundingMode.HALF_EVEN).tolist()
+        [-2.0, -2.0, 0.0, 2.0, 2.0]
+        >>> round_tensor(x, RoundingMode.HALF_UP).tolist()
+        [-2.0, -1.0, 1.0, 2.0, 3.0]
+        >>> round_tensor(x, RoundingMode.HALF_AWAY).tolist()
+        [-3.0, -2.0, 1.0, 2.0, 3.0]
+    """
+    if mode is RoundingMode.HALF_EVEN:
+        return torch.round(x)
+    if mode is RoundingMode.HALF_UP:
+        return torch.floor(x + 0.5)
+    return torch.sign(x) * torch.floor(torch.abs(x) + 0.5)
+
+
+def round_ste(x: torch.Tensor, mode: RoundingMode = RoundingMode.HALF_EVEN) -> torch.Tensor:
+    """Round in the forward pass, identity gradient in the backward pass (straight-through estimator)."""
+    return x + (round_tensor(x, mode) - x).detach()
+
+
+def _broadcast(param: torch.Tensor, x: torch.Tensor, ch_axis: int) -> torch.Tensor:
+    """Reshape a per-channel parameter so it broadcasts along ``ch_axis`` of ``x``."""
+    if param.numel() == 1 or x.dim() == 0:
+        return param.reshape(()) if param.numel() == 1 else param
+    shape = [1] * x.dim()
+    shape[ch_axis] = -1
+    return param.reshape(shape)
+
+
+def qparams_from_range(min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point that map ``[min_val, max_val]`` (extended to contain 0) onto the spec's range.
+
+    Symmetric: ``scale = max(|min|, |max|) / qmax`` (``/ (qmax - qmin)`` for unsigned), zero point 0.
+    Asymmetric: ``scale = (max - min) / (qmax - qmin)``, ``zp = qmin - round(min / scale)``.
+    Power-of-two scales round the float scale up to the next power of two, so nothing new clips.
+
+    Example:
+        >>> s, z = qparams_from_range(torch.tensor([-2.0, -0.5]), torch.tensor([1.0, 0.25]), QuantSpec())
+        >>> [round(v, 5) for v in s.tolist()], z.tolist()
+        ([0.01575, 0.00394], [0, 0])
+    """
+    qmin, qmax = spec.quant_range()
+    min_val = torch.minimum(min_val.float(), torch.zeros_like(min_val, dtype=torch.float32))
+    max_val = torch.maximum(max_val.float(), torch.zeros_like(max_val, dtype=torch.float32))
+    if spec.symmetric:
+        amax = torch.maximum(-min_val, max_val)
+        scale = amax / (qmax if spec.signed else (qmax - qmin))
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        scale = (max_val - min_val) / float(qmax - qmin)
+    scale = torch.clamp(scale, min=_EPS)
+    if spec.scale_type is ScaleType.POWER_OF_TWO:
+        scale = torch.pow(2.0, torch.ceil(torch.log2(scale)))
+    if not spec.symmetric:
+        zero_point = torch.clamp(qmin - torch.round(min_val / scale), qmin, qmax).to(torch.int32)
+    return scale, zero_point
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Map floats to integer codes (returned as float tensor holding integers)."""
+    qmin, qmax = spec.quant_range()
+    scale_b = _broadcast(scale, x, spec.ch_axis)
+    zp_b = _broadcast(zero_point.to(x.dtype), x, spec.ch_axis)
+    return torch.clamp(round_tensor(x / scale_b, spec.rounding) + zp_b, qmin, qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Map integer codes back to floats: ``(q - zero_point) * scale``."""
+    return (q - _broadcast(zero_point.to(q.dtype), q, spec.ch_axis)) * _broadcast(scale, q, spec.ch_axis)
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    spec: QuantSpec,
+    grad_scale: float | None = None,
+) -> torch.Tensor:
+    """Quantize then dequantize, differentiable.
+
+    The gradient w.r.t. ``x`` is the clipped straight-through estimator (1 inside the range, 0 outside).
+    When ``scale`` requires grad, its gradient is LSQ's (Esser et al. 2020), multiplied by ``grad_scale``.
+
+    Example:
+        >>> x = torch.tensor([-3.0, 0.26, 3.0], requires_grad=True)
+        >>> y = fake_quantize(x, torch.tensor(0.01), torch.tensor(0), QuantSpec())
+        >>> [round(v, 4) for v in y.tolist()]
+        [-1.28, 0.26, 1.27]
+        >>> y.sum().backward(); x.grad.tolist()
+        [0.0, 1.0, 0.0]
+    """
+    qmin, qmax = spec.quant_range()
+    if grad_scale is not None and scale.requires_grad:
+        scale = scale * grad_scale + (scale - scale * grad_scale).detach()
+    scale_b = _broadcast(scale, x, spec.ch_axis)
+    zp_b = _broadcast(zero_point.to(x.dtype), x, spec.ch_axis)
+    q = torch.clamp(round_ste(x / scale_b, spec.rounding) + zp_b, qmin, qmax)
+    return (q - zp_b) * scale_b
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: ``10 log10(|ref|^2 / |ref - approx|^2)`` (inf when equal).
+
+    Example:
+        >>> round(sqnr_db(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.1])), 2)
+        26.99
+    """
+    noise = (reference.double() - approx.double()).pow(2).sum().item()
+    signal = reference.double().pow(2).sum().item()
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return float("-inf")
+    return 10.0 * torch.log10(torch.tensor(signal / noise)).item()

@@ -1,0 +1,147 @@
+"""Range estimators (observers): stateful modules that watch tensors and propose quantization parameters.
+
+Every observer shares one interface, so calibration algorithms plug in by name:
+``forward(x)`` records statistics and returns ``x`` unchanged; ``calculate_qparams()`` returns
+``(scale, zero_point)``; all state lives in buffers of fixed shape, so it is saved in checkpoints.
+
+Example:
+    >>> import torch
+    >>> from lightning_quant.config import QuantSpec
+    >>> obs = build_observer(QuantSpec(observer="minmax"))
+    >>> _ = obs(torch.tensor([-1.0, 2.0])); _ = obs(torch.tensor([0.5, 4.0]))
+    >>> obs.min_val.item(), obs.max_val.item()
+    (-1.0, 4.0)
+    >>> @register_observer("my_minmax")
+    ... class MyMinMax(MinMaxObserver):
+    ...     pass
+    >>> "my_minmax" in observer_names()
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_quant.quantizers.functional import qparams_from_range
+
+__all__ = [
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "Observer",
+    "build_observer",
+    "observer_names",
+    "register_observer",
+]
+
+_REGISTRY: dict[str, type[Observer]] = {}
+
+
+def register_observer(name: str) -> Callable[[type[Observer]], type[Observer]]:
+    """Class decorator that makes an observer selectable by name in :class:`~lightning_quant.config.QuantSpec`."""
+
+    def decorator(cls: type[Observer]) -> type[Observer]:
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def observer_names() -> list[str]:
+    """Names accepted by ``QuantSpec(observer=...)``."""
+    return sorted(_REGISTRY)
+
+
+def build_observer(spec: Any, num_channels: int | None = None) -> Observer:
+    """Instantiate the observer a :class:`~lightning_quant.config.QuantSpec` names."""
+    return _REGISTRY[spec.observer](spec, num_channels)
+
+
+class Observer(nn.Module):
+    """Base class. Subclasses implement :meth:`observe` and keep their state in buffers.
+
+    Args:
+        spec: the :class:`~lightning_quant.config.QuantSpec` being estimated.
+        num_channels: number of channels along ``spec.ch_axis`` when the spec is per-channel.
+
+    Raises:
+        ValueError: a per-channel spec without ``num_channels``.
+        FloatingPointError: NaN or inf in an observed tensor (the fake-quant module adds the layer name).
+    """
+
+    def __init__(self, spec: Any, num_channels: int | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        if spec.per_channel and not num_channels:
+            raise ValueError("a per-channel observer needs num_channels (the size of the channel axis).")
+        shape = (num_channels,) if spec.per_channel else ()
+        self.register_buffer("min_val", torch.full(shape, float("inf")))
+        self.register_buffer("max_val", torch.full(shape, float("-inf")))
+
+    @property
+    def initialized(self) -> bool:
+        return bool(torch.isfinite(self.min_val).all())
+
+    def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Min and max of one tensor, per channel or overall."""
+        x = x.detach().float()
+        if not torch.isfinite(x).all():
+            bad = "NaN" if torch.isnan(x).any() else "inf"
+            raise FloatingPointError(f"{bad} values reached an observer")
+        if self.spec.per_channel:
+            axis = self.spec.ch_axis % x.dim()
+            dims = [d for d in range(x.dim()) if d != axis]
+            if x.shape[axis] != self.min_val.numel():
+                raise ValueError(
+                    f"observer expects {self.min_val.numel()} channels on axis {axis}, got shape {tuple(x.shape)}"
+                )
+            if not dims:
+                return x.clone(), x.clone()
+            return torch.amin(x, dim=dims), torch.amax(x, dim=dims)
+        return x.min(), x.max()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() > 0:
+            self.observe(x)
+        return x
+
+    def observe(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return qparams_from_range(self.min_val, self.max_val, self.spec)
+
+    def reset(self) -> None:
+        self.min_val.fill_(float("inf"))
+        self.max_val.fill_(float("-inf"))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.spec.bits}, per_channel={self.spec.per_channel}"
+
+
+@register_observer("minmax")
+class MinMaxObserver(Observer):
+    """Running minimum and maximum over everything observed."""
+
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi = self.batch_range(x)
+        self.min_val.copy_(torch.minimum(self.min_val, lo))
+        self.max_val.copy_(torch.maximum(self.max_val, hi))
+
+
+@register_observer("moving_average")
+class MovingAverageMinMaxObserver(Observer):
+    """Exponential moving average of per-batch min and max (``averaging_constant`` is the new batch's weight)."""
+
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi = self.batch_range(x)
+        if not self.initialized:
+            self.min_val.copy_(lo)
+            self.max_val.copy_(hi)
+            return
+        c = float(self.spec.averaging_constant)
+        self.min_val.add_(c * (lo - self.min_val))
+        self.max_val.add_(c * (hi - self.max_val))

@@ -1,0 +1,294 @@
+"""Graph transforms: ``prepare()`` inserts fake-quant into a float model, ``convert()`` freezes it for export.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_quant.config import scheme_for_target
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    >>> _ = model(torch.randn(1, 3, 6, 6)); model = model.eval()
+    >>> qmodel = prepare(model, scheme_for_target("x86"))
+    >>> [name for name, _ in iter_quantizers(qmodel)]
+    ['0.weight_fake_quant', '4.weight_fake_quant', 'activation_quantizers.input_1', 'activation_quantizers._2', 'activation_quantizers._4']
+    >>> prepare_info(qmodel).folded_bn
+    ['1']
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch.nn.functional as F
+from torch import fx, nn
+
+from lightning_quant.capture.bn_fold import fold_batchnorm, foldable_pairs
+from lightning_quant.capture.patterns import activation_quant_points
+from lightning_quant.capture.trace import capture
+from lightning_quant.config import QuantMode, QuantScheme, _coerce_enum
+from lightning_quant.errors import NotCalibratedError, NothingToQuantizeError
+from lightning_quant.quantizers.fake_quant import FakeQuantize
+from lightning_quant.quantizers.modules import (
+    QUANTIZABLE_LAYERS,
+    QuantConv1d,
+    QuantConv2d,
+    QuantConv3d,
+    QuantConvBn,
+    QuantLinear,
+    quantized_layer_from_float,
+)
+
+__all__ = [
+    "PrepareInfo",
+    "convert",
+    "freeze_bn",
+    "iter_quantizers",
+    "prepare",
+    "prepare_info",
+    "require_calibrated",
+    "set_fake_quant",
+    "set_observers",
+]
+
+_INFO_ATTR = "_lightning_quant_info"
+_ACT_DICT = "activation_quantizers"
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d)
+
+
+@dataclass
+class PrepareInfo:
+    """What ``prepare`` did: which layers are quantized, which stay float and why, how the graph was captured."""
+
+    scheme: QuantScheme
+    mode: QuantMode
+    quantized_layers: list[str] = field(default_factory=list)
+    float_layers: dict[str, str] = field(default_factory=dict)
+    untraced: dict[str, str] = field(default_factory=dict)
+    traced: list[str] = field(default_factory=list)
+    folded_bn: list[str] = field(default_factory=list)
+    module_level: list[str] = field(default_factory=list)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _excluded(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+    parent, _, attr = target.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+def _swap_weight_layers(gm: fx.GraphModule, path: str, scheme: QuantScheme, mode: QuantMode, exclude, info) -> None:
+    """Replace conv/linear (and, in QAT, conv+bn) call sites by their fake-quant twins."""
+    if mode is QuantMode.QAT:
+        for layer_node, bn_node in foldable_pairs(gm):
+            name = _join(path, layer_node.target)
+            if _excluded(name, exclude):
+                continue
+            fused = QuantConvBn(gm.get_submodule(layer_node.target), gm.get_submodule(bn_node.target), scheme, name)
+            _set_submodule(gm, layer_node.target, fused)
+            bn_node.replace_all_uses_with(layer_node)
+            gm.graph.erase_node(bn_node)
+            info.quantized_layers.append(name)
+    else:
+        info.folded_bn.extend(_join(path, n) for n in fold_batchnorm(gm))
+    done: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target in done:
+            continue
+        module = gm.get_submodule(node.target)
+        name = _join(path, node.target)
+        if type(module) in QUANTIZABLE_LAYERS:
+            if _excluded(name, exclude):
+                info.float_layers[name] = "excluded by the user (exclude=...)"
+                continue
+            _set_submodule(gm, node.target, quantized_layer_from_float(module, scheme, name))
+            info.quantized_layers.append(name)
+            done.add(node.target)
+
+
+def _is_weight_layer(module: nn.Module) -> bool:
+    return isinstance(module, (QuantConvBn, QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear))
+
+
+def _record_float_ops(gm: fx.GraphModule, path: str, info: PrepareInfo) -> None:
+    for node in gm.graph.nodes:
+        name = _join(path, str(node.target))
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if _is_weight_layer(module) or isinstance(module, FakeQuantize) or name in info.float_layers:
+                continue
+            if isinstance(module, _NORMS):
+                info.float_layers[name] = f"{type(module).__name__} with no conv/linear right before it to fold into"
+            elif any(True for _ in module.parameters(recurse=False)) or isinstance(module, nn.ConvTranspose2d):
+                info.float_layers[name] = f"{type(module).__name__} has no INT8 kernel in this library yet"
+        elif node.op == "call_function" and node.target in (F.conv1d, F.conv2d, F.conv3d, F.linear):
+            info.float_layers[_join(path, node.name)] = (
+                f"functional {node.target.__name__} call; use an nn.{'Linear' if node.target is F.linear else 'ConvNd'}"
+                " module so its weight can be quantized"
+            )
+
+
+def _insert_activation_quantizers(gm: fx.GraphModule, path: str, scheme: QuantScheme) -> int:
+    points = activation_quant_points(gm, _is_weight_layer)
+    if not points:
+        return 0
+    quantizers = nn.ModuleDict()
+    gm.add_module(_ACT_DICT, quantizers)
+    for node in points:
+        quantizers[node.name] = FakeQuantize(scheme.activation, name=_join(path, node.name))
+        with gm.graph.inserting_after(node):
+            qnode = gm.graph.call_module(f"{_ACT_DICT}.{node.name}", (node,))
+        node.replace_all_uses_with(qnode, delete_user_cb=lambda user, q=qnode: user is not q)
+    return len(points)
+
+
+def _prepare_graph(gm: fx.GraphModule, path: str, scheme, mode, exclude, info) -> fx.GraphModule | None:
+    before = len(info.quantized_layers)
+    _swap_weight_layers(gm, path, scheme, mode, exclude, info)
+    if len(info.quantized_layers) == before:
+        _record_float_ops(gm, path, info)
+        return None
+    _insert_activation_quantizers(gm, path, scheme)
+    _record_float_ops(gm, path, info)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    info.traced.append(path or "<model>")
+    return gm
+
+
+def _prepare_tree(module: nn.Module, path: str, scheme, mode, exclude, info) -> nn.Module:
+    """Trace ``module``; when that fails, recurse into children; quantize leaf conv/linear on their own."""
+    if type(module) in QUANTIZABLE_LAYERS:
+        if _excluded(path, exclude):
+            info.float_layers[path] = "excluded by the user (exclude=...)"
+            return module
+        info.quantized_layers.append(path)
+        info.module_level.append(path)
+        return quantized_layer_from_float(module, scheme, path, quantize_input=True)
+    if not any(True for _ in module.children()):
+        return module
+    gm, reason = capture(module)
+    if gm is not None:
+        prepared = _prepare_graph(gm, path, scheme, mode, exclude, info)
+        return prepared if prepared is not None else module
+    info.untraced[path or "<model>"] = reason or "unknown tracing error"
+    for name, child in list(module.named_children()):
+        new_child = _prepare_tree(child, _join(path, name), scheme, mode, exclude, info)
+        if new_child is not child:
+            setattr(module, name, new_child)
+    return module
+
+
+def prepare(
+    model: nn.Module,
+    scheme: QuantScheme,
+    *,
+    mode: QuantMode | str = QuantMode.PTQ,
+    exclude: Iterable[str] = (),
+    inplace: bool = False,
+) -> nn.Module:
+    """Insert weight and activation fake-quant into ``model`` (BatchNorm folded for PTQ, kept for QAT).
+
+    Observers start enabled and fake-quant applies once a quantizer has seen data. The model is traced
+    with torch.fx; parts that do not trace are handled submodule by submodule (see :func:`prepare_info`).
+
+    Args:
+        model: float model.
+        scheme: weight/activation specs, e.g. ``scheme_for_target("x86")``.
+        mode: ``ptq`` or ``qat``.
+        exclude: glob patterns of layer names to keep in float (``"classifier.*"``).
+        inplace: modify ``model`` instead of a deep copy.
+
+    Raises:
+        NothingToQuantizeError: the model has no Conv1d/2d/3d or Linear layer that can be quantized.
+        ValueError: unknown mode.
+    """
+    mode = _coerce_enum(QuantMode, mode, "mode")  # type: ignore[assignment]
+    exclude = tuple(exclude)
+    model = model if inplace else copy.deepcopy(model)
+    info = PrepareInfo(scheme=scheme, mode=mode)
+    prepared = _prepare_tree(model, "", scheme, mode, exclude, info)
+    if not info.quantized_layers:
+        found = ", ".join(f"{k}: {v}" for k, v in list(info.float_layers.items())[:5]) or "no Conv/Linear layers"
+        raise NothingToQuantizeError(
+            f"nothing to quantize in {type(model).__name__} ({found}). lightning_quant quantizes nn.Conv1d/2d/3d and "
+            "nn.Linear layers; check `exclude=` patterns, or pass the submodule that holds the network."
+        )
+    prepared.__dict__[_INFO_ATTR] = info
+    return prepared
+
+
+def prepare_info(model: nn.Module) -> PrepareInfo:
+    """The :class:`PrepareInfo` recorded by :func:`prepare`.
+
+    Raises:
+        ValueError: ``model`` was not produced by :func:`prepare`.
+    """
+    info = model.__dict__.get(_INFO_ATTR)
+    if info is None:
+        raise ValueError("this model was not prepared by lightning_quant; call prepare()/quantize() first.")
+    return info
+
+
+def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, FakeQuantize]]:
+    """All fake-quant modules of ``model`` with their qualified names."""
+    for name, module in model.named_modules():
+        if isinstance(module, FakeQuantize):
+            yield name, module
+
+
+def set_observers(model: nn.Module, enabled: bool) -> None:
+    for _, fq in iter_quantizers(model):
+        fq.enable_observer(enabled)
+
+
+def set_fake_quant(model: nn.Module, enabled: bool) -> None:
+    for _, fq in iter_quantizers(model):
+        fq.enable_fake_quant(enabled)
+
+
+def freeze_bn(model: nn.Module, frozen: bool = True) -> None:
+    """Switch every QAT conv+BN to running statistics (``frozen=True``) or back to batch statistics."""
+    for module in model.modules():
+        if isinstance(module, QuantConvBn):
+            module.freeze_bn(frozen)
+
+
+def require_calibrated(model: nn.Module, action: str = "convert") -> None:
+    """Raise when any quantizer has not seen data yet.
+
+    Raises:
+        NotCalibratedError: lists the uncalibrated quantizers and how to calibrate.
+    """
+    missing = [name for name, fq in iter_quantizers(model) if not fq.calibrated.item()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise NotCalibratedError(
+            f"cannot {action}: {len(missing)} quantizer(s) have not been calibrated ({shown}). Run calibration first: "
+            "lightning_quant.quantize(model, data), trainer.validate with QuantCallback(mode='ptq'), or QAT training."
+        )
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Frozen copy for export: QAT conv+BN folded into fake-quant convs, observers off, fake-quant on.
+
+    Raises:
+        NotCalibratedError: some quantizer never saw data.
+    """
+    require_calibrated(model, "convert")
+    frozen = copy.deepcopy(model)
+    for name, module in list(frozen.named_modules()):
+        if isinstance(module, QuantConvBn):
+            _set_submodule(frozen, name, module.to_folded())
+    set_observers(frozen, False)
+    set_fake_quant(frozen, True)
+    if _INFO_ATTR in model.__dict__:
+        frozen.__dict__[_INFO_ATTR] = model.__dict__[_INFO_ATTR]
+    return frozen.eval()
+
