@@ -74,9 +74,12 @@ class QuantReport:
             )
         lines.append(f"model output SQNR: {self.output_sqnr_db:.2f} dB; {len(self.rows)} layers quantized, "
                      f"{len(self.activations)} activation quantizers")
-        if self.float_layers or self.untraced:
+        if self.untraced:
+            lines.append("not captured as a graph (their own ops stay float; conv/linear inside are quantized):")
+            lines.extend(f"  {name}: {why}" for name, why in self.untraced.items())
+        if self.float_layers:
             lines.append("kept in float:")
-            lines.extend(f"  {name}: {why}" for name, why in {**self.untraced, **self.float_layers}.items())
+            lines.extend(f"  {name}: {why}" for name, why in self.float_layers.items())
         lines.extend(self.notes)
         return "\n".join(lines)
 
@@ -144,7 +147,7 @@ def quantization_report(model: nn.Module, inputs: Any) -> QuantReport:
     for name, out in ref.items():
         module = modules[name]
         scale = module.weight_fake_quant.scale.detach()
-        kind = type(module.conv).__name__ + "+BN" if isinstance(module, QuantConvBn) else type(module).__name__
+        kind = type(module.conv).__name__ + "+BN" if isinstance(module, QuantConvBn) else type(module).__name__[5:]
         rows.append(LayerReport(name, kind, sqnr_db(out, quant[name]), scale.min().item(), scale.max().item()))
     activations = {name: fq.describe() for name, fq in quantizers if not name.endswith("weight_fake_quant")}
     ref_t, q_t = _first_tensor(ref_out), _first_tensor(q_out)

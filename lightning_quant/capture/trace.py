@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+import re
 
 from torch import fx, nn
 
@@ -71,10 +72,25 @@ def capture(module: nn.Module) -> tuple[fx.GraphModule | None, str | None]:
     constants = _constant_kwargs(module)
     if constants:
         try:
-            return fx.symbolic_trace(module, concrete_args=constants), None
+            gm = fx.symbolic_trace(module, concrete_args=constants)
         except Exception:  # noqa: BLE001
-            pass
+            return None, explain_trace_error(first_error)
+        _restore_placeholder_names(gm, constants)
+        return gm, None
     return None, explain_trace_error(first_error)
+
+
+def _restore_placeholder_names(gm: fx.GraphModule, constants: dict[str, object]) -> None:
+    """fx renames specialized arguments (``flag`` -> ``flag_1``); restore them so keyword calls keep working.
+
+    The traced graph asserts the specialized value, so passing another value raises instead of being ignored.
+    """
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.target not in constants:
+            base = re.sub(r"_\d+$", "", str(node.target))
+            if base in constants:
+                node.target = base
+    gm.recompile()
 
 
 def is_traceable_leaf(module: nn.Module) -> bool:
