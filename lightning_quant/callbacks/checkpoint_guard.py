@@ -37,7 +37,8 @@ def check_quant_state_keys(
     """
     if not strict:
         return
-    own = {k: v for k, v in module.state_dict(prefix=prefix).items() if is_quant_key(k)}
+    own_state = module.state_dict(prefix=prefix)
+    own = {k: v for k, v in own_state.items() if is_quant_key(k)}
     saved = {k for k in state_dict if k.startswith(prefix) and is_quant_key(k)}
     if not saved:
         raise CheckpointMismatchError(
@@ -45,12 +46,20 @@ def check_quant_state_keys(
             "Load float weights into the model before the Trainer runs (e.g. Model.load_from_checkpoint) and pass "
             "ckpt_path only for checkpoints written with QuantCallback."
         )
-    missing, unexpected = set(own) - saved, saved - set(own)
+    all_own = set(own_state)
+    all_saved = {k for k in state_dict if k.startswith(prefix)}
+    missing, unexpected = all_own - all_saved, all_saved - all_own
     if missing or unexpected:
+        qat_saved = any(k.endswith(".bn_frozen") for k in all_saved)
+        qat_own = any(k.endswith(".bn_frozen") for k in all_own)
+        hint = ""
+        if qat_saved != qat_own:
+            hint = f" The checkpoint was written in {'qat' if qat_saved else 'ptq'} mode; this model is prepared for "
+            hint += f"{'qat' if qat_own else 'ptq'}."
         raise CheckpointMismatchError(
             f"the checkpoint's quantization state does not match this model: missing {_sample(missing) or 'none'}; "
-            f"unexpected {_sample(unexpected) or 'none'}. It was written for another model or another QuantCallback "
-            "configuration (mode ptq/qat, target, exclude); use the same ones that wrote it."
+            f"unexpected {_sample(unexpected) or 'none'}.{hint} It was written for another model or another "
+            "QuantCallback configuration (mode ptq/qat, target, exclude); use the same ones that wrote it."
         )
     wrong = {k for k in saved if tuple(state_dict[k].shape) != tuple(own[k].shape)}
     if wrong:

@@ -260,6 +260,11 @@ class QuantCallback(Callback):
             self._applied = None
 
     @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.mode is QuantMode.QAT and trainer.state.fn == "fit":
+            self._apply_schedule(trainer, pl_module)
+
+    @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.mode is QuantMode.PTQ:
             self._ensure_calibrated(trainer, pl_module, "test")
@@ -289,6 +294,9 @@ class QuantCallback(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Training is over: freeze ranges so later inference never moves them (a resumed fit re-applies the schedule).
+        set_observers(self.network(pl_module), False)
+        self._applied = None
         self._emit_report(trainer, pl_module)
 
     @override

@@ -44,11 +44,15 @@ def round_tensor(x: torch.Tensor, mode: RoundingMode = RoundingMode.HALF_EVEN) -
         >>> round_tensor(x, RoundingMode.HALF_AWAY).tolist()
         [-3.0, -2.0, 1.0, 2.0, 3.0]
     """
+    rounded = torch.round(x)
     if mode is RoundingMode.HALF_EVEN:
-        return torch.round(x)
+        return rounded
+    # Ties are found from ``x - round(x)``, which is exact in floating point; ``floor(x + 0.5)`` is not
+    # (in float32, 0.49999997 + 0.5 rounds to 1.0, so it would round 0.49999997 up to 1).
+    tie = (x - rounded).abs() == 0.5
     if mode is RoundingMode.HALF_UP:
-        return torch.floor(x + 0.5)
-    return torch.sign(x) * torch.floor(torch.abs(x) + 0.5)
+        return torch.where(tie, x + 0.5, rounded)
+    return torch.where(tie, x + 0.5 * torch.sign(x), rounded)
 
 
 def round_ste(x: torch.Tensor, mode: RoundingMode = RoundingMode.HALF_EVEN) -> torch.Tensor:

@@ -1,0 +1,91 @@
+"""Load a quantized model from a Lightning checkpoint in a fresh process, without a Trainer.
+
+The checkpoint written by a Trainer with :class:`~lightning_quant.QuantCallback` holds the callback's
+configuration (mode, scheme, exclude list) and every quantizer's state, so the same network can be
+prepared again and filled in.
+
+Example:
+    >>> from lightning_quant.checkpoint import load_quantized_checkpoint
+    >>> # model = load_quantized_checkpoint(MyLitModule(), "checkpoints/last.ckpt")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_quant.callbacks.checkpoint_guard import check_quant_state_keys
+from lightning_quant.config import QuantMode, QuantScheme
+from lightning_quant.errors import CheckpointMismatchError
+from lightning_quant.quantizers.prepare import prepare, set_fake_quant, set_observers
+
+__all__ = ["callback_state", "load_quantized_checkpoint"]
+
+_STATE_KEY = "QuantCallback"
+
+
+def callback_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The QuantCallback entry of a loaded checkpoint dict.
+
+    Raises:
+        CheckpointMismatchError: the checkpoint was not written with QuantCallback.
+    """
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if key == _STATE_KEY or str(key).startswith(_STATE_KEY + "{"):
+            return state
+    raise CheckpointMismatchError(
+        "this checkpoint holds no QuantCallback state: it was not written by a Trainer with QuantCallback "
+        "(or save_weights_only=True dropped callback state). Save with the callback attached."
+    )
+
+
+def _read(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; pass the .ckpt path a Trainer wrote.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unpickling error means a damaged file
+        raise CheckpointMismatchError(
+            f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {str(err)[:120]}); it is truncated or "
+            "corrupted. Use an earlier checkpoint or re-run the job that wrote it."
+        ) from err
+
+
+def load_quantized_checkpoint(module: nn.Module, path: str | Path) -> nn.Module:
+    """Prepare ``module``'s network as the checkpoint's QuantCallback did, then load all weights and qparams.
+
+    Args:
+        module: a freshly constructed LightningModule (or any nn.Module holding the network), float weights.
+        path: a checkpoint written with QuantCallback attached.
+
+    Returns:
+        ``module`` itself, in eval mode, with observers off and fake-quant on.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointMismatchError: unreadable file, no QuantCallback state, or state for another model.
+    """
+    checkpoint = _read(path)
+    state = callback_state(checkpoint)
+    from lightning_quant.callbacks.quant_callback import QuantCallback
+
+    callback = QuantCallback(
+        mode=state["mode"], target=state["target"], scheme=QuantScheme.from_dict(state["scheme"]),
+        exclude=state.get("exclude", ()), module_name=state.get("module_name"), report=False,
+    )
+    name = callback._resolve_name(module)
+    network = getattr(module, name)
+    prepared = prepare(network, callback.scheme, mode=QuantMode(state["mode"]), exclude=callback.exclude, inplace=True)
+    setattr(module, name, prepared)
+    handle = module.register_load_state_dict_pre_hook(check_quant_state_keys)
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    finally:
+        handle.remove()
+    set_observers(prepared, False)
+    set_fake_quant(prepared, True)
+    return module.eval()

@@ -1,0 +1,30 @@
+"""Datamodules and offline data helpers.
+
+Example:
+    >>> from lightning_quant.data import ImagenetteDataModule
+    >>> dm = ImagenetteDataModule(batch_size=32, calibration_size=256)
+"""
+
+from lightning_quant.data.archives import extract_archive
+from lightning_quant.data.imagenette import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    IMAGENETTE_CLASSES,
+    IMAGENETTE_WNIDS,
+    ImagenetteDataModule,
+    calibration_subset,
+    imagenette_datasets,
+    imagenette_transform,
+)
+
+__all__ = [
+    "IMAGENETTE_CLASSES",
+    "IMAGENETTE_WNIDS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImagenetteDataModule",
+    "calibration_subset",
+    "extract_archive",
+    "imagenette_datasets",
+    "imagenette_transform",
+]

@@ -1,0 +1,27 @@
+"""Model zoo: pretrained models that load offline from the shared weights folder.
+
+Example:
+    >>> from lightning_quant.models import IMAGENETTE_MODELS
+    >>> sorted(IMAGENETTE_MODELS)
+    ['mobilenet_v2', 'resnet50']
+"""
+
+from lightning_quant.models.imagenette import (
+    IMAGENETTE_EVAL_SIZES,
+    IMAGENETTE_MODELS,
+    mobilenet_v2_imagenette,
+    mobilenet_v2_imagenette_transform,
+    resnet50_imagenette,
+    resnet50_imagenette_transform,
+    top1_accuracy,
+)
+
+__all__ = [
+    "IMAGENETTE_EVAL_SIZES",
+    "IMAGENETTE_MODELS",
+    "mobilenet_v2_imagenette",
+    "mobilenet_v2_imagenette_transform",
+    "resnet50_imagenette",
+    "resnet50_imagenette_transform",
+    "top1_accuracy",
+]
