@@ -74,8 +74,12 @@ def load_quantized_checkpoint(module: nn.Module, path: str | Path) -> nn.Module:
     from lightning_quant.callbacks.quant_callback import QuantCallback
 
     callback = QuantCallback(
-        mode=state["mode"], target=state["target"], scheme=QuantScheme.from_dict(state["scheme"]),
-        exclude=state.get("exclude", ()), module_name=state.get("module_name"), report=False,
+        mode=state["mode"],
+        target=state["target"],
+        scheme=QuantScheme.from_dict(state["scheme"]),
+        exclude=state.get("exclude", ()),
+        module_name=state.get("module_name"),
+        report=False,
     )
     name = callback._resolve_name(module)
     network = getattr(module, name)

@@ -134,9 +134,7 @@ class QuantSpec:
         if self.narrow_range and not (self.symmetric and self.signed):
             raise ValueError("narrow_range applies to symmetric signed integers only; set narrow_range=False.")
         if self.learnable and self.scale_type is ScaleType.POWER_OF_TWO:
-            raise ValueError(
-                "learnable scales cannot stay powers of two; set learnable=False or scale_type='float'."
-            )
+            raise ValueError("learnable scales cannot stay powers of two; set learnable=False or scale_type='float'.")
         from lightning_quant.quantizers.observers import observer_names  # local: observers import this module
 
         if self.observer not in observer_names():
@@ -226,8 +224,11 @@ def scheme_for_target(target: Target | str, mode: QuantMode | str = QuantMode.PT
         act = dict(symmetric=True, signed=True)
     else:  # DPU
         weight = dict(
-            symmetric=True, signed=True, granularity=Granularity.PER_TENSOR,
-            scale_type=ScaleType.POWER_OF_TWO, rounding=RoundingMode.HALF_AWAY,
+            symmetric=True,
+            signed=True,
+            granularity=Granularity.PER_TENSOR,
+            scale_type=ScaleType.POWER_OF_TWO,
+            rounding=RoundingMode.HALF_AWAY,
         )
         act = dict(symmetric=True, signed=True, scale_type=ScaleType.POWER_OF_TWO, rounding=RoundingMode.HALF_UP)
     act["observer"] = act_observer
@@ -269,13 +270,17 @@ class QATSchedule:
                 raise ValueError(f"QATSchedule.{f.name}={value!r} must be a non-negative integer or None (never).")
 
     def observers_frozen(self, epoch: int, step: int) -> bool:
-        return _reached(self.freeze_observer_step, step) if self.freeze_observer_step is not None else _reached(
-            self.freeze_observer_epoch, epoch
+        return (
+            _reached(self.freeze_observer_step, step)
+            if self.freeze_observer_step is not None
+            else _reached(self.freeze_observer_epoch, epoch)
         )
 
     def bn_frozen(self, epoch: int, step: int) -> bool:
-        return _reached(self.freeze_bn_step, step) if self.freeze_bn_step is not None else _reached(
-            self.freeze_bn_epoch, epoch
+        return (
+            _reached(self.freeze_bn_step, step)
+            if self.freeze_bn_step is not None
+            else _reached(self.freeze_bn_epoch, epoch)
         )
 
 

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from lightning_quant.calibration import call_model, move_to_device
-from lightning_quant.quantizers.fake_quant import FakeQuantize
 from lightning_quant.quantizers.functional import sqnr_db
 from lightning_quant.quantizers.modules import QuantConv1d, QuantConv2d, QuantConv3d, QuantConvBn, QuantLinear
 from lightning_quant.quantizers.prepare import iter_quantizers, prepare_info
@@ -70,10 +69,13 @@ class QuantReport:
         lines.append("-" * len(lines[0]))
         for r in self.rows:
             lines.append(
-                f"{r.name:<{width}}  {r.kind:<12} {r.sqnr_db:>8.2f}  {r.weight_scale_min:>11.3e}..{r.weight_scale_max:.3e}"
+                f"{r.name:<{width}}  {r.kind:<12} {r.sqnr_db:>8.2f}  "
+                f"{r.weight_scale_min:>11.3e}..{r.weight_scale_max:.3e}"
             )
-        lines.append(f"model output SQNR: {self.output_sqnr_db:.2f} dB; {len(self.rows)} layers quantized, "
-                     f"{len(self.activations)} activation quantizers")
+        lines.append(
+            f"model output SQNR: {self.output_sqnr_db:.2f} dB; {len(self.rows)} layers quantized, "
+            f"{len(self.activations)} activation quantizers"
+        )
         if self.untraced:
             lines.append("not captured as a graph (their own ops stay float; conv/linear inside are quantized):")
             lines.extend(f"  {name}: {why}" for name, why in self.untraced.items())
@@ -92,9 +94,11 @@ def _capture_outputs(model: nn.Module, inputs: Any) -> tuple[Any, dict[str, torc
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, _WEIGHT_LAYERS):
+
             def hook(_m, _i, out, name=name):
                 if isinstance(out, torch.Tensor):
                     outputs[name] = out.detach().float().cpu()
+
             handles.append(module.register_forward_hook(hook))
     try:
         result = call_model(model, inputs)
@@ -155,8 +159,11 @@ def quantization_report(model: nn.Module, inputs: Any) -> QuantReport:
     try:
         info = prepare_info(model)
         float_layers, untraced = dict(info.float_layers), dict(info.untraced)
-        notes = [f"quantized on their own (graph capture failed around them): {', '.join(info.module_level)}"] \
-            if info.module_level else []
+        notes = (
+            [f"quantized on their own (graph capture failed around them): {', '.join(info.module_level)}"]
+            if info.module_level
+            else []
+        )
     except ValueError:
         float_layers, untraced, notes = {}, {}, []
     return QuantReport(rows, activations, float_layers, untraced, out_sqnr, notes)

@@ -165,8 +165,11 @@ class QuantCallback(Callback):
             if source == "train":
                 raise ValueError("calibration_source='train' needs a datamodule with train_dataloader().")
         if source == "val" or source == "auto":
-            loaders = {"validate": trainer.val_dataloaders, "test": trainer.test_dataloaders,
-                       "predict": trainer.predict_dataloaders}.get(stage)
+            loaders = {
+                "validate": trainer.val_dataloaders,
+                "test": trainer.test_dataloaders,
+                "predict": trainer.predict_dataloaders,
+            }.get(stage)
             if source == "val" and loaders is not None:
                 rank_zero_warn("calibrating on the evaluation data: accuracy will be optimistic.")
                 return loaders
@@ -188,9 +191,17 @@ class QuantCallback(Callback):
             return inputs
 
         progress = self.progress and trainer.is_global_zero
-        seen = calibrate(network, loader, transform_fn=transform, num_batches=self.calibration_batches,
-                         progress=progress, desc=f"Calibrating ({self.mode.value}, {self.target.value})")
-        rank_zero_info(f"lightning_quant: calibrated {len(list(iter_quantizers(network)))} quantizers on {seen} batches")
+        seen = calibrate(
+            network,
+            loader,
+            transform_fn=transform,
+            num_batches=self.calibration_batches,
+            progress=progress,
+            desc=f"Calibrating ({self.mode.value}, {self.target.value})",
+        )
+        rank_zero_info(
+            f"lightning_quant: calibrated {len(list(iter_quantizers(network)))} quantizers on {seen} batches"
+        )
         self._report_inputs = first[0] if first else None
 
     def _emit_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -206,8 +217,10 @@ class QuantCallback(Callback):
         return bool(quantizers) and all(fq.calibrated.item() for _, fq in quantizers)
 
     def _apply_schedule(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        state = (self.qat_schedule.observers_frozen(trainer.current_epoch, trainer.global_step),
-                 self.qat_schedule.bn_frozen(trainer.current_epoch, trainer.global_step))
+        state = (
+            self.qat_schedule.observers_frozen(trainer.current_epoch, trainer.global_step),
+            self.qat_schedule.bn_frozen(trainer.current_epoch, trainer.global_step),
+        )
         if state == self._applied:
             return
         network = self.network(pl_module)
@@ -215,8 +228,10 @@ class QuantCallback(Callback):
             fq.enable_observer(not state[0] and not fq.spec.learnable)
         freeze_bn(network, state[1])
         if self._applied is not None or any(state):
-            rank_zero_info(f"lightning_quant: epoch {trainer.current_epoch} step {trainer.global_step}: observers "
-                           f"{'frozen' if state[0] else 'updating'}, BatchNorm {'frozen' if state[1] else 'updating'}")
+            rank_zero_info(
+                f"lightning_quant: epoch {trainer.current_epoch} step {trainer.global_step}: observers "
+                f"{'frozen' if state[0] else 'updating'}, BatchNorm {'frozen' if state[1] else 'updating'}"
+            )
         self._applied = state
 
     # -- hooks ------------------------------------------------------------------------------------------
@@ -287,7 +302,9 @@ class QuantCallback(Callback):
         self._apply_schedule(trainer, pl_module)
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._report_inputs is None:
             self._report_inputs = move_to_device(self.transform_fn(batch), "cpu")
         self._apply_schedule(trainer, pl_module)

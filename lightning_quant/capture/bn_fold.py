@@ -53,8 +53,21 @@ def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
+def _call_counts(gm: fx.GraphModule) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            counts[node.target] = counts.get(node.target, 0) + 1
+    return counts
+
+
 def foldable_pairs(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
-    """``(layer_node, bn_node)`` pairs where the layer's only user is a BatchNorm of matching size."""
+    """``(layer_node, bn_node)`` pairs where the layer's only user is a BatchNorm of matching size.
+
+    Layers or BatchNorms reached through more than one call are left out: folding (or fusing them for QAT)
+    would change the other calls too.
+    """
+    call_counts = _call_counts(gm)
     pairs = []
     for node in gm.graph.nodes:
         bn = _module(gm, node)
@@ -63,6 +76,8 @@ def foldable_pairs(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
         producer = node.args[0]
         layer = _module(gm, producer)
         if type(layer) not in _CONVS or len(producer.users) != 1:
+            continue
+        if call_counts[producer.target] > 1 or call_counts[node.target] > 1:
             continue
         out_features = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
         if bn.num_features == out_features and bn.track_running_stats:
@@ -75,14 +90,8 @@ def fold_batchnorm(gm: fx.GraphModule) -> list[str]:
 
     Layers reached through more than one call are left as they are, since folding would change the others.
     """
-    call_counts: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            call_counts[node.target] = call_counts.get(node.target, 0) + 1
     folded = []
     for layer_node, bn_node in foldable_pairs(gm):
-        if call_counts[layer_node.target] > 1 or call_counts[bn_node.target] > 1:
-            continue
         fused = fold_bn_into(gm.get_submodule(layer_node.target), gm.get_submodule(bn_node.target))
         _set_submodule(gm, layer_node.target, fused)
         bn_node.replace_all_uses_with(layer_node)

@@ -27,12 +27,29 @@ __all__ = ["activation_quant_points", "is_quantized_op", "source_through_passthr
 _FUSED_ACT_MODULES = (nn.ReLU, nn.ReLU6)
 _FUSED_ACT_FUNCS = {F.relu, F.relu6, torch.relu, torch.relu_, F.hardtanh}
 _POOL_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool2d,
 )
 _POOL_FUNCS = {
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.max_pool2d, torch.avg_pool1d,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    torch.max_pool2d,
+    torch.avg_pool1d,
 }
 _BINARY_FUNCS = {operator.add, operator.iadd, torch.add, operator.mul, operator.imul, torch.mul}
 _CAT_FUNCS = {torch.cat, torch.concat}
@@ -40,7 +57,15 @@ _MATMUL_FUNCS = {torch.matmul, operator.matmul, torch.bmm, torch.mm}
 _PASSTHROUGH_MODULES = (nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout2d, nn.Identity)
 _PASSTHROUGH_FUNCS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose, F.dropout}
 _PASSTHROUGH_METHODS = {
-    "flatten", "reshape", "view", "squeeze", "unsqueeze", "permute", "transpose", "contiguous", "view_as",
+    "flatten",
+    "reshape",
+    "view",
+    "squeeze",
+    "unsqueeze",
+    "permute",
+    "transpose",
+    "contiguous",
+    "view_as",
 }
 
 

@@ -35,7 +35,7 @@ _HINTS = (
         "(torch.where, masking) or move it into a small submodule",
     ),
     ("cannot be iterated", "iteration over a tensor (for/unpacking); index explicitly or use torch.unbind"),
-    ("len(", "len() of a tensor; use x.shape[0] / x.size(0)"),
+    ("'len' is not supported", "len() of a tensor; use x.shape[0] / x.size(0)"),
     ("'Proxy' object", "a Python builtin applied to a tensor (e.g. list(), int()); use the torch equivalent"),
     ("object is not subscriptable", "indexing into a non-tensor produced at trace time"),
 )
@@ -96,4 +96,3 @@ def _restore_placeholder_names(gm: fx.GraphModule, constants: dict[str, object])
 def is_traceable_leaf(module: nn.Module) -> bool:
     """True for modules torch.fx treats as leaves (built-in torch.nn layers)."""
     return fx.Tracer().is_leaf_module(module, "") and not isinstance(module, nn.Sequential)
-

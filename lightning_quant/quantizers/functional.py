@@ -69,7 +69,9 @@ def _broadcast(param: torch.Tensor, x: torch.Tensor, ch_axis: int) -> torch.Tens
     return param.reshape(shape)
 
 
-def qparams_from_range(min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def qparams_from_range(
+    min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point that map ``[min_val, max_val]`` (extended to contain 0) onto the spec's range.
 
     Symmetric: ``scale = max(|min|, |max|) / qmax`` (``/ (qmax - qmin)`` for unsigned), zero point 0.

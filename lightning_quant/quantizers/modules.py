@@ -86,9 +86,15 @@ def _constructor_kwargs(layer: nn.Module) -> dict:
     if isinstance(layer, nn.Linear):
         return dict(in_features=layer.in_features, out_features=layer.out_features, bias=layer.bias is not None)
     return dict(
-        in_channels=layer.in_channels, out_channels=layer.out_channels, kernel_size=layer.kernel_size,
-        stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
-        bias=layer.bias is not None, padding_mode=layer.padding_mode,
+        in_channels=layer.in_channels,
+        out_channels=layer.out_channels,
+        kernel_size=layer.kernel_size,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        groups=layer.groups,
+        bias=layer.bias is not None,
+        padding_mode=layer.padding_mode,
     )
 
 

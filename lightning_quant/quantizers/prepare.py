@@ -7,8 +7,9 @@ Example:
     >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
     >>> _ = model(torch.randn(1, 3, 6, 6)); model = model.eval()
     >>> qmodel = prepare(model, scheme_for_target("x86"))
-    >>> [name for name, _ in iter_quantizers(qmodel)]
-    ['0.weight_fake_quant', '4.weight_fake_quant', 'activation_quantizers.input_1', 'activation_quantizers._2', 'activation_quantizers._4']
+    >>> [name for name, _ in iter_quantizers(qmodel)]  # doctest: +NORMALIZE_WHITESPACE
+    ['0.weight_fake_quant', '4.weight_fake_quant',
+     'activation_quantizers.input_1', 'activation_quantizers._2', 'activation_quantizers._4']
     >>> prepare_info(qmodel).folded_bn
     ['1']
 """
@@ -94,6 +95,9 @@ def _swap_weight_layers(gm: fx.GraphModule, path: str, scheme: QuantScheme, mode
             _set_submodule(gm, layer_node.target, fused)
             bn_node.replace_all_uses_with(layer_node)
             gm.graph.erase_node(bn_node)
+            # the BN now lives in the fused module only; a stale top-level reference would survive convert()
+            # (delete_all_unused_submodules skips it, as named_modules() visits the shared module only once)
+            gm.delete_submodule(bn_node.target)
             info.quantized_layers.append(name)
     else:
         info.folded_bn.extend(_join(path, n) for n in fold_batchnorm(gm))
@@ -291,4 +295,3 @@ def convert(model: nn.Module) -> nn.Module:
     if _INFO_ATTR in model.__dict__:
         frozen.__dict__[_INFO_ATTR] = model.__dict__[_INFO_ATTR]
     return frozen.eval()
-

@@ -26,13 +26,25 @@ def lit(seed: int = 0) -> LitClassifier:
 
 
 def qat_callback() -> QuantCallback:
-    return QuantCallback(mode="qat", calibration_batches=2, progress=False,
-                         qat_schedule=QATSchedule(freeze_observer_epoch=1, freeze_bn_epoch=1))
+    return QuantCallback(
+        mode="qat",
+        calibration_batches=2,
+        progress=False,
+        qat_schedule=QATSchedule(freeze_observer_epoch=1, freeze_bn_epoch=1),
+    )
 
 
 def trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
-    return pl.Trainer(default_root_dir=tmp_path, callbacks=callbacks, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, accelerator="cpu", deterministic=True, **kwargs)
+    return pl.Trainer(
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        deterministic=True,
+        **kwargs,
+    )
 
 
 def quant_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -87,8 +99,7 @@ def test_validate_from_qat_checkpoint_in_fresh_trainer(tmp_path, qat_run):
     dm = TinyDataModule()
     expected = trainer(tmp_path, [qat_callback()], enable_checkpointing=False).validate(trained, datamodule=dm)
     fresh = lit(seed=99)
-    got = trainer(tmp_path, [qat_callback()], enable_checkpointing=False).validate(fresh, datamodule=dm,
-                                                                                   ckpt_path=last)
+    got = trainer(tmp_path, [qat_callback()], enable_checkpointing=False).validate(fresh, datamodule=dm, ckpt_path=last)
     assert got == expected
 
 
@@ -105,9 +116,9 @@ def test_ptq_checkpoint_reloads_without_recalibrating(tmp_path):
 
     dm.calibration_dataloader = forbidden
     fresh = lit(seed=5)
-    got = trainer(tmp_path, [QuantCallback(calibration_batches=2, progress=False)], enable_checkpointing=False).validate(
-        fresh, datamodule=dm, ckpt_path=tmp_path / "ptq.ckpt"
-    )
+    got = trainer(
+        tmp_path, [QuantCallback(calibration_batches=2, progress=False)], enable_checkpointing=False
+    ).validate(fresh, datamodule=dm, ckpt_path=tmp_path / "ptq.ckpt")
     assert got == expected
 
 
@@ -123,7 +134,7 @@ def test_load_quantized_checkpoint_in_fresh_process(tmp_path, qat_run):
         from tests.helpers.models import LitClassifier, TinyConvBN
         model = load_quantized_checkpoint(LitClassifier(TinyConvBN()), {str(last)!r})
         with torch.no_grad():
-            torch.save(model(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})
+            torch.save(model(torch.load({str(tmp_path / "x.pt")!r})), {str(tmp_path / "y.pt")!r})
     """)
     subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": ""})
     assert torch.equal(torch.load(tmp_path / "y.pt"), expected)

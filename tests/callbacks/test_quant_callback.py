@@ -19,8 +19,12 @@ from tests.helpers.models import EmptyDataset, LitClassifier, TinyConvBN, TinyDa
 
 def make_trainer(tmp_path, callback, **kwargs) -> pl.Trainer:
     defaults = dict(
-        default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        accelerator="cpu", enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        enable_checkpointing=False,
     )
     defaults.update(kwargs)
     return pl.Trainer(callbacks=[callback], **defaults)
@@ -199,8 +203,9 @@ def test_qat_fit_trains_with_fake_quant_and_schedule(tmp_path):
 
 def test_qat_observers_update_until_frozen_and_not_during_validation(tmp_path):
     model = lit()
-    cb = QuantCallback(mode="qat", calibration_batches=1, qat_schedule=QATSchedule(freeze_observer_epoch=None),
-                       progress=False)
+    cb = QuantCallback(
+        mode="qat", calibration_batches=1, qat_schedule=QATSchedule(freeze_observer_epoch=None), progress=False
+    )
     seen = []
 
     class Spy(pl.Callback):
@@ -210,8 +215,15 @@ def test_qat_observers_update_until_frozen_and_not_during_validation(tmp_path):
         def on_validation_batch_start(self, trainer, pl_module, *args):
             assert not pl_module.model.activation_quantizers["x"].observer_enabled.item()
 
-    trainer = pl.Trainer(max_epochs=1, callbacks=[cb, Spy()], logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=1)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[cb, Spy()],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=1,
+    )
     trainer.fit(model, datamodule=TinyDataModule())
     assert len(set(seen)) > 1  # moving-average ranges moved during training
     assert len(seen) == 4  # every training batch (the sanity check and validation never observed)
@@ -223,8 +235,12 @@ def test_qat_observers_update_until_frozen_and_not_during_validation(tmp_path):
 
 def test_qat_step_based_schedule(tmp_path):
     model = lit()
-    cb = QuantCallback(mode="qat", calibration_batches=0, progress=False,
-                       qat_schedule=QATSchedule(freeze_observer_step=2, freeze_bn_step=3))
+    cb = QuantCallback(
+        mode="qat",
+        calibration_batches=0,
+        progress=False,
+        qat_schedule=QATSchedule(freeze_observer_step=2, freeze_bn_step=3),
+    )
     make_trainer(tmp_path, cb, max_steps=4).fit(model, datamodule=TinyDataModule())
     assert all(fq.calibrated.item() for _, fq in iter_quantizers(model.model))  # first batches calibrated
     assert not model.model.activation_quantizers["x"].observer_enabled.item()

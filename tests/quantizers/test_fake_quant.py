@@ -69,8 +69,12 @@ def test_disabled_observer_freezes_range():
 
 @pytest.mark.parametrize(
     "spec, channels",
-    [(ASYM, None), (PER_CHANNEL, 4), (QuantSpec(observer="moving_average", averaging_constant=0.3), None),
-     (QuantSpec(learnable=True), None)],
+    [
+        (ASYM, None),
+        (PER_CHANNEL, 4),
+        (QuantSpec(observer="moving_average", averaging_constant=0.3), None),
+        (QuantSpec(learnable=True), None),
+    ],
     ids=["asym", "per_channel", "moving_average", "learnable"],
 )
 def test_state_dict_round_trip_gives_identical_output(spec, channels):
@@ -79,8 +83,15 @@ def test_state_dict_round_trip_gives_identical_output(spec, channels):
         fq(_x(seed) * (seed + 1))
     fq.disable_observer()
     state = fq.state_dict()
-    assert {"scale", "zero_point", "observer.min_val", "observer.max_val", "observer_enabled",
-            "fake_quant_enabled", "calibrated"} <= set(state)
+    assert {
+        "scale",
+        "zero_point",
+        "observer.min_val",
+        "observer.max_val",
+        "observer_enabled",
+        "fake_quant_enabled",
+        "calibrated",
+    } <= set(state)
     fresh = FakeQuantize(spec, num_channels=channels, name="dst")
     fresh.disable_observer()
     x = _x(7)

@@ -152,11 +152,14 @@ def test_per_tensor_quantize_matches_reference(kw):
     np.testing.assert_array_equal(deq.numpy(), ref_fq)
 
 
-@pytest.mark.parametrize("mode, codes", [
-    ("half_even", [-4, -2, -2, 0, 0, 2, 2, 4]),
-    ("half_up", [-3, -2, -1, 0, 1, 2, 3, 4]),
-    ("half_away", [-4, -3, -2, -1, 1, 2, 3, 4]),
-])
+@pytest.mark.parametrize(
+    "mode, codes",
+    [
+        ("half_even", [-4, -2, -2, 0, 0, 2, 2, 4]),
+        ("half_up", [-3, -2, -1, 0, 1, 2, 3, 4]),
+        ("half_away", [-4, -3, -2, -1, 1, 2, 3, 4]),
+    ],
+)
 def test_quantize_ties_follow_rounding_mode(mode, codes):
     spec = QuantSpec(rounding=mode)
     scale = torch.tensor(0.5)
@@ -166,8 +169,7 @@ def test_quantize_ties_follow_rounding_mode(mode, codes):
 
 def test_clamping_at_qmin_qmax_int8_and_uint8():
     x = t([-1000.0, -128.6, -127.4, 0.0, 126.6, 127.4, 1000.0])
-    assert quantize(x, torch.tensor(1.0), torch.tensor(0), QuantSpec()).tolist() == [
-        -128, -128, -127, 0, 127, 127, 127]
+    assert quantize(x, torch.tensor(1.0), torch.tensor(0), QuantSpec()).tolist() == [-128, -128, -127, 0, 127, 127, 127]
     narrow = QuantSpec(narrow_range=True)
     assert quantize(x, torch.tensor(1.0), torch.tensor(0), narrow).tolist() == [-127, -127, -127, 0, 127, 127, 127]
     unsigned = QuantSpec(symmetric=False, signed=False)
@@ -191,8 +193,9 @@ def test_per_channel_matches_reference(axis, symmetric):
     ref_q = ref_quantize(x.numpy(), scale.numpy(), zp.numpy(), qmin, qmax, "half_even", axis)
     np.testing.assert_array_equal(q.numpy().astype(np.float64), ref_q)
     fq = fake_quantize(x, scale, zp, spec)
-    np.testing.assert_array_equal(fq.numpy(), ref_fake_quantize(x.numpy(), scale.numpy(), zp.numpy(), qmin, qmax,
-                                                                "half_even", axis))
+    np.testing.assert_array_equal(
+        fq.numpy(), ref_fake_quantize(x.numpy(), scale.numpy(), zp.numpy(), qmin, qmax, "half_even", axis)
+    )
     # channels really use their own scale: quantizing with the scales permuted gives something else
     assert not torch.equal(quantize(x, scale.flip(0), zp.flip(0), spec), q)
 
