@@ -9,11 +9,13 @@ from lightning_quant.api import quantize
 from lightning_quant.callbacks.quant_callback import QuantCallback
 from lightning_quant.config import QATSchedule, QuantMode, QuantScheme, QuantSpec, Target, scheme_for_target
 from lightning_quant.errors import CheckpointMismatchError, NotCalibratedError, NothingToQuantizeError
+from lightning_quant.export import ExportVerificationError, export_onnx, export_torchscript, verify_export
 from lightning_quant.quantizers import convert, prepare
 from lightning_quant.report import QuantReport, quantization_report
 
 __all__ = [
     "CheckpointMismatchError",
+    "ExportVerificationError",
     "NotCalibratedError",
     "NothingToQuantizeError",
     "QATSchedule",
@@ -24,10 +26,13 @@ __all__ = [
     "QuantSpec",
     "Target",
     "convert",
+    "export_onnx",
+    "export_torchscript",
     "prepare",
     "quantization_report",
     "quantize",
     "scheme_for_target",
+    "verify_export",
 ]
 
 __version__ = "0.1.0"

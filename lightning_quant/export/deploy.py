@@ -1,0 +1,162 @@
+"""Deployable copy of a quantized model: int8 weights stored as integers, activation quantizers with frozen qparams.
+
+One structure serves every exporter: with ``onnx_ops=True`` quantizers call the custom ops of
+:mod:`lightning_quant.export.qdq_ops` (mapped onto ONNX QDQ nodes); otherwise plain torch ops, so a traced
+TorchScript file loads with ``torch.jit.load`` alone. Either way the output equals the fake-quant model's.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_quant import quantize
+    >>> q = quantize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), [torch.randn(2, 3, 8, 8)], progress=False)
+    >>> d = deploy_model(q)
+    >>> getattr(d, "0").weight_int8.dtype
+    torch.int8
+    >>> x = torch.randn(1, 3, 8, 8)
+    >>> torch.allclose(d(x), q(x), atol=1e-6)
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_quant.config import QuantSpec, RoundingMode
+from lightning_quant.quantizers.fake_quant import FakeQuantize
+from lightning_quant.quantizers.functional import fake_quantize, quantize
+from lightning_quant.quantizers.modules import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
+from lightning_quant.quantizers.prepare import convert
+
+__all__ = ["DeployLayer", "DeployQuantize", "deploy_model"]
+
+_ONNX_RANGES = {(0, 255), (-128, 127)}
+
+
+def _check_onnx_spec(spec: QuantSpec, name: str, weight: bool) -> None:
+    qmin, qmax = spec.quant_range()
+    qmin -= int(spec.narrow_range)
+    if (qmin, qmax) not in _ONNX_RANGES:
+        raise ValueError(
+            f"quantizer {name!r} is {spec.bits}-bit; ONNX QDQ export supports 8-bit (int8/uint8) only. Quantize with "
+            "bits=8, keep this layer float (exclude=...), or export TorchScript, which supports every bit width."
+        )
+    if not weight and spec.rounding is not RoundingMode.HALF_EVEN:
+        raise ValueError(
+            f"quantizer {name!r} rounds {spec.rounding.value}, but ONNX QuantizeLinear rounds half to even; use "
+            "rounding='half_even' for ONNX targets (the DPU target exports through export_xmodel)."
+        )
+
+
+class DeployQuantize(nn.Module):
+    """Activation quantize-dequantize with frozen per-tensor qparams."""
+
+    def __init__(self, fq: FakeQuantize, onnx_ops: bool) -> None:
+        super().__init__()
+        self.spec = fq.spec
+        self.name = fq.name
+        self.onnx_ops = onnx_ops
+        if onnx_ops:
+            _check_onnx_spec(fq.spec, fq.name, weight=False)
+        self.qmin, self.qmax = fq.spec.quant_range()
+        self.scale_value = float(fq.scale.detach().flatten()[0])
+        self.zero_point_value = int(fq.zero_point.flatten()[0])
+        self.register_buffer("scale", fq.scale.detach().clone().float().reshape(()))
+        self.register_buffer("zero_point", fq.zero_point.detach().clone().reshape(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.onnx_ops:
+            return torch.ops.lightning_quant.qdq_tensor(
+                x, self.scale_value, self.zero_point_value, self.qmin, self.qmax
+            )
+        return fake_quantize(x, self.scale, self.zero_point, self.spec)
+
+    def extra_repr(self) -> str:
+        return f"{self.name!r}, scale={self.scale_value:.6g}, zero_point={self.zero_point_value}"
+
+
+class DeployLayer(nn.Module):
+    """Conv1d/2d/3d or Linear with int8 weights and per-output-channel float scales (bias kept float)."""
+
+    def __init__(self, layer: nn.Module, onnx_ops: bool) -> None:
+        super().__init__()
+        fq: FakeQuantize = layer.weight_fake_quant
+        spec = fq.spec
+        if not spec.symmetric or not spec.signed:
+            raise ValueError(
+                f"layer {fq.name!r}: exporters store symmetric signed int8 weights; quantize weights with "
+                "symmetric=True, signed=True (every built-in target does)."
+            )
+        if onnx_ops:
+            _check_onnx_spec(spec, fq.name, weight=True)
+        self.name = fq.name
+        self.onnx_ops = onnx_ops
+        self.is_linear = isinstance(layer, nn.Linear)
+        weight = layer.weight.detach()
+        out_channels = weight.shape[0]
+        scale = fq.scale.detach().float().reshape(-1).expand(out_channels).clone()
+        spec_c = QuantSpec(**{**spec.to_dict(), "granularity": "per_channel", "ch_axis": 0})
+        q = quantize(weight, scale, torch.zeros(out_channels, dtype=torch.int32), spec_c)
+        self.register_buffer("weight_int8", q.to(torch.int8))
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+        if not self.is_linear:
+            self.conv_kwargs = dict(
+                stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups
+            )
+            if layer.padding_mode != "zeros":
+                raise ValueError(
+                    f"layer {fq.name!r}: padding_mode={layer.padding_mode!r} cannot be exported; use 'zeros'."
+                )
+            self.conv_fn = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.dim()]
+        self.input_quantizer = (
+            DeployQuantize(layer.input_fake_quant, onnx_ops) if layer.input_fake_quant is not None else None
+        )
+
+    def dequantized_weight(self) -> torch.Tensor:
+        if self.onnx_ops:
+            return torch.ops.lightning_quant.dq_channel(self.weight_int8, self.weight_scale, 0)
+        shape = [-1] + [1] * (self.weight_int8.dim() - 1)
+        return self.weight_int8.float() * self.weight_scale.reshape(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        w = self.dequantized_weight()
+        if self.is_linear:
+            return F.linear(x, w, self.bias)
+        return self.conv_fn(x, w, self.bias, **self.conv_kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.name!r}, int8 weight {tuple(self.weight_int8.shape)}"
+
+
+def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    if isinstance(parent, nn.ModuleDict):
+        parent[attr] = module
+    else:
+        setattr(parent, attr, module)
+
+
+def deploy_model(qmodel: nn.Module, *, onnx_ops: bool = False) -> nn.Module:
+    """Deployable copy of a calibrated/QAT model (BatchNorm folded, int8 weights, frozen activation qparams).
+
+    Args:
+        qmodel: a model from ``quantize()``/``prepare()`` after calibration or QAT.
+        onnx_ops: use the QDQ custom ops understood by the ONNX exporter.
+
+    Raises:
+        NotCalibratedError: some quantizer never saw data.
+        ValueError: a quantizer the chosen format cannot express (the message names it and the fix).
+    """
+    frozen = convert(qmodel)
+    for name, module in list(frozen.named_modules()):
+        if isinstance(module, (QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear)):
+            _replace(frozen, name, DeployLayer(module, onnx_ops))
+    for name, module in list(frozen.named_modules()):
+        if isinstance(module, FakeQuantize):
+            _replace(frozen, name, DeployQuantize(module, onnx_ops))
+    return frozen.eval().requires_grad_(False)

@@ -1,0 +1,242 @@
+"""INT8 ONNX export in QDQ format that onnxruntime fuses into integer kernels.
+
+The graph holds int8 weight initializers with constant per-channel scales (``DequantizeLinear`` only),
+int32 biases with scale ``input_scale * weight_scale``, BatchNorm folded, and QuantizeLinear/DequantizeLinear
+pairs where the model was quantized (uint8 activations for ``x86``, int8 for ``tensorrt``). The batch
+dimension is dynamic. Files are written atomically and checked with ``onnx.checker``.
+
+Example:
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> from lightning_quant import quantize, export_onnx
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    >>> qmodel = quantize(model, [torch.randn(4, 3, 8, 8) for _ in range(2)], progress=False)
+    >>> path = export_onnx(qmodel, tempfile.mkdtemp() + "/model.onnx", torch.randn(1, 3, 8, 8), verify=False)
+    >>> path.name
+    'model.onnx'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_quant.export._atomic import atomic_path, check_output_path
+from lightning_quant.export.deploy import deploy_model
+
+__all__ = ["export_onnx", "quantize_biases", "requantize_after_shape_ops", "strip_metadata"]
+
+
+def _as_args(example_input: Any) -> tuple[tuple, dict]:
+    if isinstance(example_input, tuple):
+        return example_input, {}
+    if isinstance(example_input, dict):
+        return (), example_input
+    return (example_input,), {}
+
+
+def _dynamic_batch(args: tuple, kwargs: dict) -> tuple | dict:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+
+    def spec(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return {0: batch}
+        if isinstance(value, dict):
+            return {k: spec(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(spec(v) for v in value)
+        return None
+
+    if kwargs:
+        return {k: spec(v) for k, v in kwargs.items()}
+    return tuple(spec(a) for a in args)
+
+
+def _initializers(model) -> dict[str, Any]:
+    return {init.name: init for init in model.graph.initializer}
+
+
+def quantize_biases(model) -> int:
+    """Turn float Conv/Gemm biases into int32 initializers + DequantizeLinear (scale = input scale x weight scale).
+
+    onnxruntime fuses ``DQ(x), DQ(w), DQ(b) -> Conv -> Q`` into QLinearConv only when the bias is int32.
+    Returns the number of biases converted.
+    """
+    from onnx import helper, numpy_helper
+
+    inits = _initializers(model)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    converted = 0
+    new_nodes = []
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        dq_x, dq_w = producers.get(node.input[0]), producers.get(node.input[1])
+        if dq_x is None or dq_w is None or dq_x.op_type != "DequantizeLinear" or dq_w.op_type != "DequantizeLinear":
+            continue
+        if dq_x.input[1] not in inits or dq_w.input[1] not in inits:
+            continue
+        x_scale = numpy_helper.to_array(inits[dq_x.input[1]]).astype(np.float64).reshape(-1)
+        w_scale = numpy_helper.to_array(inits[dq_w.input[1]]).astype(np.float64).reshape(-1)
+        bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+        if x_scale.size != 1 or w_scale.size not in (1, bias.size):
+            continue
+        scale = (x_scale[0] * np.broadcast_to(w_scale, bias.shape)).astype(np.float32)
+        q = np.clip(np.rint(bias / scale.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
+        base = node.input[2]
+        model.graph.initializer.append(numpy_helper.from_array(q, f"{base}_int32"))
+        model.graph.initializer.append(numpy_helper.from_array(scale, f"{base}_int32_scale"))
+        new_nodes.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [f"{base}_int32", f"{base}_int32_scale"],
+                [f"{base}_dequantized"],
+                name=f"{base}_DequantizeLinear",
+                axis=0,
+            )
+        )
+        node.input[2] = f"{base}_dequantized"
+        converted += 1
+    for dq in new_nodes:
+        model.graph.node.insert(0, dq)
+    used = {name for node in model.graph.node for name in node.input}
+    keep = [init for init in model.graph.initializer if init.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return converted
+
+
+_SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose")
+_INT_KERNELS = ("Conv", "Gemm", "MatMul")
+
+
+def requantize_after_shape_ops(model) -> int:
+    """Repeat a per-tensor Q/DQ pair after shape ops that sit between a DequantizeLinear and a Conv/Gemm/MatMul.
+
+    A reshape does not change values, so the pair is exact; it lets onnxruntime see ``DQ -> Gemm`` and fuse it.
+    Returns the number of pairs inserted.
+    """
+    from onnx import helper
+
+    inits = _initializers(model)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    inserted = 0
+    for node in list(model.graph.node):
+        if node.op_type not in _SHAPE_OPS:
+            continue
+        dq = producers.get(node.input[0])
+        users = consumers.get(node.output[0], [])
+        if dq is None or dq.op_type != "DequantizeLinear" or not users:
+            continue
+        if any(u.op_type not in _INT_KERNELS for u in users) or dq.input[1] not in inits:
+            continue
+        out = node.output[0]
+        q_out, dq_out = f"{out}_requantized", f"{out}_dequantized"
+        zp = list(dq.input[2:3])
+        q_node = helper.make_node("QuantizeLinear", [out, dq.input[1], *zp], [q_out], name=f"{out}_QuantizeLinear")
+        dq_node = helper.make_node(
+            "DequantizeLinear", [q_out, dq.input[1], *zp], [dq_out], name=f"{out}_DequantizeLinear"
+        )
+        for user in users:
+            for i, name in enumerate(user.input):
+                if name == out:
+                    user.input[i] = dq_out
+        index = list(model.graph.node).index(node)
+        model.graph.node.insert(index + 1, dq_node)
+        model.graph.node.insert(index + 1, q_node)
+        inserted += 1
+    return inserted
+
+
+def strip_metadata(model) -> None:
+    """Drop exporter debug metadata (per-node stack traces, doc strings, value_info): smaller file, same graph."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del model.graph.value_info[:]
+    del model.metadata_props[:]
+
+
+def _torch_export_to_onnx(deployed: nn.Module, args: tuple, kwargs: dict, opset: int, dynamic_batch: bool):
+    from lightning_quant.export.qdq_ops import onnx_translations
+
+    shapes = _dynamic_batch(args, kwargs) if dynamic_batch else None
+    quiet = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        program = torch.onnx.export(
+            deployed,
+            args,
+            kwargs=kwargs or None,
+            dynamo=True,
+            opset_version=opset,
+            dynamic_shapes=shapes,
+            custom_translation_table=onnx_translations(),
+            verbose=False,
+            optimize=True,
+        )
+    return program.model_proto
+
+
+def export_onnx(
+    qmodel: nn.Module,
+    path: str | Path,
+    example_input: Any,
+    *,
+    opset: int = 18,
+    dynamic_batch: bool = True,
+    verify: bool = True,
+    min_top1_agreement: float = 0.99,
+) -> Path:
+    """Export a calibrated/QAT model to an INT8 QDQ ONNX file.
+
+    Args:
+        qmodel: model from :func:`~lightning_quant.quantize` or a QuantCallback-prepared network.
+        path: destination ``.onnx`` file (replaced atomically; an earlier file survives a failed export).
+        example_input: one model input (tensor, tuple of args or dict of kwargs) used for tracing and checks.
+        opset: ONNX opset (>= 13; QDQ per-channel weights need 13).
+        dynamic_batch: make dimension 0 of every input dynamic.
+        verify: run the file with onnxruntime on ``example_input`` and compare with the fake-quant model
+            (see :func:`lightning_quant.export.verify.verify_onnx`); raises when it disagrees.
+        min_top1_agreement: agreement threshold for ``verify``.
+
+    Returns:
+        The written path.
+
+    Raises:
+        NotCalibratedError: the model was not calibrated.
+        ValueError: bad path, opset < 13, or a scheme ONNX QDQ cannot express (non-8-bit, DPU rounding).
+        ExportVerificationError: ``verify`` found the file disagrees with the model.
+    """
+    import onnx
+
+    path = check_output_path(path, (".onnx",))
+    if opset < 13:
+        raise ValueError(f"opset={opset}: per-channel QDQ needs opset >= 13; use opset=18 (the default).")
+    deployed = deploy_model(qmodel, onnx_ops=True)
+    args, kwargs = _as_args(example_input)
+    proto = _torch_export_to_onnx(deployed, args, kwargs, opset, dynamic_batch)
+    requantize_after_shape_ops(proto)
+    quantize_biases(proto)
+    strip_metadata(proto)
+    onnx.checker.check_model(proto, full_check=True)
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
+        if verify:
+            from lightning_quant.export.verify import verify_onnx
+
+            verify_onnx(qmodel, tmp, [example_input], min_top1_agreement=min_top1_agreement)
+    return path

@@ -1,0 +1,67 @@
+"""Custom torch ops that stand for ONNX QuantizeLinear/DequantizeLinear, with their ONNX translations.
+
+In PyTorch they compute exactly what the deployed kernels compute; ``torch.onnx.export(dynamo=True)`` maps them
+one-to-one onto QDQ nodes through :func:`onnx_translations`, so the exported graph holds int8 weight
+initializers with constant scales and no scale arithmetic.
+
+Example:
+    >>> import torch
+    >>> x = torch.tensor([0.26, -3.0])
+    >>> torch.ops.lightning_quant.qdq_tensor(x, 0.01, 0, -128, 127).tolist()
+    [0.25999999046325684, -1.2799999713897705]
+    >>> w = torch.tensor([[10, -3], [127, 0]], dtype=torch.int8)
+    >>> torch.ops.lightning_quant.dq_channel(w, torch.tensor([0.5, 0.25]), 0).tolist()
+    [[5.0, -1.5], [31.75, 0.0]]
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["onnx_translations"]
+
+
+@torch.library.custom_op("lightning_quant::qdq_tensor", mutates_args=())
+def qdq_tensor(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
+    """Per-tensor quantize + dequantize (round half to even, like QuantizeLinear)."""
+    q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+    return ((q - zero_point) * scale).to(x.dtype)
+
+
+@qdq_tensor.register_fake
+def _qdq_tensor_fake(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("lightning_quant::dq_channel", mutates_args=())
+def dq_channel(q: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
+    """Per-channel dequantize of stored int8 weights (zero point 0)."""
+    shape = [1] * q.dim()
+    shape[axis] = -1
+    return q.float() * scale.reshape(shape)
+
+
+@dq_channel.register_fake
+def _dq_channel_fake(q: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
+    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
+
+
+def onnx_translations() -> dict:
+    """``custom_translation_table`` for ``torch.onnx.export`` (imports onnx/onnxscript, optional dependencies)."""
+    import onnx
+    from onnxscript import opset18 as op
+
+    def qdq_tensor_onnx(x, scale: float, zero_point: int, qmin: int, qmax: int):
+        s = op.Constant(value_float=scale)
+        z = op.Cast(
+            op.Constant(value_int=zero_point), to=onnx.TensorProto.UINT8 if qmin == 0 else onnx.TensorProto.INT8
+        )
+        return op.DequantizeLinear(op.QuantizeLinear(x, s, z), s, z)
+
+    def dq_channel_onnx(q, scale, axis: int):
+        return op.DequantizeLinear(q, scale, axis=axis)
+
+    return {
+        torch.ops.lightning_quant.qdq_tensor.default: qdq_tensor_onnx,
+        torch.ops.lightning_quant.dq_channel.default: dq_channel_onnx,
+    }

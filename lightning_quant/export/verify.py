@@ -1,0 +1,242 @@
+"""Verification gate for exported artefacts: run the file and the fake-quant model on the same batches.
+
+Reports max/mean output difference (also in output quantization steps), top-1 agreement, accuracy of each
+when labels are given, median latency at fixed threads, and file size against a float export when a float
+model is given. Raises :class:`ExportVerificationError` when agreement falls below the threshold.
+
+Example:
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> from lightning_quant import quantize, export_torchscript
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    >>> data = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    >>> qmodel = quantize(model, data, progress=False)
+    >>> path = export_torchscript(qmodel, tempfile.mkdtemp() + "/model.pt", data[0], verify=False)
+    >>> report = verify_export(qmodel, path, data, latency_runs=2)
+    >>> report.top1_agreement
+    1.0
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_quant.calibration import call_model, default_transform
+
+__all__ = ["ExportVerificationError", "VerificationReport", "load_runner", "verify_export", "verify_onnx"]
+
+
+class ExportVerificationError(RuntimeError):
+    """The exported artefact disagrees with the fake-quant model beyond the allowed threshold."""
+
+
+@dataclass
+class VerificationReport:
+    path: str
+    num_samples: int
+    max_abs_diff: float
+    mean_abs_diff: float
+    max_diff_steps: float | None
+    top1_agreement: float | None
+    artifact_accuracy: float | None
+    model_accuracy: float | None
+    latency_ms: float | None
+    float_latency_ms: float | None
+    file_bytes: int
+    float_file_bytes: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_table(self) -> str:
+        def fmt(v: Any, spec: str = ".4g") -> str:
+            return "-" if v is None else format(v, spec)
+
+        rows = [
+            ("samples", str(self.num_samples)),
+            ("max |diff|", f"{fmt(self.max_abs_diff)} ({fmt(self.max_diff_steps, '.2f')} output steps)"),
+            ("mean |diff|", fmt(self.mean_abs_diff)),
+            ("top-1 agreement", fmt(self.top1_agreement, ".2%")),
+            ("accuracy artefact / model", f"{fmt(self.artifact_accuracy, '.2%')} / {fmt(self.model_accuracy, '.2%')}"),
+            ("latency ms (float)", f"{fmt(self.latency_ms, '.2f')} ({fmt(self.float_latency_ms, '.2f')})"),
+            ("file bytes (float)", f"{self.file_bytes:,} ({fmt(self.float_file_bytes, ',')})"),
+        ]
+        return "\n".join(f"{k:<27}{v}" for k, v in [(f"verified {self.path}", "")] + rows)
+
+
+def _flatten_inputs(inputs: Any) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    if isinstance(inputs, dict):
+        return [], inputs
+    if isinstance(inputs, tuple):
+        return list(inputs), {}
+    return [inputs], {}
+
+
+def load_runner(path: str | Path, threads: int = 2) -> Callable[[Any], np.ndarray]:
+    """A callable that runs an exported file (``.onnx`` with onnxruntime, ``.pt`` with torch.jit) on model inputs.
+
+    Raises:
+        ValueError: unknown file type.
+    """
+    path = Path(path)
+    if path.suffix == ".onnx":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+
+        def run_onnx(inputs: Any) -> np.ndarray:
+            args, kwargs = _flatten_inputs(inputs)
+            feed = {n: t.detach().cpu().numpy() for n, t in zip(names, args, strict=False)} if args else {}
+            feed.update({k: v.detach().cpu().numpy() for k, v in kwargs.items() if k in names})
+            return session.run(None, feed)[0]
+
+        return run_onnx
+    if path.suffix == ".pt":
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+
+        def run_script(inputs: Any) -> np.ndarray:
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                return call_model(module, inputs).detach().cpu().numpy()
+
+        return run_script
+    raise ValueError(f"cannot verify {str(path)!r}: use a .onnx or .pt file.")
+
+
+def _median_ms(run: Callable[[], Any], runs: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _output_step(model: nn.Module) -> float | None:
+    """Quantization step of the model output when its last op is an activation quantizer."""
+    last = None
+    for module in model.modules():
+        if hasattr(module, "observer") and hasattr(module, "scale") and not module.name.endswith(".weight"):
+            last = module
+    return float(last.scale.detach().flatten()[0]) if last is not None else None
+
+
+@torch.inference_mode()
+def verify_export(
+    qmodel: nn.Module,
+    path: str | Path,
+    data: Iterable[Any],
+    *,
+    transform_fn: Callable[[Any], Any] | None = None,
+    min_top1_agreement: float = 0.99,
+    max_diff_steps: float | None = None,
+    float_path: str | Path | None = None,
+    threads: int = 2,
+    latency_runs: int = 20,
+) -> VerificationReport:
+    """Compare an exported file with the fake-quant model on ``data`` (batches; labels used when present).
+
+    Args:
+        qmodel: the fake-quant model that was exported.
+        path: the ``.onnx`` / ``.pt`` artefact.
+        data: iterable of batches; ``(input, label)`` pairs also give accuracies.
+        transform_fn: maps a batch to the model input (default: first element of pairs).
+        min_top1_agreement: fail below this fraction of equal argmax (2-D outputs).
+        max_diff_steps: also fail when the max difference exceeds this many output quantization steps.
+        float_path: a float export of the same model, for latency/size comparison.
+        threads: intra-op threads for both runtimes.
+        latency_runs: repetitions for the median latency on the first batch (0 skips timing).
+
+    Raises:
+        ExportVerificationError: agreement or difference outside the thresholds.
+        ValueError: ``data`` is empty.
+    """
+    transform = transform_fn or default_transform
+    run = load_runner(path, threads)
+    torch.set_num_threads(threads)
+    was_training = qmodel.training
+    qmodel.eval()
+    diffs_max, diffs_sum, count, agree, total, correct_a, correct_m, labelled = 0.0, 0.0, 0, 0, 0, 0, 0, 0
+    first = None
+    for item in data:
+        inputs = transform(item)
+        first = inputs if first is None else first
+        expected = call_model(qmodel, inputs).detach().float().cpu().numpy()
+        got = np.asarray(run(inputs), dtype=np.float32)
+        diff = np.abs(got - expected)
+        diffs_max, diffs_sum, count = (
+            max(diffs_max, float(diff.max())),
+            diffs_sum + float(diff.sum()),
+            count + diff.size,
+        )
+        if expected.ndim == 2:
+            agree += int((got.argmax(1) == expected.argmax(1)).sum())
+            total += expected.shape[0]
+            if isinstance(item, (tuple, list)) and len(item) >= 2 and isinstance(item[1], torch.Tensor):
+                labels = item[1].cpu().numpy()
+                correct_a += int((got.argmax(1) == labels).sum())
+                correct_m += int((expected.argmax(1) == labels).sum())
+                labelled += labels.shape[0]
+    qmodel.train(was_training)
+    if first is None:
+        raise ValueError("verification data is empty; pass at least one batch.")
+    step = _output_step(qmodel)
+    report = VerificationReport(
+        path=str(path),
+        num_samples=total or count,
+        max_abs_diff=diffs_max,
+        mean_abs_diff=diffs_sum / max(count, 1),
+        max_diff_steps=diffs_max / step if step else None,
+        top1_agreement=agree / total if total else None,
+        artifact_accuracy=correct_a / labelled if labelled else None,
+        model_accuracy=correct_m / labelled if labelled else None,
+        latency_ms=_median_ms(lambda: run(first), latency_runs) if latency_runs else None,
+        float_latency_ms=None,
+        file_bytes=os.path.getsize(path),
+        float_file_bytes=None,
+    )
+    if float_path is not None:
+        report.float_file_bytes = os.path.getsize(float_path)
+        if latency_runs:
+            float_run = load_runner(float_path, threads)
+            report.float_latency_ms = _median_ms(lambda: float_run(first), latency_runs)
+    _check(report, min_top1_agreement, max_diff_steps)
+    return report
+
+
+def _check(report: VerificationReport, min_top1_agreement: float, max_diff_steps: float | None) -> None:
+    if report.top1_agreement is not None and report.top1_agreement < min_top1_agreement:
+        raise ExportVerificationError(
+            f"{report.path}: top-1 agreement with the fake-quant model is {report.top1_agreement:.2%} "
+            f"(< {min_top1_agreement:.2%}); max |diff| {report.max_abs_diff:.4g}. The runtime does not compute what "
+            "the model computes: check the target (x86 for onnxruntime) and report this with the model."
+        )
+    if max_diff_steps is not None and report.max_diff_steps is not None and report.max_diff_steps > max_diff_steps:
+        raise ExportVerificationError(
+            f"{report.path}: max difference is {report.max_diff_steps:.2f} output quantization steps "
+            f"(> {max_diff_steps}); the artefact drifts from the fake-quant model."
+        )
+
+
+def verify_onnx(qmodel: nn.Module, path: str | Path, data: Iterable[Any], **kwargs: Any) -> VerificationReport:
+    """:func:`verify_export` for an ONNX file (kept as a named entry point)."""
+    return verify_export(qmodel, path, data, **kwargs)
