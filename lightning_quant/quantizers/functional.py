@@ -134,12 +134,31 @@ def fake_quantize(
         [0.0, 1.0, 0.0]
     """
     qmin, qmax = spec.quant_range()
+    if spec.rounding is RoundingMode.HALF_EVEN and not scale.requires_grad and x.dtype == torch.float32:
+        return _fused_fake_quantize(x, scale, zero_point, spec, qmin, qmax)
     if grad_scale is not None and scale.requires_grad:
         scale = scale * grad_scale + (scale - scale * grad_scale).detach()
     scale_b = _broadcast(scale, x, spec.ch_axis)
     zp_b = _broadcast(zero_point.to(x.dtype), x, spec.ch_axis)
     q = torch.clamp(round_ste(x / scale_b, spec.rounding) + zp_b, qmin, qmax)
     return (q - zp_b) * scale_b
+
+
+def _fused_fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec, qmin: int, qmax: int
+) -> torch.Tensor:
+    """torch's single-kernel fake-quant (same clipped STE gradient); several times faster than the op-by-op path.
+
+    It multiplies by ``1 / scale`` where the op-by-op path divides, which can move a value lying within one
+    float ulp of a rounding tie by one code; both paths are otherwise identical.
+    """
+    zp = zero_point.to(device=x.device, dtype=torch.int32)
+    scale = scale.to(device=x.device, dtype=torch.float32)
+    if spec.per_channel and x.dim() > 0:
+        return torch.fake_quantize_per_channel_affine(
+            x, scale.reshape(-1), zp.reshape(-1), spec.ch_axis % x.dim(), qmin, qmax
+        )
+    return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zp.reshape(()), qmin, qmax)
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:

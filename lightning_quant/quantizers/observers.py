@@ -88,20 +88,21 @@ class Observer(nn.Module):
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Min and max of one tensor, per channel or overall."""
         x = x.detach().float()
-        if not torch.isfinite(x).all():
-            bad = "NaN" if torch.isnan(x).any() else "inf"
-            raise FloatingPointError(f"{bad} values reached an observer")
         if self.spec.per_channel:
             axis = self.spec.ch_axis % x.dim()
-            dims = [d for d in range(x.dim()) if d != axis]
             if x.shape[axis] != self.min_val.numel():
                 raise ValueError(
                     f"observer expects {self.min_val.numel()} channels on axis {axis}, got shape {tuple(x.shape)}"
                 )
-            if not dims:
-                return x.clone(), x.clone()
-            return torch.amin(x, dim=dims), torch.amax(x, dim=dims)
-        return x.min(), x.max()
+            flat = x.movedim(axis, 0).reshape(x.shape[axis], -1)
+            lo, hi = torch.aminmax(flat, dim=1)
+        else:
+            lo, hi = torch.aminmax(x)
+        # one pass: NaN propagates into min/max and inf shows up there, so the results tell
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            bad = "NaN" if torch.isnan(x).any() else "inf"
+            raise FloatingPointError(f"{bad} values reached an observer")
+        return lo, hi
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() > 0:
