@@ -50,7 +50,8 @@ class QuantMode(str, Enum):
 class Target(str, Enum):
     """Deployment runtimes with known integer kernels; each maps to a default :class:`QuantScheme`."""
 
-    X86 = "x86"  # onnxruntime / fbgemm: uint8 asymmetric activations, int8 symmetric per-channel weights
+    X86 = "x86"  # onnxruntime on any x86-64 CPU: uint8 asymmetric activations, 7-bit symmetric per-channel weights
+    X86_VNNI = "x86_vnni"  # x86-64 with VNNI (AVX-512 VNNI, AVX-VNNI, AMX): same with full 8-bit weights
     TENSORRT = "tensorrt"  # int8 symmetric activations and per-channel int8 weights
     DPU = "dpu"  # Vitis AI DPU: int8 symmetric per-tensor, power-of-two scales
 
@@ -216,8 +217,11 @@ def scheme_for_target(target: Target | str, mode: QuantMode | str = QuantMode.PT
     target = _coerce_enum(Target, target, "target")  # type: ignore[assignment]
     mode = _coerce_enum(QuantMode, mode, "mode")  # type: ignore[assignment]
     act_observer = "moving_average" if mode is QuantMode.QAT else "minmax"
-    if target is Target.X86:
-        weight = dict(symmetric=True, signed=True, narrow_range=True, granularity=Granularity.PER_CHANNEL)
+    if target in (Target.X86, Target.X86_VNNI):
+        # uint8 x int8 kernels without VNNI add pairs of products in int16 (vpmaddubsw) and saturate unless the
+        # weights use 7 bits (255 * 63 * 2 < 32767): onnxruntime's own `reduce_range`. VNNI CPUs need no such cut.
+        bits = 8 if target is Target.X86_VNNI else 7
+        weight = dict(bits=bits, symmetric=True, signed=True, narrow_range=True, granularity=Granularity.PER_CHANNEL)
         act = dict(symmetric=False, signed=False)
     elif target is Target.TENSORRT:
         weight = dict(symmetric=True, signed=True, narrow_range=True, granularity=Granularity.PER_CHANNEL)

@@ -124,8 +124,10 @@ def test_x86_scheme():
     a, w = s.activation, s.weight
     assert (a.signed, a.symmetric, a.quant_range(), a.granularity) == (False, False, (0, 255), Granularity.PER_TENSOR)
     assert (w.signed, w.symmetric, w.narrow_range, w.granularity) == (True, True, True, Granularity.PER_CHANNEL)
-    assert w.quant_range() == (-127, 127) and w.ch_axis == 0
+    assert w.quant_range() == (-63, 63) and w.ch_axis == 0  # 7-bit: no u8s8 saturation on CPUs without VNNI
     assert a.observer == "minmax" and a.scale_type is ScaleType.FLOAT
+    vnni = scheme_for_target("x86_vnni")
+    assert vnni.weight.quant_range() == (-127, 127) and vnni.activation == a
 
 
 def test_tensorrt_scheme():
@@ -168,7 +170,7 @@ def test_unknown_override_raises(key):
 
 
 def test_unknown_target_and_mode_list_allowed_values():
-    with pytest.raises(ValueError, match=r"target='arm' is not supported; use one of 'x86', 'tensorrt', 'dpu'"):
+    with pytest.raises(ValueError, match=r"target='arm' is not supported; use one of 'x86', 'x86_vnni', 'tensorrt', 'dpu'"):
         scheme_for_target("arm")
     with pytest.raises(ValueError, match=r"mode='int8' is not supported; use one of 'ptq', 'qat'"):
         scheme_for_target("x86", mode="int8")

@@ -6,6 +6,9 @@ Example:
 """
 
 from lightning_quant.data.archives import extract_archive
+from lightning_quant.data.calibration_folder import IMAGE_EXTENSIONS, CalibrationFolder
+from lightning_quant.data.cifar10 import CIFAR10_CLASSES, CIFAR10DataModule, cifar10_transform
+from lightning_quant.data.image_folder import ClassificationDataModule, ImageFolderDataModule
 from lightning_quant.data.imagenette import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -27,4 +30,11 @@ __all__ = [
     "extract_archive",
     "imagenette_datasets",
     "imagenette_transform",
+    "CIFAR10_CLASSES",
+    "CIFAR10DataModule",
+    "CalibrationFolder",
+    "ClassificationDataModule",
+    "IMAGE_EXTENSIONS",
+    "ImageFolderDataModule",
+    "cifar10_transform",
 ]

@@ -18,6 +18,7 @@ Example:
     ('demo', 'hi')
     >>> extract_archive(tmp / "demo.tar.gz", tmp / "cache") == root   # second call: no work
     True
+    >>> import shutil; shutil.rmtree(tmp)
 """
 
 from __future__ import annotations

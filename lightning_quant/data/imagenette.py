@@ -46,12 +46,28 @@ __all__ = [
 
 # Sorted order = torchvision ImageFolder class indices. (Parachute is n03888257 in the imagenette2 data.)
 IMAGENETTE_WNIDS = (
-    "n01440764", "n02102040", "n02979186", "n03000684", "n03028079",
-    "n03394916", "n03417042", "n03425413", "n03445777", "n03888257",
+    "n01440764",
+    "n02102040",
+    "n02979186",
+    "n03000684",
+    "n03028079",
+    "n03394916",
+    "n03417042",
+    "n03425413",
+    "n03445777",
+    "n03888257",
 )
 IMAGENETTE_CLASSES = (
-    "tench", "English springer", "cassette player", "chain saw", "church",
-    "French horn", "garbage truck", "gas pump", "golf ball", "parachute",
+    "tench",
+    "English springer",
+    "cassette player",
+    "chain saw",
+    "church",
+    "French horn",
+    "garbage truck",
+    "gas pump",
+    "golf ball",
+    "parachute",
 )
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -142,7 +158,7 @@ def imagenette_datasets(
     train_augment: bool = False,
     download: bool = False,
 ) -> dict[str, Any]:
-    """``ImageFolder`` datasets: ``train`` (optionally augmented), ``train_eval`` (train files, eval transform), ``val``.
+    """``ImageFolder`` datasets ``train`` (optionally augmented), ``train_eval`` (eval transform) and ``val``.
 
     Example:
         >>> ds = imagenette_datasets(image_size=224)  # doctest: +SKIP
@@ -271,7 +287,10 @@ class ImagenetteDataModule(pl.LightningDataModule):
         if self.train_dataset is not None:
             return
         datasets = imagenette_datasets(
-            self.root, image_size=self.image_size, resize=self.resize, train_augment=self.train_augment,
+            self.root,
+            image_size=self.image_size,
+            resize=self.resize,
+            train_augment=self.train_augment,
             download=self.download,
         )
         self.calibration_dataset = calibration_subset(datasets["train_eval"], self.calibration_size, self.seed)

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_quant.config import QuantSpec, RoundingMode
+from lightning_quant.export import qdq_ops  # noqa: F401  (registers torch.ops.lightning_quant.*)
 from lightning_quant.quantizers.fake_quant import FakeQuantize
-from lightning_quant.quantizers.functional import fake_quantize, quantize
+from lightning_quant.quantizers.functional import fake_quantize
 from lightning_quant.quantizers.modules import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
 from lightning_quant.quantizers.prepare import convert
 
@@ -34,15 +35,16 @@ __all__ = ["DeployLayer", "DeployQuantize", "deploy_model"]
 _ONNX_RANGES = {(0, 255), (-128, 127)}
 
 
-def _check_onnx_spec(spec: QuantSpec, name: str, weight: bool) -> None:
+def _check_onnx_activation(spec: QuantSpec, name: str) -> None:
     qmin, qmax = spec.quant_range()
     qmin -= int(spec.narrow_range)
     if (qmin, qmax) not in _ONNX_RANGES:
         raise ValueError(
-            f"quantizer {name!r} is {spec.bits}-bit; ONNX QDQ export supports 8-bit (int8/uint8) only. Quantize with "
-            "bits=8, keep this layer float (exclude=...), or export TorchScript, which supports every bit width."
+            f"activation quantizer {name!r} is {spec.bits}-bit; ONNX QuantizeLinear supports 8-bit (int8/uint8) "
+            "activations only (weights may use 2-8 bits). Quantize activations with bits=8, keep this layer float "
+            "(exclude=...), or export TorchScript, which supports every bit width."
         )
-    if not weight and spec.rounding is not RoundingMode.HALF_EVEN:
+    if spec.rounding is not RoundingMode.HALF_EVEN:
         raise ValueError(
             f"quantizer {name!r} rounds {spec.rounding.value}, but ONNX QuantizeLinear rounds half to even; use "
             "rounding='half_even' for ONNX targets (the DPU target exports through export_xmodel)."
@@ -58,7 +60,7 @@ class DeployQuantize(nn.Module):
         self.name = fq.name
         self.onnx_ops = onnx_ops
         if onnx_ops:
-            _check_onnx_spec(fq.spec, fq.name, weight=False)
+            _check_onnx_activation(fq.spec, fq.name)
         self.qmin, self.qmax = fq.spec.quant_range()
         self.scale_value = float(fq.scale.detach().flatten()[0])
         self.zero_point_value = int(fq.zero_point.flatten()[0])
@@ -88,16 +90,19 @@ class DeployLayer(nn.Module):
                 f"layer {fq.name!r}: exporters store symmetric signed int8 weights; quantize weights with "
                 "symmetric=True, signed=True (every built-in target does)."
             )
-        if onnx_ops:
-            _check_onnx_spec(spec, fq.name, weight=True)
+        # Weights of any width 2-8 are stored as int8 codes (a 4-bit layer holds codes in [-7, 7]); only activations
+        # pass through QuantizeLinear, whose ranges are fixed.
         self.name = fq.name
         self.onnx_ops = onnx_ops
         self.is_linear = isinstance(layer, nn.Linear)
         weight = layer.weight.detach()
         out_channels = weight.shape[0]
         scale = fq.scale.detach().float().reshape(-1).expand(out_channels).clone()
-        spec_c = QuantSpec(**{**spec.to_dict(), "granularity": "per_channel", "ch_axis": 0})
-        q = quantize(weight, scale, torch.zeros(out_channels, dtype=torch.int32), spec_c)
+        # Codes from the model's own fake-quant weights, so the file holds exactly what the model computes (a
+        # separate rounding pass can land one code away at ties: x / s and x * (1 / s) differ by an ulp).
+        with torch.no_grad():
+            weight_fq = fake_quantize(weight, fq.scale, fq.zero_point, spec)
+        q = torch.round(weight_fq / scale.reshape([-1] + [1] * (weight.dim() - 1)))
         self.register_buffer("weight_int8", q.to(torch.int8))
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())

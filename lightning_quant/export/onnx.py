@@ -32,7 +32,13 @@ from torch import nn
 from lightning_quant.export._atomic import atomic_path, check_output_path
 from lightning_quant.export.deploy import deploy_model
 
-__all__ = ["export_onnx", "quantize_biases", "requantize_after_shape_ops", "strip_metadata"]
+__all__ = [
+    "add_weight_zero_points",
+    "export_onnx",
+    "quantize_biases",
+    "requantize_after_shape_ops",
+    "strip_metadata",
+]
 
 
 def _as_args(example_input: Any) -> tuple[tuple, dict]:
@@ -41,6 +47,10 @@ def _as_args(example_input: Any) -> tuple[tuple, dict]:
     if isinstance(example_input, dict):
         return (), example_input
     return (example_input,), {}
+
+
+def _identity(item: Any) -> Any:
+    return item
 
 
 def _dynamic_batch(args: tuple, kwargs: dict) -> tuple | dict:
@@ -114,6 +124,33 @@ def quantize_biases(model) -> int:
     return converted
 
 
+def add_weight_zero_points(model) -> int:
+    """Give every DequantizeLinear of an int8 weight initializer an explicit all-zero int8 zero point.
+
+    The zero point is optional in ONNX, but onnxruntime fuses ``DQ(x), DQ(w) -> Gemm -> Q`` into QGemm only when
+    the weight DequantizeLinear has one (QLinearConv fusion works either way). Values are unchanged.
+    Returns the number of nodes given a zero point.
+    """
+    from onnx import TensorProto, numpy_helper
+
+    inits = _initializers(model)
+    added = 0
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) != 2:
+            continue
+        weight, scale = inits.get(node.input[0]), inits.get(node.input[1])
+        if weight is None or scale is None or weight.data_type != TensorProto.INT8:
+            continue
+        name = f"{node.input[0]}_zero_point"
+        if name not in inits:
+            zero = numpy_helper.from_array(np.zeros(tuple(scale.dims), dtype=np.int8), name)
+            model.graph.initializer.append(zero)
+            inits[name] = zero
+        node.input.append(name)
+        added += 1
+    return added
+
+
 _SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose")
 _INT_KERNELS = ("Conv", "Gemm", "MatMul")
 
@@ -169,6 +206,17 @@ def strip_metadata(model) -> None:
     del model.metadata_props[:]
 
 
+def _size_oblivious():
+    """Keep a batch of 1 in ``example_input`` dynamic (torch.export specializes size-1 dims; torch.onnx does too)."""
+    try:
+        from torch.fx.experimental import _config
+    except ImportError:  # pragma: no cover - older/newer torch without the switch
+        return contextlib.nullcontext()
+    if not hasattr(_config, "backed_size_oblivious"):  # pragma: no cover
+        return contextlib.nullcontext()
+    return _config.patch(backed_size_oblivious=True)
+
+
 def _torch_export_to_onnx(deployed: nn.Module, args: tuple, kwargs: dict, opset: int, dynamic_batch: bool):
     from lightning_quant.export.qdq_ops import onnx_translations
 
@@ -177,18 +225,41 @@ def _torch_export_to_onnx(deployed: nn.Module, args: tuple, kwargs: dict, opset:
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        # torch.export first: torch.onnx.export would take a trailing dict positional argument for kwargs.
+        try:
+            with _size_oblivious():
+                exported = torch.export.export(deployed, args, kwargs or None, dynamic_shapes=shapes, strict=False)
+        except Exception as error:  # torch.export raises many types; all mean the graph could not be captured
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise RuntimeError(
+                f"torch.export could not capture the model for ONNX ({type(error).__name__}: {first_line}). Python "
+                "control flow on tensor values cannot be exported to ONNX: remove it (or use torch.cond), or export "
+                "TorchScript with export_torchscript, which records the path example_input takes."
+            ) from error
         program = torch.onnx.export(
-            deployed,
-            args,
-            kwargs=kwargs or None,
+            exported,
+            (),
             dynamo=True,
             opset_version=opset,
-            dynamic_shapes=shapes,
             custom_translation_table=onnx_translations(),
             verbose=False,
             optimize=True,
         )
-    return program.model_proto
+    proto = program.model_proto
+    if dynamic_batch:
+        _name_batch_dim(proto)
+    return proto
+
+
+def _name_batch_dim(model) -> None:
+    """Call the symbolic batch dimension ``batch`` (torch.export names it ``s0``, ``s77``, ...)."""
+    values = list(model.graph.input) + list(model.graph.output)
+    symbols = {v.type.tensor_type.shape.dim[0].dim_param for v in model.graph.input if v.type.tensor_type.shape.dim}
+    symbols.discard("")
+    for value in values:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in symbols:
+                dim.dim_param = "batch"
 
 
 def export_onnx(
@@ -207,7 +278,8 @@ def export_onnx(
         qmodel: model from :func:`~lightning_quant.quantize` or a QuantCallback-prepared network.
         path: destination ``.onnx`` file (replaced atomically; an earlier file survives a failed export).
         example_input: one model input (tensor, tuple of args or dict of kwargs) used for tracing and checks.
-        opset: ONNX opset (>= 13; QDQ per-channel weights need 13).
+        opset: ONNX opset, 18 or newer (per-channel QDQ needs >= 13, and torch.onnx's exporter writes >= 18:
+            it cannot convert these graphs down to 13-17).
         dynamic_batch: make dimension 0 of every input dynamic.
         verify: run the file with onnxruntime on ``example_input`` and compare with the fake-quant model
             (see :func:`lightning_quant.export.verify.verify_onnx`); raises when it disagrees.
@@ -218,7 +290,8 @@ def export_onnx(
 
     Raises:
         NotCalibratedError: the model was not calibrated.
-        ValueError: bad path, opset < 13, or a scheme ONNX QDQ cannot express (non-8-bit, DPU rounding).
+        ValueError: bad path, opset < 18, or a scheme ONNX QDQ cannot express (non-8-bit, DPU rounding).
+        RuntimeError: ``torch.export`` cannot capture the model (data-dependent Python control flow).
         ExportVerificationError: ``verify`` found the file disagrees with the model.
     """
     import onnx
@@ -226,11 +299,17 @@ def export_onnx(
     path = check_output_path(path, (".onnx",))
     if opset < 13:
         raise ValueError(f"opset={opset}: per-channel QDQ needs opset >= 13; use opset=18 (the default).")
+    if opset < 18:
+        raise ValueError(
+            f"opset={opset}: torch.onnx's exporter writes opset 18 or newer and cannot convert this graph down "
+            "(ReduceMean/Relu adapters fail); use opset=18 (the default), which every onnxruntime >= 1.14 runs."
+        )
     deployed = deploy_model(qmodel, onnx_ops=True)
     args, kwargs = _as_args(example_input)
     proto = _torch_export_to_onnx(deployed, args, kwargs, opset, dynamic_batch)
     requantize_after_shape_ops(proto)
     quantize_biases(proto)
+    add_weight_zero_points(proto)
     strip_metadata(proto)
     onnx.checker.check_model(proto, full_check=True)
     with atomic_path(path) as tmp:
@@ -238,5 +317,12 @@ def export_onnx(
         if verify:
             from lightning_quant.export.verify import verify_onnx
 
-            verify_onnx(qmodel, tmp, [example_input], min_top1_agreement=min_top1_agreement)
+            verify_onnx(
+                qmodel,
+                tmp,
+                [example_input],
+                transform_fn=_identity,
+                min_top1_agreement=min_top1_agreement,
+                latency_runs=0,
+            )
     return path

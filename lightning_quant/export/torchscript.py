@@ -68,5 +68,12 @@ def export_torchscript(
         if verify:
             from lightning_quant.export.verify import verify_export
 
-            verify_export(qmodel, tmp, [example_input], min_top1_agreement=min_top1_agreement, latency_runs=0)
+            verify_export(
+                qmodel,
+                tmp,
+                [example_input],
+                transform_fn=lambda item: item,
+                min_top1_agreement=min_top1_agreement,
+                latency_runs=0,
+            )
     return path

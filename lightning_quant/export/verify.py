@@ -34,7 +34,14 @@ from torch import nn
 
 from lightning_quant.calibration import call_model, default_transform
 
-__all__ = ["ExportVerificationError", "VerificationReport", "load_runner", "verify_export", "verify_onnx"]
+__all__ = [
+    "ExportVerificationError",
+    "VerificationReport",
+    "load_runner",
+    "runs_on_cpu_int8_kernels",
+    "verify_export",
+    "verify_onnx",
+]
 
 
 class ExportVerificationError(RuntimeError):
@@ -86,30 +93,46 @@ def _flatten_inputs(inputs: Any) -> tuple[list[torch.Tensor], dict[str, torch.Te
     return [inputs], {}
 
 
-def load_runner(path: str | Path, threads: int = 2) -> Callable[[Any], np.ndarray]:
+def _onnx_feed(names: list[str], inputs: Any) -> dict[str, np.ndarray]:
+    """Map model inputs onto ONNX graph inputs: top-level kwargs by name, anything else (nested tuples/dicts
+    included) by the order of its tensor leaves, which is the order ``torch.export`` flattens them in."""
+    from torch.utils._pytree import tree_leaves
+
+    args, kwargs = _flatten_inputs(inputs)
+    if kwargs and not args and set(names) <= set(kwargs):
+        return {n: kwargs[n].detach().cpu().numpy() for n in names}
+    leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    return {n: t.detach().cpu().numpy() for n, t in zip(names, leaves, strict=False)}
+
+
+def load_runner(path: str | Path, threads: int = 2, *, int8_kernels: bool = True) -> Callable[[Any], np.ndarray]:
     """A callable that runs an exported file (``.onnx`` with onnxruntime, ``.pt`` with torch.jit) on model inputs.
+
+    ``int8_kernels=False`` stops onnxruntime from fusing Q/DQ pairs into its integer kernels, so it evaluates the
+    graph by its ONNX definition (what a GPU runtime such as TensorRT computes); the default runs the fused
+    kernels a CPU deployment uses.
 
     Raises:
         ValueError: unknown file type.
     """
     path = Path(path)
-    if path.suffix == ".onnx":
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        if not int8_kernels:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]
 
         def run_onnx(inputs: Any) -> np.ndarray:
-            args, kwargs = _flatten_inputs(inputs)
-            feed = {n: t.detach().cpu().numpy() for n, t in zip(names, args, strict=False)} if args else {}
-            feed.update({k: v.detach().cpu().numpy() for k, v in kwargs.items() if k in names})
-            return session.run(None, feed)[0]
+            return session.run(None, _onnx_feed(names, inputs))[0]
 
         return run_onnx
-    if path.suffix == ".pt":
+    if suffix in (".pt", ".pth", ".torchscript"):  # the suffixes export_torchscript writes
         module = torch.jit.load(str(path), map_location="cpu").eval()
 
         def run_script(inputs: Any) -> np.ndarray:
@@ -118,7 +141,18 @@ def load_runner(path: str | Path, threads: int = 2) -> Callable[[Any], np.ndarra
                 return call_model(module, inputs).detach().cpu().numpy()
 
         return run_script
-    raise ValueError(f"cannot verify {str(path)!r}: use a .onnx or .pt file.")
+    raise ValueError(f"cannot verify {str(path)!r}: use a .onnx, .pt, .pth or .torchscript file.")
+
+
+def _labels(item: Any, inputs: Any, batch: int) -> np.ndarray | None:
+    """Class labels of an ``(input, label, ...)`` item: one per sample; None when the item is the input itself
+    (``transform_fn`` returned it whole, e.g. a multi-input tuple) or holds no per-sample label tensor."""
+    if inputs is item or not isinstance(item, (tuple, list)) or len(item) < 2:
+        return None
+    labels = item[1]
+    if not isinstance(labels, torch.Tensor) or labels.shape != (batch,):
+        return None
+    return labels.cpu().numpy()
 
 
 def _median_ms(run: Callable[[], Any], runs: int) -> float:
@@ -131,13 +165,24 @@ def _median_ms(run: Callable[[], Any], runs: int) -> float:
     return statistics.median(times)
 
 
+def _activation_quantizers(model: nn.Module) -> list[nn.Module]:
+    return [
+        m for m in model.modules() if hasattr(m, "observer") and hasattr(m, "scale") and not m.name.endswith(".weight")
+    ]
+
+
+def runs_on_cpu_int8_kernels(model: nn.Module) -> bool:
+    """Whether the model's scheme is one onnxruntime's CPU integer kernels execute as deployed: uint8 activations
+    (the ``x86`` targets). Signed activations (``tensorrt``) deploy on GPUs; on the CPU they only emulate them, and
+    without VNNI onnxruntime's u8s8 kernels saturate on them, so they are verified against the ONNX definition."""
+    quantizers = _activation_quantizers(model)
+    return not quantizers or not any(q.spec.signed for q in quantizers)
+
+
 def _output_step(model: nn.Module) -> float | None:
     """Quantization step of the model output when its last op is an activation quantizer."""
-    last = None
-    for module in model.modules():
-        if hasattr(module, "observer") and hasattr(module, "scale") and not module.name.endswith(".weight"):
-            last = module
-    return float(last.scale.detach().flatten()[0]) if last is not None else None
+    quantizers = _activation_quantizers(model)
+    return float(quantizers[-1].scale.detach().flatten()[0]) if quantizers else None
 
 
 @torch.inference_mode()
@@ -152,6 +197,7 @@ def verify_export(
     float_path: str | Path | None = None,
     threads: int = 2,
     latency_runs: int = 20,
+    int8_kernels: bool | None = None,
 ) -> VerificationReport:
     """Compare an exported file with the fake-quant model on ``data`` (batches; labels used when present).
 
@@ -165,13 +211,17 @@ def verify_export(
         float_path: a float export of the same model, for latency/size comparison.
         threads: intra-op threads for both runtimes.
         latency_runs: repetitions for the median latency on the first batch (0 skips timing).
+        int8_kernels: run ONNX files with onnxruntime's fused integer kernels. Default: when the scheme is one
+            they deploy on (:func:`runs_on_cpu_int8_kernels`); otherwise the graph is checked by its definition.
 
     Raises:
         ExportVerificationError: agreement or difference outside the thresholds.
         ValueError: ``data`` is empty.
     """
     transform = transform_fn or default_transform
-    run = load_runner(path, threads)
+    if int8_kernels is None:
+        int8_kernels = runs_on_cpu_int8_kernels(qmodel)
+    run = load_runner(path, threads, int8_kernels=int8_kernels)
     torch.set_num_threads(threads)
     was_training = qmodel.training
     qmodel.eval()
@@ -191,8 +241,8 @@ def verify_export(
         if expected.ndim == 2:
             agree += int((got.argmax(1) == expected.argmax(1)).sum())
             total += expected.shape[0]
-            if isinstance(item, (tuple, list)) and len(item) >= 2 and isinstance(item[1], torch.Tensor):
-                labels = item[1].cpu().numpy()
+            labels = _labels(item, inputs, expected.shape[0])
+            if labels is not None:
                 correct_a += int((got.argmax(1) == labels).sum())
                 correct_m += int((expected.argmax(1) == labels).sum())
                 labelled += labels.shape[0]
@@ -228,7 +278,8 @@ def _check(report: VerificationReport, min_top1_agreement: float, max_diff_steps
         raise ExportVerificationError(
             f"{report.path}: top-1 agreement with the fake-quant model is {report.top1_agreement:.2%} "
             f"(< {min_top1_agreement:.2%}); max |diff| {report.max_abs_diff:.4g}. The runtime does not compute what "
-            "the model computes: check the target (x86 for onnxruntime) and report this with the model."
+            "the model computes: check the target (x86 for onnxruntime on any x86-64 CPU; x86_vnni only where the CPU "
+            "has VNNI) and report this with the model."
         )
     if max_diff_steps is not None and report.max_diff_steps is not None and report.max_diff_steps > max_diff_steps:
         raise ExportVerificationError(

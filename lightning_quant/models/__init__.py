@@ -6,6 +6,8 @@ Example:
     ['mobilenet_v2', 'resnet50']
 """
 
+from lightning_quant.models.cifar_resnet import CIFAR_RESNET_WEIGHTS, CifarResNet, cifar_resnet
+from lightning_quant.models.classifier import ImageClassifier
 from lightning_quant.models.imagenette import (
     IMAGENETTE_EVAL_SIZES,
     IMAGENETTE_MODELS,
@@ -15,6 +17,7 @@ from lightning_quant.models.imagenette import (
     resnet50_imagenette_transform,
     top1_accuracy,
 )
+from lightning_quant.models.torchvision_zoo import WeightsUnavailableError, torchvision_model
 
 __all__ = [
     "IMAGENETTE_EVAL_SIZES",
@@ -24,4 +27,10 @@ __all__ = [
     "resnet50_imagenette",
     "resnet50_imagenette_transform",
     "top1_accuracy",
+    "CIFAR_RESNET_WEIGHTS",
+    "CifarResNet",
+    "ImageClassifier",
+    "WeightsUnavailableError",
+    "cifar_resnet",
+    "torchvision_model",
 ]

@@ -3,7 +3,7 @@
 | builder | weights file | eval input | float top-1 (Imagenette val) |
 |---|---|---|---|
 | :func:`mobilenet_v2_imagenette` | ``mobilenet_v2_imagenette.pth`` (state dict) | 224 px, no resize | 98.50 % |
-| :func:`resnet50_imagenette` | ``resnet50_imagenette.pth`` (``{"state_dict": fp16, ...}``) | resize 144, crop 128 | 71.57 % |
+| :func:`resnet50_imagenette` | ``resnet50_imagenette.pth`` (fp16 ``state_dict``) | resize 144, crop 128 | 71.57 % |
 
 Example:
     >>> import torch
@@ -178,7 +178,7 @@ def top1_accuracy(
     Raises:
         ValueError: ``data`` yielded no images.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter(data) early, starting extra workers
 
     was_training = model.training
     model.eval()

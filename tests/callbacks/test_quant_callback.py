@@ -143,7 +143,7 @@ def test_ptq_with_fit_is_rejected(tmp_path):
     ("kwargs", "error", "match"),
     [
         (dict(mode="int8"), ValueError, "mode='int8' is not supported; use one of 'ptq', 'qat'"),
-        (dict(target="tpu"), ValueError, "use one of 'x86', 'tensorrt', 'dpu'"),
+        (dict(target="tpu"), ValueError, "use one of 'x86', 'x86_vnni', 'tensorrt', 'dpu'"),
         (dict(calibration_batches=-1), ValueError, "calibration_batches=-1 must be an integer >= 0"),
         (dict(calibration_batches=0), ValueError, "mode='ptq' needs calibration_batches >= 1"),
         (dict(calibration_source="test"), ValueError, "calibration_source='test'"),

@@ -1,0 +1,330 @@
+"""The Hydra app behind ``python train.py recipe=<name>``: the only module of the package that imports Hydra.
+
+Modes (``mode=``, Vitis AI's ``--quant_mode`` plus the two combined flows):
+
+- ``ptq``: float evaluation, calibration, INT8 evaluation, quantization state saved in the run directory,
+  float-vs-INT8 table and ``metrics.json``; artefacts exported when ``deploy=true``.
+- ``float``: evaluate the float model only.  ``calib``: calibrate and save the state file (``state_file``).
+- ``test``: load ``state_file``, evaluate, export when ``deploy=true``.
+- ``qat``: fine-tune with fake-quant in the loop (``trainer.max_epochs``), test, save, export when ``deploy=true``.
+
+Example:
+    >>> cfg = compose_config(["recipe=resnet20_ptq_cifar10", "data.calibration_size=16"])
+    >>> cfg.name, cfg.mode, cfg.quant.target, cfg.data.calibration_size
+    ('resnet20_ptq_cifar10', 'ptq', 'x86', 16)
+    >>> metrics = train(compose_config(["recipe=resnet20_ptq_cifar10", "paths.output_dir=/tmp/r20"]))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from lightning_quant.callbacks.quant_callback import QuantCallback
+from lightning_quant.checkpoint import callback_state
+from lightning_quant.config import QATSchedule
+
+__all__ = ["CONFIG_DIR", "MODES", "RECIPES_DIR", "compose_config", "main", "summary_table", "train"]
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = _REPO_ROOT / "configs"
+RECIPES_DIR = _REPO_ROOT / "recipes"
+MODES = ("ptq", "qat", "float", "calib", "test")
+_EXPORT_FORMATS = ("onnx", "torchscript")
+# configs/train.yaml adds this folder to Hydra's search path, so `recipe=<name>` works from any directory.
+os.environ.setdefault("LIGHTNING_QUANT_RECIPES", str(RECIPES_DIR))
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose ``configs/train.yaml`` with command-line style overrides, without running anything.
+
+    Example:
+        >>> compose_config(["recipe=resnet20_qat_cifar10", "trainer.max_epochs=3"]).trainer.max_epochs
+        3
+
+    Raises:
+        hydra.errors.ConfigCompositionException: an unknown recipe/group option or a bad override.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def _check_config(cfg: DictConfig) -> None:
+    """Fail before any work on overrides that cannot run."""
+    if cfg.mode not in MODES:
+        raise ValueError(
+            f"mode={cfg.mode!r} is not a mode; use one of {', '.join(MODES)} (Vitis AI --quant_mode float|calib|test "
+            "is mode=float|calib|test; mode=ptq runs calib + test in one go)."
+        )
+    formats = list(cfg.export.formats)
+    unknown = [f for f in formats if f not in _EXPORT_FORMATS]
+    if unknown:
+        raise ValueError(f"export.formats has {unknown}; use a list of {', '.join(_EXPORT_FORMATS)}.")
+    if cfg.deploy and cfg.quant.target == "dpu" and "onnx" in formats and cfg.mode not in ("float", "calib"):
+        raise ValueError(
+            "deploy=true with quant.target=dpu: ONNX export of DPU models (round half up) is not supported yet; set "
+            "export.formats=[torchscript] or deploy=false."
+        )
+    if cfg.mode == "test" and not Path(cfg.state_file).is_file():
+        raise FileNotFoundError(
+            f"mode=test: state file {cfg.state_file!r} does not exist. Run mode=calib first with the same recipe "
+            "(it writes that file), or pass state_file=/path/to/quant_state.ckpt (e.g. from a mode=ptq run dir)."
+        )
+
+
+def _output_dir(cfg: DictConfig) -> Path:
+    try:
+        out = cfg.paths.output_dir
+    except Exception as err:  # noqa: BLE001 - ${hydra:...} cannot resolve outside a Hydra run
+        raise ValueError(
+            "paths.output_dir cannot be resolved outside `python train.py`; pass the override "
+            "paths.output_dir=/some/folder when calling train() from Python."
+        ) from err
+    path = Path(out).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _build_model(cfg: DictConfig) -> pl.LightningModule:
+    """Instantiate ``cfg.model``, re-raising the builder's own error (e.g. WeightsUnavailableError) unwrapped."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(cfg.model)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise
+
+
+def _build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
+    missing = [k for k in cfg.data if OmegaConf.is_missing(cfg.data, k)]
+    if missing:
+        raise ValueError(
+            f"data.{missing[0]} is required by data={cfg.data._target_.rsplit('.', 1)[-1]}: pass "
+            + " ".join(f"data.{k}=/path/to/{k.removesuffix('_root')}" for k in missing)
+            + " (ImageFolder folders), or use an offline recipe such as recipe=resnet50_ptq_imagenette."
+        )
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    data.pop("calibration_dir", None)  # type: ignore[union-attr]
+    return instantiate(data)
+
+
+def _calibration_data(cfg: DictConfig, dm: pl.LightningDataModule) -> DataLoader | None:
+    """A loader over ``data.calibration_dir`` (unlabeled images) when set; None uses the datamodule's train split."""
+    folder = cfg.data.get("calibration_dir")
+    if not folder:
+        return None
+    from lightning_quant.data import CalibrationFolder, imagenette_transform
+
+    transform = dm.eval_transform() if hasattr(dm, "eval_transform") else imagenette_transform(dm.image_size, dm.resize)
+    dataset = CalibrationFolder(folder, transform, size=cfg.data.calibration_size, seed=cfg.seed)
+    return DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
+
+
+def _build_callback(cfg: DictConfig, dm: pl.LightningDataModule, mode: str | None = None) -> QuantCallback:
+    q = cfg.quant
+    return QuantCallback(
+        mode=mode or ("qat" if cfg.mode == "qat" else "ptq"),
+        target=q.target,
+        calibration_batches=q.calibration_batches,
+        calibration_data=_calibration_data(cfg, dm),
+        calibration_source=q.calibration_source,
+        qat_schedule=QATSchedule(**OmegaConf.to_container(q.qat_schedule)),  # type: ignore[arg-type]
+        exclude=list(q.exclude),
+        report=q.report,
+        progress=q.progress,
+    )
+
+
+def _build_trainer(cfg: DictConfig, callbacks: list[Any]) -> pl.Trainer:
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+
+
+def _evaluate(trainer: pl.Trainer, model: pl.LightningModule, dm: Any, stage: str = "val", **kwargs: Any) -> float:
+    """Top-1 percent from ``trainer.validate`` (or ``test``)."""
+    results = (trainer.test if stage == "test" else trainer.validate)(model, datamodule=dm, **kwargs)
+    return 100.0 * float(results[0][f"{stage}_acc"])
+
+
+def _export(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir: Path) -> dict[str, Any]:
+    """Write the artefacts listed in ``export.formats`` (verification gate on) and check them on val batches."""
+    from lightning_quant.export import export_onnx, export_torchscript, verify_export
+
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # its per-initializer INFO lines flood Hydra's log
+    batches = []
+    for i, batch in enumerate(dm.val_dataloader()):
+        if i >= max(1, cfg.export.verify_batches):
+            break
+        batches.append(batch)
+    example = batches[0][0][:1]
+    network = network.cpu().eval()
+    artefacts: dict[str, Any] = {}
+    for fmt in cfg.export.formats:
+        if fmt == "onnx":
+            path = export_onnx(network, out_dir / "model_int8.onnx", example, opset=cfg.export.opset,
+                               verify=cfg.export.verify, min_top1_agreement=cfg.export.min_top1_agreement)  # fmt: skip
+        else:
+            path = export_torchscript(network, out_dir / "model_int8.pt", example, verify=cfg.export.verify,
+                                      min_top1_agreement=cfg.export.min_top1_agreement)  # fmt: skip
+        entry: dict[str, Any] = {"path": str(path), "bytes": path.stat().st_size}
+        if cfg.export.verify and cfg.export.verify_batches > 0:
+            report = verify_export(network, path, batches, min_top1_agreement=cfg.export.min_top1_agreement,
+                                   latency_runs=0)  # fmt: skip
+            entry.update(top1_agreement=report.top1_agreement, top1=_pct(report.artifact_accuracy))
+        artefacts[fmt] = entry
+    return artefacts
+
+
+def _pct(value: float | None) -> float | None:
+    return None if value is None else 100.0 * value
+
+
+def _run_float(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -> dict[str, Any]:
+    return {"float_top1": _evaluate(_build_trainer(cfg, []), model, dm)}
+
+
+def _calibrate(cfg: DictConfig, model: pl.LightningModule, dm: Any, state_path: Path) -> tuple[float, QuantCallback]:
+    callback = _build_callback(cfg, dm)
+    trainer = _build_trainer(cfg, [callback])
+    top1 = _evaluate(trainer, model, dm)
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(state_path)
+    return top1, callback
+
+
+def _run_ptq(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -> dict[str, Any]:
+    metrics = _run_float(cfg, model, dm, out)
+    state = out / "quant_state.ckpt"
+    metrics["int8_top1"], callback = _calibrate(cfg, model, dm, state)
+    metrics["state_file"] = str(state)
+    if cfg.deploy:
+        metrics["artefacts"] = _export(cfg, callback.network(model), dm, out)
+    return metrics
+
+
+def _run_calib(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -> dict[str, Any]:
+    state = Path(cfg.state_file).expanduser().resolve()
+    top1, _ = _calibrate(cfg, model, dm, state)
+    print(f"lightning_quant: quantization state written to {state}; evaluate it with mode=test")
+    return {"int8_top1": top1, "state_file": str(state)}
+
+
+def _run_test(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -> dict[str, Any]:
+    state = Path(cfg.state_file).expanduser().resolve()
+    written_mode = callback_state(torch.load(state, map_location="cpu", weights_only=False))["mode"]
+    callback = _build_callback(cfg, dm, mode=written_mode)
+    metrics: dict[str, Any] = {"int8_top1": _evaluate(_build_trainer(cfg, [callback]), model, dm, ckpt_path=state)}
+    metrics["state_file"] = str(state)
+    if cfg.deploy:
+        metrics["artefacts"] = _export(cfg, callback.network(model), dm, out)
+    return metrics
+
+
+def _run_qat(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -> dict[str, Any]:
+    metrics = _run_float(cfg, model, dm, out)
+    callback = _build_callback(cfg, dm)
+    trainer = _build_trainer(cfg, [callback])
+    model.train()  # the builders return eval-mode networks and Lightning keeps the mode it finds
+    trainer.fit(model, datamodule=dm)
+    metrics["int8_top1"] = _evaluate(trainer, model, dm, stage="test")
+    state = out / "quant_state.ckpt"
+    trainer.save_checkpoint(state)
+    metrics["state_file"] = str(state)
+    if cfg.deploy:
+        metrics["artefacts"] = _export(cfg, callback.network(model), dm, out)
+    return metrics
+
+
+_RUNS = {"ptq": _run_ptq, "qat": _run_qat, "float": _run_float, "calib": _run_calib, "test": _run_test}
+
+
+def summary_table(metrics: dict[str, Any]) -> str:
+    """A small text table of the float and INT8 top-1 (and artefacts) of one run.
+
+    Example:
+        >>> print(summary_table({"name": "r20", "mode": "ptq", "target": "x86", "float_top1": 81.0, "int8_top1": 80.5}))
+        r20 (mode=ptq, target=x86)
+        | model | top-1 % |
+        |---|---|
+        | float | 81.00 |
+        | int8 | 80.50 |
+        | delta | -0.50 |
+    """
+    lines = [
+        f"{metrics['name']} (mode={metrics['mode']}, target={metrics['target']})",
+        "| model | top-1 % |",
+        "|---|---|",
+    ]
+    for key in ("float", "int8"):
+        if metrics.get(f"{key}_top1") is not None:
+            lines.append(f"| {key} | {metrics[f'{key}_top1']:.2f} |")
+    if metrics.get("float_top1") is not None and metrics.get("int8_top1") is not None:
+        lines.append(f"| delta | {metrics['int8_top1'] - metrics['float_top1']:+.2f} |")
+    for fmt, art in (metrics.get("artefacts") or {}).items():
+        top1 = f"{art['top1']:.2f}" if art.get("top1") is not None else "-"
+        lines.append(f"| {fmt} artefact ({art['bytes'] / 1e6:.2f} MB) | {top1} |")
+    return "\n".join(lines)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one recipe in its ``mode`` and return its metrics (also written to ``<output_dir>/metrics.json``).
+
+    Example:
+        >>> cfg = compose_config(["recipe=resnet20_ptq_cifar10", "paths.output_dir=/tmp/run"])
+        >>> train(cfg)["int8_top1"]  # doctest: +SKIP
+        80.2
+
+    Raises:
+        ValueError: unknown mode or export format, ONNX export requested for DPU, a required data path unset,
+            or ``paths.output_dir`` unresolvable outside a Hydra run.
+        FileNotFoundError: ``mode=test`` without the state file (run ``mode=calib`` first), or missing data/weights.
+        lightning_quant.models.WeightsUnavailableError: online-only weights while offline (names the offline recipe).
+    """
+    _check_config(cfg)
+    out = _output_dir(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    model = _build_model(cfg)  # before the data: online-only weights fail fast here
+    dm = _build_datamodule(cfg)
+    metrics: dict[str, Any] = {"name": cfg.name, "mode": cfg.mode, "target": cfg.quant.target, "seed": cfg.seed}
+    metrics.update(_RUNS[cfg.mode](cfg, model, dm, out))
+    metrics.update(
+        calibration_batches=cfg.quant.calibration_batches,
+        calibration_size=cfg.data.calibration_size,
+        batch_size=cfg.data.batch_size,
+        output_dir=str(out),
+    )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(summary_table(metrics))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def _hydra_main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+def main() -> None:
+    """Command-line entry point: ``python train.py recipe=<name> [overrides]`` (Hydra parses ``sys.argv``).
+
+    Example:
+        >>> # python train.py recipe=resnet20_ptq_cifar10 deploy=true
+    """
+    _hydra_main()

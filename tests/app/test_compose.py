@@ -1,0 +1,79 @@
+"""Every recipe composes with Hydra's compose API, with the fields its header promises."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException
+
+from lightning_quant.app import CONFIG_DIR, MODES, RECIPES_DIR, compose_config
+
+RECIPES = sorted(p.stem for p in (RECIPES_DIR / "recipe").glob("*.yaml"))
+EXPECTED = {  # recipe: (mode, target, model builder, datamodule)
+    "resnet50_ptq": ("ptq", "x86", "torchvision_model", "ImageFolderDataModule"),
+    "resnet50_qat": ("qat", "x86", "torchvision_model", "ImageFolderDataModule"),
+    "mobilenetv2_ptq": ("ptq", "x86", "torchvision_model", "ImageFolderDataModule"),
+    "mobilenetv2_qat": ("qat", "x86", "torchvision_model", "ImageFolderDataModule"),
+    "mobilenetv2_ptq_imagenette": ("ptq", "x86", "mobilenet_v2_imagenette", "ImagenetteDataModule"),
+    "mobilenetv2_ptq_imagenette_tensorrt": ("ptq", "tensorrt", "mobilenet_v2_imagenette", "ImagenetteDataModule"),
+    "mobilenetv2_qat_imagenette": ("qat", "x86", "mobilenet_v2_imagenette", "ImagenetteDataModule"),
+    "resnet50_ptq_imagenette": ("ptq", "x86", "resnet50_imagenette", "ImagenetteDataModule"),
+    "resnet20_ptq_cifar10": ("ptq", "x86", "cifar_resnet", "CIFAR10DataModule"),
+    "resnet20_ptq_cifar10_dpu": ("ptq", "dpu", "cifar_resnet", "CIFAR10DataModule"),
+    "resnet20_ptq_cifar10_tensorrt": ("ptq", "tensorrt", "cifar_resnet", "CIFAR10DataModule"),
+    "resnet20_qat_cifar10": ("qat", "x86", "cifar_resnet", "CIFAR10DataModule"),
+}
+
+
+def test_every_recipe_is_listed():
+    assert RECIPES == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_composes(recipe):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"recipe={recipe}"])
+    mode, target, builder, datamodule = EXPECTED[recipe]
+    assert cfg.name == recipe
+    assert cfg.mode == mode and cfg.mode in MODES
+    assert cfg.quant.target == target
+    assert cfg.model.model._target_.endswith(builder)
+    assert cfg.data._target_.endswith(datamodule)
+    assert cfg.state_file.endswith(f"{recipe}.ckpt")
+    if target == "dpu":
+        assert list(cfg.export.formats) == ["torchscript"]
+    if mode == "qat":
+        assert cfg.trainer.max_epochs >= 1
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_header(recipe):
+    text = (RECIPES_DIR / "recipe" / f"{recipe}.yaml").read_text()
+    assert text.startswith("# @package _global_\n")
+    assert "# Expected" in text and "measured" in text
+    assert "defaults:\n  - override /model:" in text
+
+
+def test_online_recipes_name_their_offline_alternative():
+    assert compose_config(["recipe=resnet50_ptq"]).model.model.offline_hint == "recipe=resnet50_ptq_imagenette"
+    assert compose_config(["recipe=mobilenetv2_qat"]).model.model.offline_hint == "recipe=mobilenetv2_qat_imagenette"
+
+
+def test_vitis_style_overrides():
+    cfg = compose_config(
+        [
+            "recipe=mobilenetv2_ptq_imagenette",
+            "mode=calib",
+            "data.calibration_size=100",
+            "data.batch_size=8",
+            "deploy=true",
+        ]
+    )
+    assert (cfg.mode, cfg.data.calibration_size, cfg.data.batch_size, cfg.deploy) == ("calib", 100, 8, True)
+
+
+def test_unknown_recipe_lists_search_path():
+    with pytest.raises(ConfigCompositionException, match="recipe"):
+        compose_config(["recipe=no_such_recipe"])

@@ -1,0 +1,57 @@
+"""Bad overrides fail before any work, with messages that name the fix; online recipes fail fast offline."""
+
+from __future__ import annotations
+
+import pytest
+
+from lightning_quant.app import compose_config, train
+from lightning_quant.models import WeightsUnavailableError
+
+
+def test_unknown_mode(tmp_path):
+    with pytest.raises(ValueError, match=r"mode='quantize' is not a mode; use one of ptq, qat, float, calib, test"):
+        train(compose_config(["mode=quantize", f"paths.output_dir={tmp_path}"]))
+
+
+def test_test_mode_without_state_file_names_calib(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Run mode=calib first"):
+        train(compose_config(["recipe=resnet20_ptq_cifar10", "mode=test", f"paths.state_dir={tmp_path}"]))
+
+
+def test_dpu_onnx_export_refused(tmp_path):
+    cfg = compose_config(["recipe=resnet20_ptq_cifar10_dpu", "deploy=true", "export.formats=[onnx,torchscript]"])
+    with pytest.raises(ValueError, match=r"not supported yet; set export.formats=\[torchscript\] or deploy=false"):
+        train(cfg)
+
+
+def test_unknown_export_format():
+    with pytest.raises(ValueError, match="export.formats has"):
+        train(compose_config(["export.formats=[tflite]"]))
+
+
+def test_output_dir_needed_outside_hydra_run():
+    with pytest.raises(ValueError, match="paths.output_dir=/some/folder"):
+        train(compose_config(["recipe=resnet20_ptq_cifar10"]))
+
+
+def test_imagenet_roots_required(tmp_path):
+    cfg = compose_config(["recipe=resnet50_ptq", "model.model.weights=null", f"paths.output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="data.train_root=/path/to/train"):
+        train(cfg)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "hint"),
+    [
+        ("resnet50_ptq", "recipe=resnet50_ptq_imagenette"),
+        ("resnet50_qat", "recipe=resnet50_ptq_imagenette mode=qat"),
+        ("mobilenetv2_ptq", "recipe=mobilenetv2_ptq_imagenette"),
+        ("mobilenetv2_qat", "recipe=mobilenetv2_qat_imagenette"),
+    ],
+)
+def test_online_recipes_fail_fast_offline(recipe, hint, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # empty hub cache
+    monkeypatch.setenv("LIGHTNING_QUANT_OFFLINE", "1")
+    cfg = compose_config([f"recipe={recipe}", f"paths.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(WeightsUnavailableError, match=f"not in the torch hub cache.*Use '?{hint}"):
+        train(cfg)

@@ -1,0 +1,97 @@
+"""End-to-end runs of the offline recipes with tiny overrides (a few batches each), plus the CLI from another cwd."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lightning_quant.app import RECIPES_DIR, train
+from tests.app.conftest import FAST, needs_shared, tiny_config
+
+pytestmark = needs_shared
+
+# recipe: extra overrides (Imagenette recipes: small batches, one batch of everything)
+OFFLINE = {
+    "resnet20_ptq_cifar10_tensorrt": [],
+    "resnet20_ptq_cifar10_dpu": ["deploy=true", "export.verify_batches=1"],  # TorchScript only
+    "resnet20_qat_cifar10": ["trainer.max_epochs=1", "trainer.limit_train_batches=2"],
+    "mobilenetv2_ptq_imagenette": [],
+    "mobilenetv2_ptq_imagenette_tensorrt": [],
+    "resnet50_ptq_imagenette": [],
+    "mobilenetv2_qat_imagenette": ["trainer.max_epochs=1", "trainer.limit_train_batches=1"],
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(OFFLINE))
+def test_offline_recipe_runs(recipe, tmp_path):
+    small = "imagenette" in recipe
+    cfg = tiny_config(recipe, tmp_path, *OFFLINE[recipe], batch_size=4 if small else 16, val_batches=1 if small else 2)
+    metrics = train(cfg)
+    assert metrics["name"] == recipe and metrics["target"] == cfg.quant.target
+    assert 0.0 <= metrics["int8_top1"] <= 100.0 and 0.0 <= metrics["float_top1"] <= 100.0
+    run = tmp_path / "run"
+    assert json.loads((run / "metrics.json").read_text())["int8_top1"] == metrics["int8_top1"]
+    assert (run / "quant_state.ckpt").is_file()
+    if cfg.deploy:
+        assert sorted(metrics["artefacts"]) == ["torchscript"]
+        assert (run / "model_int8.pt").is_file()
+
+
+def test_ptq_deploy_exports_verified_artefacts(tmp_path):
+    metrics = train(tiny_config("resnet20_ptq_cifar10", tmp_path, "deploy=true"))
+    assert metrics["float_top1"] > 50.0 and metrics["int8_top1"] > 40.0
+    for fmt, name in (("onnx", "model_int8.onnx"), ("torchscript", "model_int8.pt")):
+        art = metrics["artefacts"][fmt]
+        assert art["path"].endswith(name) and art["bytes"] > 0
+        assert art["top1_agreement"] >= 0.99
+
+
+def test_calib_then_test_gives_identical_metrics(tmp_path):
+    calib = train(tiny_config("resnet20_ptq_cifar10", tmp_path, "mode=calib"))
+    state = tmp_path / "state" / "resnet20_ptq_cifar10.ckpt"
+    assert calib["state_file"] == str(state) and state.is_file()
+    test = train(tiny_config("resnet20_ptq_cifar10", tmp_path, "mode=test"))
+    assert test["int8_top1"] == calib["int8_top1"]
+    assert "float_top1" not in test
+
+
+def test_float_mode_evaluates_only(tmp_path):
+    metrics = train(tiny_config("resnet20_ptq_cifar10", tmp_path, "mode=float"))
+    assert "int8_top1" not in metrics and metrics["float_top1"] > 50.0
+    assert not (tmp_path / "run" / "quant_state.ckpt").exists()
+
+
+def test_calibration_folder_override(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for i in range(6):
+        Image.new("RGB", (32, 32), (40 * i, 100, 200 - 30 * i)).save(folder / f"{i}.png")
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match="skipped 1 image"):
+        metrics = train(
+            tiny_config("resnet20_ptq_cifar10", tmp_path, f"data.calibration_dir={folder}", "data.calibration_size=7")
+        )
+    assert metrics["int8_top1"] >= 0.0
+
+
+def test_cli_sweep_from_another_directory(tmp_path):
+    """`python /repo/train.py -m ...` from a foreign cwd finds the recipes; each job writes its metrics."""
+    train_py = RECIPES_DIR.parent / "train.py"
+    args = [
+        sys.executable,
+        str(train_py),
+        "-m",
+        "recipe=resnet20_ptq_cifar10",
+        "mode=float",
+        "quant.calibration_batches=1,2",
+    ]
+    args += [*FAST, "data.batch_size=8", "data.calibration_size=16", "trainer.limit_val_batches=1"]
+    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = sorted(tmp_path.glob("multirun/resnet20_ptq_cifar10/*/*/metrics.json"))
+    assert [json.loads(p.read_text())["calibration_batches"] for p in results] == [1, 2]
