@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from torch.utils.data import DataLoader
 from lightning_quant.callbacks.quant_callback import QuantCallback
 from lightning_quant.checkpoint import callback_state
 from lightning_quant.config import QATSchedule
+from lightning_quant.report import quantization_report
+from lightning_quant.run_report import model_sizes, write_run_report
 
 __all__ = ["CONFIG_DIR", "MODES", "RECIPES_DIR", "compose_config", "main", "summary_table", "train"]
 
@@ -158,10 +161,15 @@ def _build_trainer(cfg: DictConfig, callbacks: list[Any]) -> pl.Trainer:
     return instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
 
 
-def _evaluate(trainer: pl.Trainer, model: pl.LightningModule, dm: Any, stage: str = "val", **kwargs: Any) -> float:
-    """Top-1 percent from ``trainer.validate`` (or ``test``)."""
-    results = (trainer.test if stage == "test" else trainer.validate)(model, datamodule=dm, **kwargs)
-    return 100.0 * float(results[0][f"{stage}_acc"])
+def _evaluate(
+    trainer: pl.Trainer, model: pl.LightningModule, dm: Any, prefix: str, stage: str = "val", **kwargs: Any
+) -> dict[str, float]:
+    """``{prefix}_top1`` / ``{prefix}_top5`` percent from ``trainer.validate`` (or ``test``)."""
+    results = (trainer.test if stage == "test" else trainer.validate)(model, datamodule=dm, **kwargs)[0]
+    out = {f"{prefix}_top1": 100.0 * float(results[f"{stage}_acc"])}
+    if f"{stage}_acc5" in results:
+        out[f"{prefix}_top5"] = 100.0 * float(results[f"{stage}_acc5"])
+    return out
 
 
 def _export(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir: Path) -> dict[str, Any]:
@@ -197,90 +205,99 @@ def _pct(value: float | None) -> float | None:
     return None if value is None else 100.0 * value
 
 
-def _run_float(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -> dict[str, Any]:
-    return {"float_top1": _evaluate(_build_trainer(cfg, []), model, dm)}
+_RunResult = tuple[dict[str, Any], "QuantCallback | None"]
 
 
-def _calibrate(cfg: DictConfig, model: pl.LightningModule, dm: Any, state_path: Path) -> tuple[float, QuantCallback]:
+def _run_float(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -> _RunResult:
+    return _evaluate(_build_trainer(cfg, []), model, dm, "float"), None
+
+
+def _calibrate(cfg: DictConfig, model: pl.LightningModule, dm: Any, state_path: Path) -> _RunResult:
     callback = _build_callback(cfg, dm)
     trainer = _build_trainer(cfg, [callback])
-    top1 = _evaluate(trainer, model, dm)
+    metrics: dict[str, Any] = _evaluate(trainer, model, dm, "int8")
+    metrics["calibration_seconds"] = callback.calibration_seconds
     state_path.parent.mkdir(parents=True, exist_ok=True)
     trainer.save_checkpoint(state_path)
-    return top1, callback
+    metrics["state_file"] = str(state_path)
+    return metrics, callback
 
 
-def _run_ptq(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -> dict[str, Any]:
-    metrics = _run_float(cfg, model, dm, out)
-    state = out / "quant_state.ckpt"
-    metrics["int8_top1"], callback = _calibrate(cfg, model, dm, state)
-    metrics["state_file"] = str(state)
-    if cfg.deploy:
-        metrics["artefacts"] = _export(cfg, callback.network(model), dm, out)
-    return metrics
+def _run_ptq(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -> _RunResult:
+    metrics, _ = _run_float(cfg, model, dm, out)
+    calibrated, callback = _calibrate(cfg, model, dm, out / "quant_state.ckpt")
+    metrics.update(calibrated)
+    return metrics, callback
 
 
-def _run_calib(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -> dict[str, Any]:
+def _run_calib(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -> _RunResult:
     state = Path(cfg.state_file).expanduser().resolve()
-    top1, _ = _calibrate(cfg, model, dm, state)
+    metrics, callback = _calibrate(cfg, model, dm, state)
     print(f"lightning_quant: quantization state written to {state}; evaluate it with mode=test")
-    return {"int8_top1": top1, "state_file": str(state)}
+    return metrics, callback
 
 
-def _run_test(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -> dict[str, Any]:
+def _run_test(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -> _RunResult:
     state = Path(cfg.state_file).expanduser().resolve()
     written_mode = callback_state(torch.load(state, map_location="cpu", weights_only=False))["mode"]
     callback = _build_callback(cfg, dm, mode=written_mode)
-    metrics: dict[str, Any] = {"int8_top1": _evaluate(_build_trainer(cfg, [callback]), model, dm, ckpt_path=state)}
+    metrics = _evaluate(_build_trainer(cfg, [callback]), model, dm, "int8", ckpt_path=state)
     metrics["state_file"] = str(state)
-    if cfg.deploy:
-        metrics["artefacts"] = _export(cfg, callback.network(model), dm, out)
-    return metrics
+    return metrics, callback
 
 
-def _run_qat(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -> dict[str, Any]:
-    metrics = _run_float(cfg, model, dm, out)
+def _run_qat(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -> _RunResult:
+    metrics, _ = _run_float(cfg, model, dm, out)
     callback = _build_callback(cfg, dm)
     trainer = _build_trainer(cfg, [callback])
     model.train()  # the builders return eval-mode networks and Lightning keeps the mode it finds
     trainer.fit(model, datamodule=dm)
-    metrics["int8_top1"] = _evaluate(trainer, model, dm, stage="test")
+    metrics.update(_evaluate(trainer, model, dm, "int8", stage="test"))
+    metrics["calibration_seconds"] = callback.calibration_seconds
     state = out / "quant_state.ckpt"
     trainer.save_checkpoint(state)
     metrics["state_file"] = str(state)
-    if cfg.deploy:
-        metrics["artefacts"] = _export(cfg, callback.network(model), dm, out)
-    return metrics
+    return metrics, callback
 
 
 _RUNS = {"ptq": _run_ptq, "qat": _run_qat, "float": _run_float, "calib": _run_calib, "test": _run_test}
 
 
 def summary_table(metrics: dict[str, Any]) -> str:
-    """A small text table of the float and INT8 top-1 (and artefacts) of one run.
+    """A one-screen text table of the float and INT8 accuracy (and artefacts) of one run.
 
     Example:
         >>> print(summary_table({"name": "r20", "mode": "ptq", "target": "x86", "float_top1": 81.0, "int8_top1": 80.5}))
         r20 (mode=ptq, target=x86)
-        | model | top-1 % |
-        |---|---|
-        | float | 81.00 |
-        | int8 | 80.50 |
-        | delta | -0.50 |
+        | model | top-1 % | top-5 % |
+        |---|---|---|
+        | float | 81.00 | - |
+        | int8 | 80.50 | - |
+        | delta | -0.50 | |
     """
     lines = [
         f"{metrics['name']} (mode={metrics['mode']}, target={metrics['target']})",
-        "| model | top-1 % |",
-        "|---|---|",
+        "| model | top-1 % | top-5 % |",
+        "|---|---|---|",
     ]
     for key in ("float", "int8"):
         if metrics.get(f"{key}_top1") is not None:
-            lines.append(f"| {key} | {metrics[f'{key}_top1']:.2f} |")
+            top5 = metrics.get(f"{key}_top5")
+            lines.append(f"| {key} | {metrics[f'{key}_top1']:.2f} | {'-' if top5 is None else f'{top5:.2f}'} |")
     if metrics.get("float_top1") is not None and metrics.get("int8_top1") is not None:
-        lines.append(f"| delta | {metrics['int8_top1'] - metrics['float_top1']:+.2f} |")
+        lines.append(f"| delta | {metrics['int8_top1'] - metrics['float_top1']:+.2f} | |")
     for fmt, art in (metrics.get("artefacts") or {}).items():
         top1 = f"{art['top1']:.2f}" if art.get("top1") is not None else "-"
-        lines.append(f"| {fmt} artefact ({art['bytes'] / 1e6:.2f} MB) | {top1} |")
+        lines.append(f"| {fmt} artefact ({art['bytes'] / 1e6:.2f} MB) | {top1} | |")
+    sizes = metrics.get("sizes")
+    if sizes:
+        lines.append(
+            f"model size: float {sizes['float_bytes'] / 1e6:.2f} MB -> {sizes['quantized_bytes'] / 1e6:.2f} MB"
+        )
+    if metrics.get("calibration_seconds") is not None:
+        lines.append(f"calibration: {metrics['calibration_seconds']:.1f} s; run: {metrics.get('wall_seconds', '-')} s")
+    if metrics.get("output_dir"):
+        lines.append(f"outputs: {metrics['output_dir']} (report.md, report.json, sqnr.png, metrics.json)")
     return "\n".join(lines)
 
 
@@ -304,16 +321,32 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = _build_model(cfg)  # before the data: online-only weights fail fast here
     dm = _build_datamodule(cfg)
     metrics: dict[str, Any] = {"name": cfg.name, "mode": cfg.mode, "target": cfg.quant.target, "seed": cfg.seed}
-    metrics.update(_RUNS[cfg.mode](cfg, model, dm, out))
+    start = time.perf_counter()
+    run_metrics, callback = _RUNS[cfg.mode](cfg, model, dm, out)
+    metrics.update(run_metrics)
+    report = None
+    if callback is not None:
+        network = callback.network(model).cpu().eval()
+        metrics["sizes"] = model_sizes(network)
+        report = quantization_report(network, _first_val_inputs(dm))
+        if cfg.deploy and cfg.mode != "calib":
+            metrics["artefacts"] = _export(cfg, network, dm, out)
     metrics.update(
         calibration_batches=cfg.quant.calibration_batches,
         calibration_size=cfg.data.calibration_size,
         batch_size=cfg.data.batch_size,
+        wall_seconds=round(time.perf_counter() - start, 1),
         output_dir=str(out),
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics["reports"] = write_run_report(out, metrics, report)
     print(summary_table(metrics))
     return metrics
+
+
+def _first_val_inputs(dm: Any) -> torch.Tensor:
+    """Up to 32 images of the first validation batch: the input of the per-layer SQNR report."""
+    return next(iter(dm.val_dataloader()))[0][:32]
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")

@@ -170,7 +170,9 @@ def test_unknown_override_raises(key):
 
 
 def test_unknown_target_and_mode_list_allowed_values():
-    with pytest.raises(ValueError, match=r"target='arm' is not supported; use one of 'x86', 'x86_vnni', 'tensorrt', 'dpu'"):
+    with pytest.raises(
+        ValueError, match=r"target='arm' is not supported; use one of 'x86', 'x86_vnni', 'tensorrt', 'dpu'"
+    ):
         scheme_for_target("arm")
     with pytest.raises(ValueError, match=r"mode='int8' is not supported; use one of 'ptq', 'qat'"):
         scheme_for_target("x86", mode="int8")

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -111,6 +112,7 @@ class QuantCallback(Callback):
         self.report = report
         self.progress = progress
         self.last_report: QuantReport | None = None
+        self.calibration_seconds: float | None = None  # wall time of the last calibration pass
         self._report_inputs: Any = None
         self._applied: tuple[bool, bool] | None = None
 
@@ -191,6 +193,7 @@ class QuantCallback(Callback):
             return inputs
 
         progress = self.progress and trainer.is_global_zero
+        start = time.perf_counter()
         seen = calibrate(
             network,
             loader,
@@ -199,8 +202,10 @@ class QuantCallback(Callback):
             progress=progress,
             desc=f"Calibrating ({self.mode.value}, {self.target.value})",
         )
+        self.calibration_seconds = time.perf_counter() - start
         rank_zero_info(
-            f"lightning_quant: calibrated {len(list(iter_quantizers(network)))} quantizers on {seen} batches"
+            f"lightning_quant: calibrated {len(list(iter_quantizers(network)))} quantizers on {seen} batches "
+            f"in {self.calibration_seconds:.1f} s"
         )
         self._report_inputs = first[0] if first else None
 

@@ -18,6 +18,7 @@ from lightning_quant.models.imagenette import (
     top1_accuracy,
 )
 from lightning_quant.models.torchvision_zoo import WeightsUnavailableError, torchvision_model
+from lightning_quant.models.weights import WeightsMismatchError, load_weights
 
 __all__ = [
     "IMAGENETTE_EVAL_SIZES",
@@ -30,7 +31,9 @@ __all__ = [
     "CIFAR_RESNET_WEIGHTS",
     "CifarResNet",
     "ImageClassifier",
+    "WeightsMismatchError",
     "WeightsUnavailableError",
+    "load_weights",
     "cifar_resnet",
     "torchvision_model",
 ]

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_quant.models.weights import load_weights
 from lightning_quant.paths import shared_dir
 
 __all__ = ["CIFAR_RESNET_WEIGHTS", "CifarResNet", "cifar_resnet", "load_cifar_resnet_weights"]
@@ -132,16 +133,12 @@ def load_cifar_resnet_weights(model: CifarResNet, path: str | os.PathLike[str]) 
 
     Raises:
         FileNotFoundError: no such file.
-        RuntimeError: keys or shapes do not match (e.g. a ResNet-56 file loaded into a ResNet-20).
+        WeightsMismatchError: keys or shapes do not match (e.g. a ResNet-56 file loaded into a ResNet-20).
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"CIFAR ResNet weights not found: {path}; pass the path of a resnetNN-*.th file.")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint["state_dict"] if isinstance(checkpoint, dict) and "state_dict" in checkpoint else checkpoint
-    state = {(k[len("module.") :] if k.startswith("module.") else k): v.float() for k, v in state.items()}
-    model.load_state_dict(state)
-    return model
+    return load_weights(model, path)  # type: ignore[return-value]
 
 
 def cifar_resnet(

@@ -18,6 +18,9 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.functional import accuracy
+
+from lightning_quant.models.weights import load_weights
 
 __all__ = ["ImageClassifier"]
 
@@ -25,7 +28,7 @@ _OPTIMIZERS = ("sgd", "adamw")
 
 
 class ImageClassifier(pl.LightningModule):
-    """Cross-entropy classifier logging ``{stage}_loss`` and ``{stage}_acc`` (top-1).
+    """Cross-entropy classifier logging ``{stage}_loss``, ``{stage}_acc`` (top-1) and ``{stage}_acc5`` (top-5).
 
     Args:
         model: the network (logits out).
@@ -33,19 +36,31 @@ class ImageClassifier(pl.LightningModule):
         optimizer: ``sgd`` (momentum 0.9) or ``adamw``.
         weight_decay: weight decay.
         cosine: cosine-anneal the learning rate over ``trainer.max_epochs``.
+        weights_file: float weights loaded into ``model`` (a plain or float16 state dict, a Lightning checkpoint
+            of this module, a DataParallel file); see :func:`lightning_quant.models.load_weights`.
 
     Raises:
         ValueError: unknown optimizer or non-positive learning rate.
+        FileNotFoundError: ``weights_file`` does not exist.
+        WeightsMismatchError: ``weights_file`` was written for another architecture (or is a quantized checkpoint).
     """
 
     def __init__(
-        self, model: nn.Module, lr: float = 1e-3, optimizer: str = "sgd", weight_decay: float = 1e-4, cosine: bool = True
+        self,
+        model: nn.Module,
+        lr: float = 1e-3,
+        optimizer: str = "sgd",
+        weight_decay: float = 1e-4,
+        cosine: bool = True,
+        weights_file: str | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in _OPTIMIZERS:
             raise ValueError(f"optimizer={optimizer!r}; use one of {', '.join(map(repr, _OPTIMIZERS))}.")
         if not lr > 0:
             raise ValueError(f"lr={lr!r} must be > 0.")
+        if weights_file:
+            load_weights(model, weights_file)
         self.model = model
         self.lr, self.optimizer_name, self.weight_decay, self.cosine = lr, optimizer, weight_decay, cosine
 
@@ -56,10 +71,13 @@ class ImageClassifier(pl.LightningModule):
         x, y = batch[0], batch[1]
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        acc = (logits.argmax(dim=1) == y).float().mean()
+        num_classes = logits.shape[1]
+        acc = accuracy(logits, y, task="multiclass", num_classes=num_classes)
+        acc5 = accuracy(logits, y, task="multiclass", num_classes=num_classes, top_k=min(5, num_classes))
         on_step = stage == "train"
         self.log(f"{stage}_loss", loss, prog_bar=on_step, on_step=on_step, on_epoch=True, batch_size=len(y))
         self.log(f"{stage}_acc", acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log(f"{stage}_acc5", acc5, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

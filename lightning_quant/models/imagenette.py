@@ -27,6 +27,7 @@ from torch import nn
 
 from lightning_quant.calibration import default_transform, move_to_device
 from lightning_quant.data.imagenette import imagenette_transform
+from lightning_quant.models.weights import load_weights
 from lightning_quant.paths import shared_dir
 
 __all__ = [
@@ -81,17 +82,12 @@ def mobilenet_v2_imagenette(weights_path: str | os.PathLike[str] | None = None) 
     Raises:
         FileNotFoundError: the weights file is missing (the message names ``weights_path`` and
             ``LIGHTNING_QUANT_SHARED``).
-        RuntimeError: the file's keys or shapes do not match the architecture.
+        WeightsMismatchError: the file's keys or shapes do not match the architecture.
     """
     from torchvision.models import mobilenet_v2  # lazy: torchvision is an optional dependency
 
     path = _weights_file("mobilenet_v2_imagenette.pth", weights_path, "mobilenet_v2_imagenette")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    model = mobilenet_v2(weights=None, num_classes=10)
-    model.load_state_dict(state)
-    return model.float().eval()
+    return load_weights(mobilenet_v2(weights=None, num_classes=10), path).eval()
 
 
 def resnet50_imagenette(weights_path: str | os.PathLike[str] | None = None) -> nn.Module:
@@ -109,17 +105,12 @@ def resnet50_imagenette(weights_path: str | os.PathLike[str] | None = None) -> n
     Raises:
         FileNotFoundError: the weights file is missing (the message names ``weights_path`` and
             ``LIGHTNING_QUANT_SHARED``).
-        RuntimeError: the file's keys or shapes do not match the architecture.
+        WeightsMismatchError: the file's keys or shapes do not match the architecture.
     """
     from torchvision.models import resnet50  # lazy: torchvision is an optional dependency
 
     path = _weights_file("resnet50_imagenette.pth", weights_path, "resnet50_imagenette")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint["state_dict"] if isinstance(checkpoint, dict) and "state_dict" in checkpoint else checkpoint
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
-    model = resnet50(weights=None, num_classes=10)
-    model.load_state_dict(state)
-    return model.float().eval()
+    return load_weights(resnet50(weights=None, num_classes=10), path).eval()
 
 
 def mobilenet_v2_imagenette_transform() -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from lightning_quant.app import compose_config, train
 from lightning_quant.models import WeightsUnavailableError
@@ -54,4 +55,33 @@ def test_online_recipes_fail_fast_offline(recipe, hint, tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTNING_QUANT_OFFLINE", "1")
     cfg = compose_config([f"recipe={recipe}", f"paths.output_dir={tmp_path / 'run'}"])
     with pytest.raises(WeightsUnavailableError, match=f"not in the torch hub cache.*Use '?{hint}"):
+        train(cfg)
+
+
+def test_unknown_target_lists_the_targets():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(
+        ConfigCompositionException, match=r"(?s)Could not find 'quant/tpu'.*Available options.*x86_vnni"
+    ):
+        compose_config(["recipe=resnet20_ptq_cifar10", "quant=tpu"])
+
+
+def test_weights_file_of_another_architecture(tmp_path):
+    from lightning_quant.models import WeightsMismatchError, cifar_resnet
+
+    torch.save(cifar_resnet(56, pretrained=False).state_dict(), tmp_path / "r56.pth")
+    cfg = compose_config(
+        ["recipe=resnet20_ptq_cifar10", f"model.weights_file={tmp_path / 'r56.pth'}", f"paths.output_dir={tmp_path}"]
+    )
+    with pytest.raises(WeightsMismatchError, match=r"does not fit CifarResNet: .*unexpected .*model=resnet56_cifar"):
+        train(cfg)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_missing_weights_file(tmp_path):
+    cfg = compose_config(
+        ["recipe=resnet20_ptq_cifar10", f"model.weights_file={tmp_path / 'none.pth'}", f"paths.output_dir={tmp_path}"]
+    )
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
         train(cfg)

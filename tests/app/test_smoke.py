@@ -47,6 +47,17 @@ def test_ptq_deploy_exports_verified_artefacts(tmp_path):
         art = metrics["artefacts"][fmt]
         assert art["path"].endswith(name) and art["bytes"] > 0
         assert art["top1_agreement"] >= 0.99
+    run = tmp_path / "run"
+    report = json.loads((run / "report.json").read_text())
+    assert report["float_top5"] >= report["float_top1"] and report["int8_top5"] >= report["int8_top1"]
+    assert len(report["layers"]) == 20 and all(row["sqnr_db"] > 10 for row in report["layers"])  # 19 convs + fc
+    assert report["calibration_seconds"] > 0 and report["wall_seconds"] > 0
+    sizes = report["sizes"]
+    assert 0.2 < sizes["quantized_bytes"] / sizes["float_bytes"] < 0.3  # 7-bit weights, float biases and scales
+    markdown = (run / "report.md").read_text()
+    assert "| float |" in markdown and "| int8 |" in markdown and "![per-layer SQNR](sqnr.png)" in markdown
+    assert "| layer1.0.conv1 |" in markdown and "Artefact onnx: `model_int8.onnx`" in markdown
+    assert (run / "sqnr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_calib_then_test_gives_identical_metrics(tmp_path):
@@ -54,8 +65,12 @@ def test_calib_then_test_gives_identical_metrics(tmp_path):
     state = tmp_path / "state" / "resnet20_ptq_cifar10.ckpt"
     assert calib["state_file"] == str(state) and state.is_file()
     test = train(tiny_config("resnet20_ptq_cifar10", tmp_path, "mode=test"))
-    assert test["int8_top1"] == calib["int8_top1"]
+    assert test["int8_top1"] == calib["int8_top1"] and test["int8_top5"] == calib["int8_top5"]
     assert "float_top1" not in test
+    calib_layers = {
+        r["name"]: r["sqnr_db"] for r in json.loads((tmp_path / "run" / "report.json").read_text())["layers"]
+    }
+    assert calib_layers and calib["reports"]["markdown"].endswith("report.md")
 
 
 def test_float_mode_evaluates_only(tmp_path):

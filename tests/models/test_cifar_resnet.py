@@ -7,6 +7,7 @@ import torch
 
 from lightning_quant.models import CIFAR_RESNET_WEIGHTS, cifar_resnet
 from lightning_quant.models.cifar_resnet import CifarResNet, load_cifar_resnet_weights
+from lightning_quant.models.weights import WeightsMismatchError
 from lightning_quant.paths import shared_dir
 
 needs_shared = pytest.mark.skipif(
@@ -59,7 +60,7 @@ def test_wrong_depth_file_is_refused(tmp_path):
     src = cifar_resnet(32, pretrained=False)
     path = tmp_path / "r32.th"
     torch.save({"state_dict": {"module." + k: v for k, v in src.state_dict().items()}}, path)
-    with pytest.raises(RuntimeError, match="Unexpected key"):
+    with pytest.raises(WeightsMismatchError, match=r"unexpected .*another architecture.*resnet56_cifar"):
         cifar_resnet(20, weights_path=path)
 
 

@@ -18,6 +18,7 @@ from lightning_quant.models import (
     resnet50_imagenette,
     top1_accuracy,
 )
+from lightning_quant.models.weights import WeightsMismatchError
 from lightning_quant.paths import shared_dir
 
 
@@ -59,7 +60,7 @@ def test_wrong_architecture_weights_raise(tmp_path):
 
     net = resnet18(num_classes=10)
     torch.save({"state_dict": {k: v.half() for k, v in net.state_dict().items()}}, tmp_path / "r.pth")
-    with pytest.raises(RuntimeError, match="state_dict"):  # wrong architecture: load_state_dict's own error
+    with pytest.raises(WeightsMismatchError, match=r"does not fit ResNet: .*missing .*another architecture"):
         resnet50_imagenette(weights_path=tmp_path / "r.pth")
 
 
