@@ -74,6 +74,10 @@ def _check_config(cfg: DictConfig) -> None:
             f"mode={cfg.mode!r} is not a mode; use one of {', '.join(MODES)} (Vitis AI --quant_mode float|calib|test "
             "is mode=float|calib|test; mode=ptq runs calib + test in one go)."
         )
+    if cfg.get("progress_bar", "rich") not in ("rich", "tqdm"):
+        raise ValueError(
+            f"progress_bar={cfg.progress_bar!r}; use rich or tqdm (trainer.enable_progress_bar=false hides the bars)."
+        )
     formats = list(cfg.export.formats)
     unknown = [f for f in formats if f not in _EXPORT_FORMATS]
     if unknown:
@@ -156,9 +160,21 @@ def _build_callback(cfg: DictConfig, dm: pl.LightningDataModule, mode: str | Non
     )
 
 
+def _progress_bar(cfg: DictConfig) -> list[Any]:
+    """Lightning's RichProgressBar when ``progress_bar=rich`` (the default) and ``rich`` imports; else its tqdm bar."""
+    if cfg.get("progress_bar", "rich") == "tqdm" or not cfg.trainer.get("enable_progress_bar", True):
+        return []
+    try:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        return [RichProgressBar()]
+    except (ImportError, ModuleNotFoundError):  # rich not installed: Lightning's default tqdm bar
+        return []
+
+
 def _build_trainer(cfg: DictConfig, callbacks: list[Any]) -> pl.Trainer:
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    return instantiate(cfg.trainer, callbacks=[*callbacks, *_progress_bar(cfg)], logger=logger)
 
 
 def _evaluate(

@@ -85,3 +85,8 @@ def test_missing_weights_file(tmp_path):
     )
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         train(cfg)
+
+
+def test_unknown_progress_bar():
+    with pytest.raises(ValueError, match="progress_bar='fancy'; use rich or tqdm"):
+        train(compose_config(["progress_bar=fancy"]))
