@@ -9,7 +9,13 @@ from lightning_quant.api import quantize
 from lightning_quant.callbacks.quant_callback import QuantCallback
 from lightning_quant.config import QATSchedule, QuantMode, QuantScheme, QuantSpec, Target, scheme_for_target
 from lightning_quant.errors import CheckpointMismatchError, NotCalibratedError, NothingToQuantizeError
-from lightning_quant.export import ExportVerificationError, export_onnx, export_torchscript, verify_export
+from lightning_quant.export import (
+    ExportVerificationError,
+    export_onnx,
+    export_torchscript,
+    export_xmodel,
+    verify_export,
+)
 from lightning_quant.quantizers import convert, prepare
 from lightning_quant.report import QuantReport, quantization_report
 
@@ -28,6 +34,7 @@ __all__ = [
     "convert",
     "export_onnx",
     "export_torchscript",
+    "export_xmodel",
     "prepare",
     "quantization_report",
     "quantize",

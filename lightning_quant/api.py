@@ -14,11 +14,13 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import nn
 
+from lightning_quant.algorithms.post_calibration import refine_calibrated
 from lightning_quant.calibration import calibrate
 from lightning_quant.config import QuantMode, QuantScheme, Target, scheme_for_target
 from lightning_quant.quantizers.prepare import prepare
@@ -36,6 +38,9 @@ def quantize(
     num_batches: int | None = None,
     exclude: Iterable[str] = (),
     progress: bool = True,
+    cross_layer_equalization: bool = False,
+    bias_correction: bool = False,
+    fast_finetune: bool = False,
 ) -> nn.Module:
     """Post-training quantization: prepare a copy of ``model``, calibrate it, return the fake-quant model.
 
@@ -47,17 +52,43 @@ def quantize(
         calibration_data: iterable of batches; 256-1024 images drawn from the training split are typical.
         transform_fn: maps one item of ``calibration_data`` to the model input (default: first element of
             ``(input, label)`` pairs, else the item).
-        target: ``x86``, ``tensorrt`` or ``dpu``; picks the default scheme.
+        target: ``x86``, ``tensorrt`` or ``dpu``; picks the default scheme. For ``dpu`` the calibrated fix
+            positions are then adjusted to the DPU's shift constraints
+            (:func:`~lightning_quant.quantizers.dpu_shifts.enforce_dpu_shifts`; a warning lists any change).
         scheme: explicit scheme; overrides ``target``'s defaults.
         num_batches: calibrate on at most this many batches.
         exclude: glob patterns of layer names to keep in float.
         progress: show a progress bar.
+        cross_layer_equalization: run :func:`lightning_quant.algorithms.equalize` (with bias absorption) on a copy
+            of the float model first; pairs through a ReLU6 are left as they are (see ``docs/algorithms.md``).
+        bias_correction: after calibration, run :func:`lightning_quant.algorithms.correct_bias` (empirical bias
+            correction) on the first ``min(num_batches, 4)`` batches; for ``dpu`` before the shift constraints.
+        fast_finetune: after calibration (and bias correction), run :func:`lightning_quant.algorithms.fast_finetune`
+            (AdaQuant, Vitis AI's ``--fast_finetune``) with its defaults on the same batches. Weight scales stay
+            as calibrated: the weights are tuned to that grid (see ``docs/algorithms.md``).
 
     Raises:
-        ValueError: unknown target, empty calibration data, or batches the model cannot take.
+        ValueError: unknown target, empty calibration data, batches the model cannot take, or (with
+            ``cross_layer_equalization``) a BatchNorm in training mode or a model torch.fx cannot trace.
         NothingToQuantizeError: no Conv/Linear layer found.
+        NotCalibratedError: (with ``bias_correction``/``fast_finetune``) calibration reached no quantizer.
     """
     scheme = scheme or scheme_for_target(target, QuantMode.PTQ)
+    if cross_layer_equalization:
+        from lightning_quant.algorithms.cle import equalize
+
+        model = copy.deepcopy(model)
+        equalize(model)
     qmodel = prepare(model, scheme, mode=QuantMode.PTQ, exclude=exclude)
     calibrate(qmodel, calibration_data, transform_fn=transform_fn, num_batches=num_batches, progress=progress)
+    refine_calibrated(
+        qmodel,
+        calibration_data,
+        bias_correction=bias_correction,
+        fast_finetune=fast_finetune,
+        target=scheme.target,
+        transform_fn=transform_fn,
+        num_batches=min(num_batches or 4, 4),
+        progress=progress,
+    )
     return qmodel

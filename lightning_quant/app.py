@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from lightning_quant.callbacks.quant_callback import QuantCallback
 from lightning_quant.checkpoint import callback_state
-from lightning_quant.config import QATSchedule
+from lightning_quant.config import QATSchedule, scheme_for_target
 from lightning_quant.report import quantization_report
 from lightning_quant.run_report import model_sizes, write_run_report
 
@@ -44,7 +44,7 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = _REPO_ROOT / "configs"
 RECIPES_DIR = _REPO_ROOT / "recipes"
 MODES = ("ptq", "qat", "float", "calib", "test")
-_EXPORT_FORMATS = ("onnx", "torchscript")
+_EXPORT_FORMATS = ("onnx", "torchscript", "xmodel")
 # configs/train.yaml adds this folder to Hydra's search path, so `recipe=<name>` works from any directory.
 os.environ.setdefault("LIGHTNING_QUANT_RECIPES", str(RECIPES_DIR))
 
@@ -82,6 +82,11 @@ def _check_config(cfg: DictConfig) -> None:
     unknown = [f for f in formats if f not in _EXPORT_FORMATS]
     if unknown:
         raise ValueError(f"export.formats has {unknown}; use a list of {', '.join(_EXPORT_FORMATS)}.")
+    if cfg.deploy and "xmodel" in formats and cfg.quant.target != "dpu":
+        raise ValueError(
+            f"export.formats has xmodel but quant={cfg.quant.target}: Vitis AI XModels hold the DPU scheme only; use "
+            "quant=dpu (or a *_dpu recipe), or drop xmodel from export.formats."
+        )
     if cfg.deploy and cfg.quant.target == "dpu" and "onnx" in formats and cfg.mode not in ("float", "calib"):
         raise ValueError(
             "deploy=true with quant.target=dpu: ONNX export of DPU models (round half up) is not supported yet; set "
@@ -147,9 +152,15 @@ def _calibration_data(cfg: DictConfig, dm: pl.LightningDataModule) -> DataLoader
 
 def _build_callback(cfg: DictConfig, dm: pl.LightningDataModule, mode: str | None = None) -> QuantCallback:
     q = cfg.quant
+    mode = mode or ("qat" if cfg.mode == "qat" else "ptq")
+    overrides = {k: v for k, v in (q.get("scheme") or {}).items() if v is not None}
     return QuantCallback(
-        mode=mode or ("qat" if cfg.mode == "qat" else "ptq"),
+        mode=mode,
         target=q.target,
+        scheme=scheme_for_target(q.target, mode, **overrides) if overrides else None,
+        cross_layer_equalization=q.get("cross_layer_equalization", False),
+        bias_correction=q.get("bias_correction", False) and mode == "ptq",
+        fast_finetune=q.get("fast_finetune", False) and mode == "ptq",
         calibration_batches=q.calibration_batches,
         calibration_data=_calibration_data(cfg, dm),
         calibration_source=q.calibration_source,
@@ -190,7 +201,7 @@ def _evaluate(
 
 def _export(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir: Path) -> dict[str, Any]:
     """Write the artefacts listed in ``export.formats`` (verification gate on) and check them on val batches."""
-    from lightning_quant.export import export_onnx, export_torchscript, verify_export
+    from lightning_quant.export import export_onnx, export_torchscript, export_xmodel, verify_export
 
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # its per-initializer INFO lines flood Hydra's log
     batches = []
@@ -205,6 +216,8 @@ def _export(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir: Path) -
         if fmt == "onnx":
             path = export_onnx(network, out_dir / "model_int8.onnx", example, opset=cfg.export.opset,
                                verify=cfg.export.verify, min_top1_agreement=cfg.export.min_top1_agreement)  # fmt: skip
+        elif fmt == "xmodel":
+            path = export_xmodel(network, out_dir / "model_int8.xmodel", example)
         else:
             path = export_torchscript(network, out_dir / "model_int8.pt", example, verify=cfg.export.verify,
                                       min_top1_agreement=cfg.export.min_top1_agreement)  # fmt: skip
@@ -212,7 +225,11 @@ def _export(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir: Path) -
         if cfg.export.verify and cfg.export.verify_batches > 0:
             report = verify_export(network, path, batches, min_top1_agreement=cfg.export.min_top1_agreement,
                                    latency_runs=0)  # fmt: skip
-            entry.update(top1_agreement=report.top1_agreement, top1=_pct(report.artifact_accuracy))
+            entry.update(
+                top1_agreement=report.top1_agreement,
+                near_tie_flips=report.near_tie_flips,
+                top1=_pct(report.artifact_accuracy),
+            )
         artefacts[fmt] = entry
     return artefacts
 

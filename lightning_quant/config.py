@@ -98,13 +98,17 @@ class QuantSpec:
         scale_type: ``float`` or ``power_of_two``.
         rounding: ``half_even``, ``half_up`` or ``half_away``.
         narrow_range: drop the most negative code (int8 -> [-127, 127]), as TensorRT and ORT weights use.
-        observer: name of a registered range estimator (``minmax``, ``moving_average`` or one you register).
+        observer: name of a registered range estimator: ``minmax``, ``moving_average``, ``percentile``, ``mse``,
+            ``entropy`` (see ``docs/algorithms.md``) or one you register.
         averaging_constant: momentum of the ``moving_average`` estimator.
         learnable: learn the scale with the task loss during QAT (LSQ).
+        percentile: the ``percentile`` estimator clips at this percentile of ``|x|`` (symmetric specs) or of
+            each tail (asymmetric specs), in (50, 100].
 
     Raises:
         ValueError: bits outside 2..8, an unknown enum value, an unknown observer name, a non-positive
-            averaging constant, or a combination no integer runtime supports (listed in the message).
+            averaging constant, a percentile outside (50, 100], or a combination no integer runtime supports
+            (listed in the message).
     """
 
     bits: int = 8
@@ -118,6 +122,7 @@ class QuantSpec:
     observer: str = "minmax"
     averaging_constant: float = 0.01
     learnable: bool = False
+    percentile: float = 99.99
 
     def __post_init__(self) -> None:
         self.granularity = _coerce_enum(Granularity, self.granularity, "granularity")  # type: ignore[assignment]
@@ -127,6 +132,10 @@ class QuantSpec:
             raise ValueError(f"bits={self.bits!r} is not supported; use an integer from 2 to 8 (8 is the default).")
         if not 0.0 < float(self.averaging_constant) <= 1.0:
             raise ValueError(f"averaging_constant={self.averaging_constant!r} must be in (0, 1]; 0.01 is typical.")
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)):
+            raise ValueError(f"percentile={self.percentile!r} must be a number in (50, 100]; 99.99 is typical.")
+        if not 50.0 < float(self.percentile) <= 100.0:
+            raise ValueError(f"percentile={self.percentile!r} must be in (50, 100]; 99.99 is typical.")
         if self.scale_type is ScaleType.POWER_OF_TWO and not self.symmetric:
             raise ValueError(
                 "power_of_two scales need a symmetric scheme (zero point 0), as shift-only hardware has no "
@@ -169,38 +178,60 @@ class QuantScheme:
         >>> s.weight.bits, s.activation.quant_range()
         (4, (0, 255))
 
+    Args:
+        weight: how conv/linear weights are quantized.
+        activation: how activations are quantized.
+        target: the runtime the scheme was built for (set by :func:`scheme_for_target`); ``dpu`` also
+            quantizes biases (8-bit, own fix position) and models the DPU's average-pool multiply.
+
     Raises:
-        ValueError: per-channel activations (no runtime here supports them).
+        ValueError: per-channel activations (no runtime here supports them), or an unknown target.
     """
 
     weight: QuantSpec = field(default_factory=lambda: QuantSpec(granularity=Granularity.PER_CHANNEL))
     activation: QuantSpec = field(default_factory=QuantSpec)
+    target: Target | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.weight, dict):
             self.weight = QuantSpec(**self.weight)
         if isinstance(self.activation, dict):
             self.activation = QuantSpec(**self.activation)
+        if self.target is not None:
+            self.target = _coerce_enum(Target, self.target, "target")  # type: ignore[assignment]
         if self.activation.per_channel:
             raise ValueError(
                 "per-channel activation quantization is not supported by the integer runtimes targeted here; "
                 "use granularity='per_tensor' for activations."
             )
 
+    @property
+    def bias(self) -> QuantSpec | None:
+        """How biases are quantized: the weight spec on the DPU (biases get their own 8-bit position), else None."""
+        return self.weight if self.target is Target.DPU else None
+
     def to_dict(self) -> dict[str, Any]:
-        return {"weight": self.weight.to_dict(), "activation": self.activation.to_dict()}
+        target = None if self.target is None else self.target.value
+        return {"weight": self.weight.to_dict(), "activation": self.activation.to_dict(), "target": target}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantScheme:
-        return cls(weight=QuantSpec(**data["weight"]), activation=QuantSpec(**data["activation"]))
+        return cls(
+            weight=QuantSpec(**data["weight"]), activation=QuantSpec(**data["activation"]), target=data.get("target")
+        )
 
 
 def scheme_for_target(target: Target | str, mode: QuantMode | str = QuantMode.PTQ, **overrides: Any) -> QuantScheme:
     """Return the default scheme that matches a runtime's integer kernels.
 
+    The ``dpu`` scheme follows Vitis AI: int8, per-tensor power-of-two scales chosen by the ``dpu_pot`` observer,
+    weights and biases rounded half away from zero, activations half up (XIR's ``DPU_ROUND``).
+
     Example:
         >>> scheme_for_target("tensorrt").activation.quant_range()
         (-128, 127)
+        >>> scheme_for_target("dpu").weight.observer, scheme_for_target("dpu").bias.rounding.value
+        ('dpu_pot', 'half_away')
         >>> scheme_for_target("x86", mode="qat").activation.observer
         'moving_average'
         >>> scheme_for_target("x86", weight_bits=4).weight.bits
@@ -235,6 +266,9 @@ def scheme_for_target(target: Target | str, mode: QuantMode | str = QuantMode.PT
             rounding=RoundingMode.HALF_AWAY,
         )
         act = dict(symmetric=True, signed=True, scale_type=ScaleType.POWER_OF_TWO, rounding=RoundingMode.HALF_UP)
+        # Vitis AI's fix-position search (lightning_quant.quantizers.dpu); QAT keeps moving-average activations
+        weight["observer"] = "dpu_pot"
+        act_observer = "dpu_pot" if mode is QuantMode.PTQ else act_observer
     act["observer"] = act_observer
     spec_fields = {f.name for f in dataclasses.fields(QuantSpec)}
     for key, value in overrides.items():
@@ -245,7 +279,7 @@ def scheme_for_target(target: Target | str, mode: QuantMode | str = QuantMode.PT
                 f"QuantSpec: {', '.join(sorted(spec_fields))}."
             )
         (weight if prefix == "weight" else act)[name] = value
-    return QuantScheme(weight=QuantSpec(**weight), activation=QuantSpec(**act))
+    return QuantScheme(weight=QuantSpec(**weight), activation=QuantSpec(**act), target=target)
 
 
 @dataclass

@@ -112,8 +112,10 @@ def test_scheme_dict_round_trip():
     scheme = scheme_for_target("dpu")
     again = QuantScheme.from_dict(scheme.to_dict())
     assert again == scheme
-    from_dicts = QuantScheme(weight=scheme.to_dict()["weight"], activation=scheme.to_dict()["activation"])
-    assert from_dicts == scheme
+    d = scheme.to_dict()
+    from_dicts = QuantScheme(weight=d["weight"], activation=d["activation"], target=d["target"])
+    assert from_dicts == scheme and d["target"] == "dpu"
+    assert QuantScheme.from_dict({"weight": d["weight"], "activation": d["activation"]}).target is None  # old states
 
 
 # --- scheme_for_target ------------------------------------------------------------------------------------------
@@ -149,8 +151,10 @@ def test_dpu_scheme():
 @pytest.mark.parametrize("target", ["x86", "tensorrt", "dpu"])
 def test_qat_mode_uses_moving_average_activations(target):
     assert scheme_for_target(target, mode="qat").activation.observer == "moving_average"
-    assert scheme_for_target(target, mode=QuantMode.QAT).weight.observer == "minmax"
-    assert scheme_for_target(target).activation.observer == "minmax"
+    # the DPU picks fix positions with Vitis AI's search (lightning_quant.quantizers.dpu), weights always
+    default = "dpu_pot" if target == "dpu" else "minmax"
+    assert scheme_for_target(target, mode=QuantMode.QAT).weight.observer == default
+    assert scheme_for_target(target).activation.observer == default
 
 
 def test_overrides():

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_quant.algorithms.post_calibration import refine_calibrated
 from lightning_quant.calibration import calibrate, default_transform, move_to_device
 from lightning_quant.callbacks.checkpoint_guard import check_quant_state_keys, require_matching_config
 from lightning_quant.config import QATSchedule, QuantMode, QuantScheme, Target, _coerce_enum, scheme_for_target
@@ -65,6 +66,13 @@ class QuantCallback(Callback):
             ``network``, ``backbone``, or the only child module).
         report: print the quantization report and log its metrics.
         progress: show a calibration progress bar.
+        cross_layer_equalization: equalize consecutive conv pairs of the float network (with bias absorption,
+            :func:`lightning_quant.algorithms.equalize`) in ``setup()``, before quantizers are inserted. It changes
+            the network's weights (not its function), so a checkpoint written with it restores with it.
+        bias_correction: (PTQ) after calibration, correct each layer's bias for the mean quantization error on
+            the first 4 calibration batches (:func:`lightning_quant.algorithms.correct_bias`).
+        fast_finetune: (PTQ) after calibration, tune weights layer by layer against the float outputs
+            (AdaQuant, Vitis AI's ``--fast_finetune``; :func:`lightning_quant.algorithms.fast_finetune`).
 
     Raises:
         ValueError: unknown mode/target/source, negative ``calibration_batches``, ``calibration_source='calibration'``
@@ -87,6 +95,9 @@ class QuantCallback(Callback):
         module_name: str | None = None,
         report: bool = True,
         progress: bool = True,
+        cross_layer_equalization: bool = False,
+        bias_correction: bool = False,
+        fast_finetune: bool = False,
     ) -> None:
         super().__init__()
         self.mode: QuantMode = _coerce_enum(QuantMode, mode, "mode")  # type: ignore[assignment]
@@ -111,6 +122,14 @@ class QuantCallback(Callback):
         self.module_name = module_name
         self.report = report
         self.progress = progress
+        self.cross_layer_equalization = bool(cross_layer_equalization)
+        if self.mode is QuantMode.QAT and (bias_correction or fast_finetune):
+            raise ValueError(
+                "bias_correction / fast_finetune refine a PTQ calibration; QAT trains the weights itself. Use "
+                "mode='ptq' with them, or drop them for mode='qat'."
+            )
+        self.bias_correction = bool(bias_correction)
+        self.fast_finetune = bool(fast_finetune)
         self.last_report: QuantReport | None = None
         self.calibration_seconds: float | None = None  # wall time of the last calibration pass
         self._report_inputs: Any = None
@@ -202,6 +221,19 @@ class QuantCallback(Callback):
             progress=progress,
             desc=f"Calibrating ({self.mode.value}, {self.target.value})",
         )
+        if self.mode is QuantMode.PTQ:
+            steps = refine_calibrated(
+                network,
+                loader,
+                bias_correction=self.bias_correction,
+                fast_finetune=self.fast_finetune,
+                target=self.scheme.target,
+                transform_fn=self.transform_fn,
+                num_batches=min(self.calibration_batches, 4),
+                progress=progress,
+            )
+            if steps:
+                rank_zero_info(f"lightning_quant: after calibration: {', '.join(steps)}")
         self.calibration_seconds = time.perf_counter() - start
         rank_zero_info(
             f"lightning_quant: calibrated {len(list(iter_quantizers(network)))} quantizers on {seen} batches "
@@ -251,6 +283,11 @@ class QuantCallback(Callback):
         network = getattr(pl_module, name)
         if self._is_prepared(network):
             return
+        if self.cross_layer_equalization:
+            from lightning_quant.algorithms.cle import equalize
+
+            cle = equalize(network)
+            rank_zero_info(f"lightning_quant: cross-layer equalization of {len(cle.pairs)} layer pairs")
         prepared = prepare(network, self.scheme, mode=self.mode, exclude=self.exclude, inplace=True)
         setattr(pl_module, name, prepared)
         pl_module.register_load_state_dict_pre_hook(check_quant_state_keys)
@@ -330,6 +367,9 @@ class QuantCallback(Callback):
             "scheme": self.scheme.to_dict(),
             "exclude": list(self.exclude),
             "module_name": self.module_name,
+            "cross_layer_equalization": self.cross_layer_equalization,
+            "bias_correction": self.bias_correction,
+            "fast_finetune": self.fast_finetune,
         }
 
     @override

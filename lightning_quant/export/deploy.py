@@ -78,8 +78,23 @@ class DeployQuantize(nn.Module):
         return f"{self.name!r}, scale={self.scale_value:.6g}, zero_point={self.zero_point_value}"
 
 
+def _deploy_bias(layer: nn.Module) -> torch.Tensor | None:
+    """The layer's bias as the model computes it: float, or fake-quantized where the scheme quantizes biases (DPU)."""
+    if layer.bias is None:
+        return None
+    bias = layer.bias.detach().clone()
+    bq: FakeQuantize | None = getattr(layer, "bias_fake_quant", None)
+    if bq is None:
+        return bias
+    with torch.no_grad():
+        return fake_quantize(bias, bq.scale, bq.zero_point, bq.spec)
+
+
 class DeployLayer(nn.Module):
-    """Conv1d/2d/3d or Linear with int8 weights and per-output-channel float scales (bias kept float)."""
+    """Conv1d/2d/3d or Linear with int8 weights and per-output-channel float scales.
+
+    The bias stays float, or holds the fake-quantized values when the scheme quantizes biases (DPU).
+    """
 
     def __init__(self, layer: nn.Module, onnx_ops: bool) -> None:
         super().__init__()
@@ -105,7 +120,7 @@ class DeployLayer(nn.Module):
         q = torch.round(weight_fq / scale.reshape([-1] + [1] * (weight.dim() - 1)))
         self.register_buffer("weight_int8", q.to(torch.int8))
         self.register_buffer("weight_scale", scale)
-        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+        self.register_buffer("bias", _deploy_bias(layer))
         if not self.is_linear:
             self.conv_kwargs = dict(
                 stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups

@@ -38,39 +38,56 @@ def _weight_quantizer(spec: QuantSpec, weight: torch.Tensor, name: str) -> FakeQ
 
 
 class _WeightQuantMixin:
-    """Shared setup: a weight fake-quant, an optional input fake-quant, and a copy of the float parameters."""
+    """Shared setup: weight fake-quant, optional input and bias fake-quant, and a copy of the float parameters.
+
+    ``bias_fake_quant`` exists when the scheme quantizes biases (``scheme.bias``, the DPU target) and the layer
+    has a bias; otherwise it is None and the bias stays float.
+    """
 
     weight_fake_quant: FakeQuantize
     input_fake_quant: FakeQuantize | None
+    bias_fake_quant: FakeQuantize | None
 
     def _init_from_float(self, float_layer: nn.Module, scheme: QuantScheme, name: str, quantize_input: bool) -> None:
         self.load_state_dict(float_layer.state_dict())  # type: ignore[attr-defined]
         self.weight_fake_quant = _weight_quantizer(scheme.weight, float_layer.weight, name)
         self.input_fake_quant = FakeQuantize(scheme.activation, name=f"{name}.input") if quantize_input else None
+        quantize_bias = scheme.bias is not None and float_layer.bias is not None
+        self.bias_fake_quant = FakeQuantize(scheme.bias, name=f"{name}.bias") if quantize_bias else None
         self.to(float_layer.weight.device)  # type: ignore[attr-defined]
 
     def _maybe_quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.input_fake_quant(x) if self.input_fake_quant is not None else x
 
+    def _quant_bias(self) -> torch.Tensor | None:
+        bias = self.bias  # type: ignore[attr-defined]
+        return self.bias_fake_quant(bias) if self.bias_fake_quant is not None else bias
+
 
 class QuantConv1d(_WeightQuantMixin, nn.Conv1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self._maybe_quantize_input(x), self.weight_fake_quant(self.weight), self.bias)
+        return self._conv_forward(
+            self._maybe_quantize_input(x), self.weight_fake_quant(self.weight), self._quant_bias()
+        )
 
 
 class QuantConv2d(_WeightQuantMixin, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self._maybe_quantize_input(x), self.weight_fake_quant(self.weight), self.bias)
+        return self._conv_forward(
+            self._maybe_quantize_input(x), self.weight_fake_quant(self.weight), self._quant_bias()
+        )
 
 
 class QuantConv3d(_WeightQuantMixin, nn.Conv3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self._maybe_quantize_input(x), self.weight_fake_quant(self.weight), self.bias)
+        return self._conv_forward(
+            self._maybe_quantize_input(x), self.weight_fake_quant(self.weight), self._quant_bias()
+        )
 
 
 class QuantLinear(_WeightQuantMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._maybe_quantize_input(x), self.weight_fake_quant(self.weight), self.bias)
+        return F.linear(self._maybe_quantize_input(x), self.weight_fake_quant(self.weight), self._quant_bias())
 
 
 _QUANT_CLASS: dict[type[nn.Module], type[nn.Module]] = {
@@ -113,8 +130,9 @@ class QuantConvBn(nn.Module):
     """Conv followed by BatchNorm for QAT, simulating the folded INT8 conv (Krishnamoorthi 2018, sec. 3.2).
 
     The conv weight is scaled by ``gamma / sqrt(running_var + eps)`` and fake-quantized exactly as the
-    deployed folded conv is; the scaling is undone on the output and BatchNorm then normalizes with batch
-    statistics, until :meth:`freeze_bn` switches it to running statistics. :meth:`to_folded` returns the
+    deployed folded conv is (a quantized bias, as on the DPU, applies from :meth:`to_folded` on); the scaling is
+    undone on the output and BatchNorm then normalizes with batch statistics, until :meth:`freeze_bn` switches
+    it to running statistics. :meth:`to_folded` returns the
     plain fake-quant conv with BatchNorm folded in.
     """
 
@@ -164,6 +182,8 @@ class QuantConvBn(nn.Module):
         folded = fold_bn_into(self.conv, self.bn)
         q = quantized_layer_from_float(folded, self.scheme, self.name)
         q.weight_fake_quant.load_state_dict(self.weight_fake_quant.state_dict())
+        if q.bias_fake_quant is not None:  # the folded bias exists only now: calibrate its quantizer on it
+            q.bias_fake_quant(q.bias)
         return q
 
     def extra_repr(self) -> str:

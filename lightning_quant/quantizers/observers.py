@@ -20,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -33,11 +35,29 @@ __all__ = [
     "MovingAverageMinMaxObserver",
     "Observer",
     "build_observer",
+    "input_spec",
     "observer_names",
     "register_observer",
 ]
 
 _REGISTRY: dict[str, type[Observer]] = {}
+# histogram estimators registered on first use (they import this module, so they cannot be imported at its top)
+_BUILTIN_MODULES = (
+    "lightning_quant.algorithms.percentile",
+    "lightning_quant.algorithms.mse",
+    "lightning_quant.algorithms.entropy",
+    "lightning_quant.quantizers.dpu",
+)
+_builtins_loaded = False
+
+
+def _load_builtins() -> None:
+    """Import the built-in histogram estimators once, so ``percentile``, ``mse`` and ``entropy`` are registered."""
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        for module in _BUILTIN_MODULES:
+            importlib.import_module(module)
 
 
 def register_observer(name: str) -> Callable[[type[Observer]], type[Observer]]:
@@ -51,17 +71,40 @@ def register_observer(name: str) -> Callable[[type[Observer]], type[Observer]]:
 
 
 def observer_names() -> list[str]:
-    """Names accepted by ``QuantSpec(observer=...)``."""
-    return sorted(_REGISTRY)
+    """Names accepted by ``QuantSpec(observer=...)``, in registration order (built-in estimators first)."""
+    _load_builtins()
+    return list(_REGISTRY)
 
 
 def build_observer(spec: Any, num_channels: int | None = None) -> Observer:
     """Instantiate the observer a :class:`~lightning_quant.config.QuantSpec` names."""
+    _load_builtins()
     return _REGISTRY[spec.observer](spec, num_channels)
+
+
+def input_spec(spec: Any) -> Any:
+    """The spec for a network input: ``spec`` with the observer's ``input_observer`` variant, if it names one.
+
+    The DPU's ``dpu_pot`` observer keeps network inputs at the overflow-safe position (``dpu_pot_input``).
+
+    Example:
+        >>> from lightning_quant.config import scheme_for_target
+        >>> input_spec(scheme_for_target("dpu").activation).observer
+        'dpu_pot_input'
+        >>> input_spec(scheme_for_target("x86").activation).observer
+        'minmax'
+    """
+    _load_builtins()
+    variant = getattr(_REGISTRY.get(spec.observer), "input_observer", None)
+    if variant is None or variant == spec.observer:
+        return spec
+    return dataclasses.replace(spec, observer=variant)
 
 
 class Observer(nn.Module):
     """Base class. Subclasses implement :meth:`observe` and keep their state in buffers.
+
+    A subclass may set ``input_observer`` to the name of the observer :func:`input_spec` picks for network inputs.
 
     Args:
         spec: the :class:`~lightning_quant.config.QuantSpec` being estimated.
@@ -71,6 +114,8 @@ class Observer(nn.Module):
         ValueError: a per-channel spec without ``num_channels``.
         FloatingPointError: NaN or inf in an observed tensor (the fake-quant module adds the layer name).
     """
+
+    input_observer: str | None = None
 
     def __init__(self, spec: Any, num_channels: int | None = None) -> None:
         super().__init__()

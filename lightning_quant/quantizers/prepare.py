@@ -27,8 +27,9 @@ from torch import fx, nn
 from lightning_quant.capture.bn_fold import fold_batchnorm, foldable_pairs
 from lightning_quant.capture.patterns import activation_quant_points
 from lightning_quant.capture.trace import capture
-from lightning_quant.config import QuantMode, QuantScheme, _coerce_enum
+from lightning_quant.config import QuantMode, QuantScheme, Target, _coerce_enum
 from lightning_quant.errors import NotCalibratedError, NothingToQuantizeError
+from lightning_quant.quantizers.dpu_pool import use_dpu_avgpool
 from lightning_quant.quantizers.fake_quant import FakeQuantize
 from lightning_quant.quantizers.modules import (
     QUANTIZABLE_LAYERS,
@@ -39,6 +40,7 @@ from lightning_quant.quantizers.modules import (
     QuantLinear,
     quantized_layer_from_float,
 )
+from lightning_quant.quantizers.observers import input_spec
 
 __all__ = [
     "PrepareInfo",
@@ -145,7 +147,8 @@ def _insert_activation_quantizers(gm: fx.GraphModule, path: str, scheme: QuantSc
     quantizers = nn.ModuleDict()
     gm.add_module(_ACT_DICT, quantizers)
     for node in points:
-        quantizers[node.name] = FakeQuantize(scheme.activation, name=_join(path, node.name))
+        spec = input_spec(scheme.activation) if node.op == "placeholder" else scheme.activation
+        quantizers[node.name] = FakeQuantize(spec, name=_join(path, node.name))
         with gm.graph.inserting_after(node):
             qnode = gm.graph.call_module(f"{_ACT_DICT}.{node.name}", (node,))
         node.replace_all_uses_with(qnode, delete_user_cb=lambda user, q=qnode: user is not q)
@@ -159,6 +162,8 @@ def _prepare_graph(gm: fx.GraphModule, path: str, scheme, mode, exclude, info) -
         _record_float_ops(gm, path, info)
         return None
     _insert_activation_quantizers(gm, path, scheme)
+    if scheme.target is Target.DPU:
+        use_dpu_avgpool(gm)  # the DPU averages with a dyadic reciprocal: model it in the fake-quant graph
     _record_float_ops(gm, path, info)
     gm.delete_all_unused_submodules()
     gm.recompile()

@@ -23,6 +23,8 @@ EXPECTED = {  # recipe: (mode, target, model builder, datamodule)
     "resnet20_ptq_cifar10_dpu": ("ptq", "dpu", "cifar_resnet", "CIFAR10DataModule"),
     "resnet20_ptq_cifar10_tensorrt": ("ptq", "tensorrt", "cifar_resnet", "CIFAR10DataModule"),
     "resnet20_qat_cifar10": ("qat", "x86", "cifar_resnet", "CIFAR10DataModule"),
+    "mobilenetv2_ptq_imagenette_dpu": ("ptq", "dpu", "mobilenet_v2_imagenette", "ImagenetteDataModule"),
+    "resnet50_ptq_imagenette_dpu": ("ptq", "dpu", "resnet50_imagenette", "ImagenetteDataModule"),
 }
 
 
@@ -43,7 +45,8 @@ def test_recipe_composes(recipe):
     assert cfg.data._target_.endswith(datamodule)
     assert cfg.state_file.endswith(f"{recipe}.ckpt")
     if target == "dpu":
-        assert list(cfg.export.formats) == ["torchscript"]
+        assert list(cfg.export.formats) == (["torchscript"] if "cifar" in recipe else ["torchscript", "xmodel"])
+        assert cfg.quant.cross_layer_equalization and cfg.quant.bias_correction  # Vitis AI's defaults
     if mode == "qat":
         assert cfg.trainer.max_epochs >= 1
 

@@ -90,3 +90,11 @@ def test_missing_weights_file(tmp_path):
 def test_unknown_progress_bar():
     with pytest.raises(ValueError, match="progress_bar='fancy'; use rich or tqdm"):
         train(compose_config(["progress_bar=fancy"]))
+
+
+def test_unknown_observer_in_scheme_overrides(tmp_path):
+    cfg = compose_config(
+        ["recipe=resnet20_ptq_cifar10", "quant.scheme.activation_observer=magic", f"paths.output_dir={tmp_path}"]
+    )
+    with pytest.raises(ValueError, match=r"observer='magic' is not registered; use one of .*'mse'"):
+        train(cfg)

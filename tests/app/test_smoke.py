@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lightning_quant.app import RECIPES_DIR, train
 from tests.app.conftest import FAST, needs_shared, tiny_config
@@ -16,7 +17,9 @@ pytestmark = needs_shared
 # recipe: extra overrides (Imagenette recipes: small batches, one batch of everything)
 OFFLINE = {
     "resnet20_ptq_cifar10_tensorrt": [],
-    "resnet20_ptq_cifar10_dpu": ["deploy=true", "export.verify_batches=1"],  # TorchScript only
+    "resnet20_ptq_cifar10_dpu": ["deploy=true", "export.verify_batches=1"],  # TorchScript + XModel
+    "mobilenetv2_ptq_imagenette_dpu": ["deploy=true", "export.verify_batches=1"],
+    "resnet50_ptq_imagenette_dpu": ["deploy=true", "export.verify_batches=1"],
     "resnet20_qat_cifar10": ["trainer.max_epochs=1", "trainer.limit_train_batches=2"],
     "mobilenetv2_ptq_imagenette": [],
     "mobilenetv2_ptq_imagenette_tensorrt": [],
@@ -36,8 +39,11 @@ def test_offline_recipe_runs(recipe, tmp_path):
     assert json.loads((run / "metrics.json").read_text())["int8_top1"] == metrics["int8_top1"]
     assert (run / "quant_state.ckpt").is_file()
     if cfg.deploy:
-        assert sorted(metrics["artefacts"]) == ["torchscript"]
+        assert sorted(metrics["artefacts"]) == sorted(cfg.export.formats)
         assert (run / "model_int8.pt").is_file()
+        if "xmodel" in cfg.export.formats:
+            assert (run / "quant_info.json").is_file()
+            assert metrics["artefacts"]["xmodel"]["top1_agreement"] >= 0.99  # our XIR interpreter vs fake-quant
 
 
 def test_ptq_deploy_exports_verified_artefacts(tmp_path):
@@ -124,3 +130,32 @@ def test_progress_bars_render(style, tmp_path):
     bars = _progress_bar(cfg)
     assert [type(b) for b in bars] == ([RichProgressBar] if style == "rich" else [])
     assert train(cfg)["int8_top1"] >= 0.0  # the bar renders through a whole run without error
+
+
+def test_scheme_overrides_and_cle_from_the_config(tmp_path):
+    cfg = tiny_config(
+        "resnet20_ptq_cifar10",
+        tmp_path,
+        "quant.scheme.activation_observer=percentile",
+        "quant.scheme.activation_percentile=99.9",
+        "quant.scheme.weight_bits=6",
+        "quant.cross_layer_equalization=true",
+    )
+    metrics = train(cfg)
+    state = torch.load(tmp_path / "run" / "quant_state.ckpt", map_location="cpu", weights_only=False)
+    saved = next(v for k, v in state["callbacks"].items() if k.startswith("QuantCallback"))
+    assert saved["scheme"]["activation"]["observer"] == "percentile"
+    assert saved["scheme"]["activation"]["percentile"] == 99.9 and saved["scheme"]["weight"]["bits"] == 6
+    assert saved["cross_layer_equalization"] is True
+    assert metrics["int8_top1"] > 40.0
+
+
+def test_vitis_fast_finetune_and_bias_correction_flags(tmp_path):
+    cfg = tiny_config(
+        "resnet20_ptq_cifar10", tmp_path, "quant.fast_finetune=true", "quant.bias_correction=true", batch_size=8
+    )
+    metrics = train(cfg)
+    state = torch.load(tmp_path / "run" / "quant_state.ckpt", map_location="cpu", weights_only=False)
+    saved = next(v for k, v in state["callbacks"].items() if k.startswith("QuantCallback"))
+    assert saved["fast_finetune"] is True and saved["bias_correction"] is True
+    assert metrics["int8_top1"] > 30.0

@@ -285,3 +285,19 @@ def test_empty_loader_raises_before_touching_weights():
         from lightning_quant import quantize
 
         quantize(TinyConvBN().eval(), [], progress=False)
+
+
+def test_post_calibration_refinements_run_in_a_trainer(tmp_path):
+    corrected, plain = lit(), lit()
+    callback = QuantCallback(mode="ptq", calibration_batches=2, bias_correction=True, progress=False, report=False)
+    make_trainer(tmp_path, callback).validate(corrected, datamodule=TinyDataModule())
+    make_trainer(tmp_path, QuantCallback(mode="ptq", calibration_batches=2, progress=False, report=False)).validate(
+        plain, datamodule=TinyDataModule()
+    )
+    assert not torch.equal(corrected.model.conv2.bias, plain.model.conv2.bias)  # corrected after calibration
+    assert callback.state_dict()["bias_correction"] is True
+
+
+def test_refinements_refused_for_qat():
+    with pytest.raises(ValueError, match="bias_correction / fast_finetune refine a PTQ calibration"):
+        QuantCallback(mode="qat", fast_finetune=True)

@@ -117,3 +117,27 @@ def test_empty_data_and_unknown_file_type(tiny_exports, tmp_path):
     other.write_bytes(b"")
     with pytest.raises(ValueError, match=r"cannot verify .*use a \.onnx, \.pt"):
         verify_export(x86.qmodel, other, [torch.randn(1, 3, 16, 16)])
+
+
+def test_near_tie_flips_are_excused_decisive_flips_are_not():
+    from lightning_quant.export.verify import _Tally
+
+    expected = np.array([[1.0, 0.99, 0.0], [2.0, 0.0, 0.0], [0.0, 3.0, 1.0], [0.5, 0.0, 0.49]], dtype=np.float32)
+    got = expected.copy()
+    got[0] = [0.99, 1.0, 0.0]  # flip between classes the model keeps 0.01 apart: a near tie at step 0.01, tie 4 steps
+    got[2] = [0.0, 0.0, 3.0]  # flip between classes 2.0 apart: decisive
+    tally = _Tally()
+    tally.add(expected, got, None, tie=4 * 0.01)
+    assert (tally.agree, tally.near_ties, tally.total) == (2, 1, 4)
+    strict = _Tally()
+    strict.add(expected, got, None, tie=0.0)
+    assert strict.near_ties == 0
+
+
+def test_tolerant_agreement_and_negative_tie_steps(tiny_exports, eval_batches):
+    x86 = tiny_exports["x86"]
+    report = verify_export(x86.qmodel, x86.path, eval_batches[:1], latency_runs=0)
+    assert report.near_tie_flips is not None and report.tolerant_agreement >= report.top1_agreement
+    assert "near-tie flips" in report.to_table()
+    with pytest.raises(ValueError, match="tie_steps=-1 must be >= 0"):
+        verify_export(x86.qmodel, x86.path, eval_batches[:1], latency_runs=0, tie_steps=-1)

@@ -1,0 +1,33 @@
+"""PTQ algorithms: histogram range estimators (``percentile``, ``mse``, ``entropy``), CLE, bias correction and
+fast finetuning (AdaQuant).
+
+The estimators register themselves as observers, so a spec selects them by name:
+
+Example:
+    >>> from lightning_quant.config import scheme_for_target
+    >>> scheme_for_target("x86", activation_observer="mse").activation.observer
+    'mse'
+"""
+
+from lightning_quant.algorithms.adaquant import FastFinetuneReport, LayerTuning, fast_finetune
+from lightning_quant.algorithms.bias_correction import BiasCorrectionReport, correct_bias
+from lightning_quant.algorithms.cle import CLEReport, equalization_pairs, equalize
+from lightning_quant.algorithms.entropy import EntropyObserver
+from lightning_quant.algorithms.histogram import HistogramObserver
+from lightning_quant.algorithms.mse import MSEObserver
+from lightning_quant.algorithms.percentile import PercentileObserver
+
+__all__ = [
+    "BiasCorrectionReport",
+    "CLEReport",
+    "EntropyObserver",
+    "FastFinetuneReport",
+    "HistogramObserver",
+    "LayerTuning",
+    "MSEObserver",
+    "PercentileObserver",
+    "correct_bias",
+    "equalization_pairs",
+    "equalize",
+    "fast_finetune",
+]

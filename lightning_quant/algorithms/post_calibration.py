@@ -1,0 +1,72 @@
+"""What runs after calibration, in one place for ``quantize()`` and ``QuantCallback``: bias correction, the DPU's
+shift constraints, then fast finetune (AdaQuant, Vitis AI's ``--fast_finetune``).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_quant import quantize
+    >>> data = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    >>> qmodel = quantize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), data, progress=False)
+    >>> refine_calibrated(qmodel, data, bias_correction=True, progress=False)
+    ['bias_correction']
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import nn
+
+from lightning_quant.config import Target
+
+__all__ = ["refine_calibrated"]
+
+
+def refine_calibrated(
+    qmodel: nn.Module,
+    calibration_data: Iterable[Any],
+    *,
+    bias_correction: bool = False,
+    fast_finetune: bool = False,
+    target: Target | str | None = None,
+    transform_fn: Callable[[Any], Any] | None = None,
+    num_batches: int = 4,
+    progress: bool = True,
+) -> list[str]:
+    """Refine a calibrated PTQ model in place; returns the steps that ran, in order.
+
+    Order: bias correction, then (``target="dpu"``) the DPU's shift constraints, then fast finetune, so that
+    tuning sees the final, frozen scales.
+
+    Raises:
+        NotCalibratedError: (bias correction / fast finetune) the model was not calibrated.
+        ValueError: a QAT model or a model ``prepare()`` did not produce (named by the algorithm).
+    """
+    tune = dict(transform_fn=transform_fn, num_batches=num_batches, progress=progress)
+    steps = []
+    if bias_correction:
+        from lightning_quant.algorithms.bias_correction import correct_bias
+
+        correct_bias(qmodel, calibration_data, **tune)
+        steps.append("bias_correction")
+    if target is not None and Target(target) is Target.DPU:
+        _enforce_dpu_shifts(qmodel)
+        steps.append("dpu_shifts")
+    if fast_finetune:
+        from lightning_quant.algorithms.adaquant import fast_finetune as _fast_finetune
+
+        _fast_finetune(qmodel, calibration_data, **tune)
+        steps.append("fast_finetune")
+    return steps
+
+
+def _enforce_dpu_shifts(qmodel: nn.Module) -> None:
+    """Make the calibrated positions satisfy the DPU's shift constraints, warning about every change."""
+    from lightning_quant.quantizers.dpu_shifts import enforce_dpu_shifts
+
+    moved = enforce_dpu_shifts(qmodel)
+    if moved:
+        lines = ", ".join(f"{a.quantizer} {a.old_fix_pos}->{a.new_fix_pos} ({a.reason})" for a in moved)
+        warnings.warn(f"DPU shift constraints moved {len(moved)} fix position(s): {lines}.", stacklevel=3)

@@ -1,0 +1,195 @@
+"""A small numpy interpreter for uncompiled XIR graphs as written by :func:`~lightning_quant.export.export_xmodel`.
+
+It runs ``data``, ``const``, ``fix``, ``conv2d``, ``depthwise-conv2d``, ``matmul``, ``add``, ``mul``,
+``concat``, ``relu``, ``relu6``, ``maxpool2d``, ``avgpool2d`` and ``reshape`` in float64, NHWC. Values on
+``2**-fix_point`` grids make every sum exact, so the result does not depend on summation order. An
+``avgpool2d`` followed by a ``mul`` with a constant is computed as ``window_sum * (c / n)``, the DPU's dyadic
+reciprocal, exactly as the fake-quant model and the DPU compiler's fused pool do.
+
+Example:
+    >>> import tempfile, pathlib, torch
+    >>> from torch import nn
+    >>> from lightning_quant import quantize, export_xmodel
+    >>> q = quantize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), [torch.randn(2, 3, 8, 8)],
+    ...              target="dpu", progress=False)
+    >>> x = torch.randn(1, 3, 8, 8)
+    >>> path = export_xmodel(q, pathlib.Path(tempfile.mkdtemp()) / "m.xmodel", x)
+    >>> out = run_xmodel(path, x.numpy())[0]          # NCHW in, NCHW out for 4-D tensors
+    >>> bool((out == q(x).detach().numpy()).all())
+    True
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightning_quant.export.xir_schema import message_class
+
+__all__ = ["XModelInterpreter", "attr_value", "load_xmodel", "run_xmodel"]
+
+
+def load_xmodel(path: str | os.PathLike):
+    """Parse an ``.xmodel`` file into a ``Graph`` message."""
+    return message_class("Graph").FromString(Path(path).read_bytes())
+
+
+def attr_value(value: Any) -> Any:
+    """The Python value of an ``AttrValue`` message (lists for vectors, bytes for bytes)."""
+    kind = value.WhichOneof("value")
+    if kind is None:
+        return None
+    inner = getattr(value, kind)
+    if kind == "bytes_value":
+        return inner.value
+    if kind.endswith("_vec"):
+        return list(inner.value)
+    if kind.startswith("map_"):
+        return dict(inner.value)
+    return inner
+
+
+def _round(x: np.ndarray, mode: str) -> np.ndarray:
+    if mode == "PY3_ROUND":
+        return np.round(x)
+    floor = np.floor(x)
+    tie = (x - floor) == 0.5
+    away = np.where(x < 0, floor, floor + 1.0)  # std::round: ties away from zero
+    std = np.where(tie, away, np.round(x))
+    if mode == "STD_ROUND":
+        return std
+    return np.where(tie & (x < 0), np.ceil(x), std)  # DPU_ROUND
+
+
+def _windows(x: np.ndarray, kernel, stride, dilation, pad, fill: float):
+    """Yield ``(kh_index, kw_index, strided view)`` of an NHWC input for each kernel tap."""
+    (kw, kh), (sw, sh), (dw, dh), (pl, pr, pt, pb) = kernel, stride, dilation, pad
+    x = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)), constant_values=fill)
+    oh = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1
+    ow = (x.shape[2] - (kw - 1) * dw - 1) // sw + 1
+    for i in range(kh):
+        for j in range(kw):
+            yield i, j, x[:, i * dh : i * dh + (oh - 1) * sh + 1 : sh, j * dw : j * dw + (ow - 1) * sw + 1 : sw, :]
+
+
+class XModelInterpreter:
+    """Runs a ``Graph`` message op by op; :meth:`run` returns the outputs of ops no other op consumes."""
+
+    def __init__(self, graph: Any) -> None:
+        self.graph = graph
+        self.ops = {op.name: op for op in graph.op_node}
+        consumed = {name for op in graph.op_node for arg in op.args for name in arg.ops}
+        self.outputs = [op.name for op in graph.op_node if op.name not in consumed and op.type not in ("const",)]
+        self.inputs = [op.name for op in graph.op_node if op.type == "data"]
+        self._handlers: dict[str, Callable] = {
+            "data": self._data, "const": self._const, "fix": self._fix, "conv2d": self._conv,
+            "depthwise-conv2d": self._conv, "matmul": self._matmul, "add": self._add, "mul": self._mul,
+            "concat": self._concat, "relu": self._relu, "relu6": self._relu6, "maxpool2d": self._pool,
+            "avgpool2d": self._pool, "reshape": self._reshape,
+        }  # fmt: skip
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Execute with ``feeds`` (data op name -> NHWC array); returns every graph output (NHWC), by op name.
+
+        Raises:
+            KeyError: a data op without a feed, or an op type this interpreter does not know (named).
+        """
+        self.values: dict[str, np.ndarray] = {}
+        self.sums: dict[str, tuple[np.ndarray, int]] = {}
+        self.feeds = feeds
+        for op in self.graph.op_node:  # ops are stored in topological order
+            handler = self._handlers.get(op.type)
+            if handler is None:
+                raise KeyError(f"op {op.name!r} has type {op.type!r}, which this interpreter does not run.")
+            self.values[op.name] = handler(op, {k: attr_value(v) for k, v in op.attr.items()})
+        return {name: self.values[name] for name in self.outputs}
+
+    def _in(self, op: Any, arg: str = "input", i: int = 0) -> np.ndarray:
+        return self.values[[a for a in op.args if a.name == arg][0].ops[i]]
+
+    def _data(self, op, attrs):
+        if op.name not in self.feeds:
+            raise KeyError(f"no input fed for data op {op.name!r}; feed it by that name.")
+        return np.asarray(self.feeds[op.name], dtype=np.float64).reshape([-1, *attrs["shape"][1:]])  # any batch
+
+    def _const(self, op, attrs):
+        return np.frombuffer(attrs["data"], dtype="<f4").astype(np.float64).reshape(attrs["shape"])
+
+    def _fix(self, op, attrs):
+        scale, half = 2.0 ** attrs["fix_point"], 2 ** (attrs["bit_width"] - 1)
+        lo, hi = (-half, half - 1) if attrs["if_signed"] else (0, 2 * half - 1)
+        return np.clip(_round(self._in(op) * scale, attrs["round_mode"]), lo, hi) / scale
+
+    def _conv(self, op, attrs):
+        x, w = self._in(op), self._in(op, "weights")
+        depthwise = op.type == "depthwise-conv2d"
+        out = None
+        for i, j, view in _windows(x, attrs["kernel"], attrs["stride"], attrs["dilation"], attrs["pad"], 0.0):
+            term = view * w[0, i, j, :] if depthwise else view @ w[:, i, j, :].T
+            out = term if out is None else out + term
+        if any(a.name == "bias" for a in op.args):
+            out = out + self._in(op, "bias")
+        return out
+
+    def _matmul(self, op, attrs):
+        a, b = self._in(op, "input", 0), self._in(op, "input", 1)
+        out = (a.T if attrs.get("transpose_a") else a) @ (b.T if attrs.get("transpose_b") else b)
+        return out + self._in(op, "bias") if any(a.name == "bias" for a in op.args) else out
+
+    def _add(self, op, attrs):
+        return self._in(op, "input", 0) + self._in(op, "input", 1)
+
+    def _mul(self, op, attrs):
+        names = [a for a in op.args if a.name == "input"][0].ops
+        first, other = names[0], self.values[names[1]]
+        if first in self.sums and self.ops[names[1]].type == "const" and other.size == 1:
+            total, n = self.sums[first]
+            return total * (float(other.reshape(())) / n)  # dyadic c / n: exact
+        return self.values[first] * other
+
+    def _concat(self, op, attrs):
+        return np.concatenate([self.values[n] for n in op.args[0].ops], axis=attrs["axis"])
+
+    def _relu(self, op, attrs):
+        return np.maximum(self._in(op), 0.0)
+
+    def _relu6(self, op, attrs):
+        return np.clip(self._in(op), 0.0, 6.0)
+
+    def _pool(self, op, attrs):
+        x, is_max = self._in(op), op.type == "maxpool2d"
+        kernel = [x.shape[2], x.shape[1]] if attrs.get("global") else attrs["kernel"]
+        stride = kernel if attrs.get("global") else attrs["stride"]
+        out = None
+        fill = -np.inf if is_max else 0.0
+        for _, _, view in _windows(x, kernel, stride, [1, 1], attrs.get("pad", [0, 0, 0, 0]), fill):
+            out = view if out is None else (np.maximum(out, view) if is_max else out + view)
+        if is_max:
+            return out
+        self.sums[op.name] = (out, kernel[0] * kernel[1])
+        return out / (kernel[0] * kernel[1])
+
+    def _reshape(self, op, attrs):
+        x = self._in(op)
+        return x.reshape([x.shape[0], *attrs["shape"][1:]])
+
+
+def run_xmodel(path_or_graph: Any, *inputs: np.ndarray, nchw: bool = True) -> list[np.ndarray]:
+    """Run an XModel on positional inputs (in data-op order); returns the outputs in graph order.
+
+    With ``nchw`` (default) 4-D inputs are given and outputs returned in PyTorch's NCHW layout.
+    """
+    graph = path_or_graph if hasattr(path_or_graph, "op_node") else load_xmodel(path_or_graph)
+    interp = XModelInterpreter(graph)
+    if len(inputs) != len(interp.inputs):
+        raise ValueError(f"the graph has {len(interp.inputs)} input(s) ({interp.inputs}); {len(inputs)} given.")
+    feeds = {}
+    for name, x in zip(interp.inputs, inputs, strict=True):
+        x = np.asarray(x)
+        feeds[name] = x.transpose(0, 2, 3, 1) if nchw and x.ndim == 4 else x
+    outs = interp.run(feeds)
+    return [v.transpose(0, 3, 1, 2) if nchw and v.ndim == 4 else v for v in outs.values()]

@@ -1,0 +1,121 @@
+"""Empirical bias correction: per-channel mean error ~0 vs a reference computation, created biases, DPU, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_quant import quantize
+from lightning_quant.algorithms import correct_bias
+from lightning_quant.config import QuantMode, scheme_for_target
+from lightning_quant.errors import NotCalibratedError
+from lightning_quant.quantizers import prepare
+from lightning_quant.quantizers.dpu_shifts import check_dpu_shifts
+from lightning_quant.quantizers.modules import QuantLinear
+from tests.helpers.ptq_nets import calib_data, mobilenet_like, model_sqnr, quantize4, tiny_convbn
+
+NETS = {"tiny_convbn": tiny_convbn, "mobilenet_like": mobilenet_like}
+
+
+@torch.no_grad()
+def _mean_error(qmodel: nn.Module, data: list[torch.Tensor], float_model: nn.Module) -> dict[str, torch.Tensor]:
+    """Reference: per layer and output channel, the mean of (fake-quant output - float layer output on the same input).
+
+    The float layer is ``float_model``'s (the quantized model before correction: same weights, float biases).
+    """
+    sums: dict[str, list] = {}
+
+    def hook(name: str, layer: nn.Module):
+        float_layer = copy.deepcopy(float_model.get_submodule(name))
+        float_layer.weight_fake_quant.disable_fake_quant()
+        if float_layer.bias_fake_quant is not None:
+            float_layer.bias_fake_quant.disable_fake_quant()
+
+        def fn(_m, args, out):
+            diff = out - float_layer(args[0])
+            diff = diff.movedim(-1 if isinstance(layer, QuantLinear) else 1, 0).reshape(out.shape[1], -1)
+            sums.setdefault(name, []).append(diff)
+
+        return fn
+
+    layers = {n: m for n, m in qmodel.named_modules() if hasattr(m, "weight_fake_quant")}
+    handles = [m.register_forward_hook(hook(n, m)) for n, m in layers.items()]
+    for x in data:
+        qmodel(x)
+    for h in handles:
+        h.remove()
+    return {n: torch.cat(d, 1).double().mean(1) for n, d in sums.items()}
+
+
+@pytest.mark.parametrize("net", sorted(NETS))
+def test_mean_channel_error_vanishes_and_sqnr_rises(net):
+    model, data, test = NETS[net](), calib_data(), torch.cat(calib_data(2, seed=9))
+    plain = quantize4(model, data)
+    corrected = copy.deepcopy(plain)
+    before = _mean_error(plain, data, plain)
+    report = correct_bias(corrected, data, progress=False)
+    after = _mean_error(corrected, data, plain)
+    assert report.layers == list(before) and report.batches == 4 and not report.skipped
+    for name in report.layers:
+        scale = before[name].abs().max().item()
+        assert scale > 1e-3  # 4-bit weights: a visible mean shift to remove
+        assert after[name].abs().max().item() < 1e-3 * scale + 1e-6, name
+    first = report.layers[0]  # its input does not depend on other corrections: the correction is the mean error
+    assert report.corrections[first] == pytest.approx(before[first].norm().item(), rel=1e-4)
+    assert torch.allclose(corrected.get_submodule(first).bias, plain.get_submodule(first).bias - before[first].float())
+    assert model_sqnr(model, corrected, test) > model_sqnr(model, plain, test) + 1.0
+
+
+def test_creates_missing_bias_and_fast_variant():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 4, bias=False)
+    )
+    data = calib_data(2)
+    qmodel = quantize4(model.eval(), data)
+    plain = copy.deepcopy(qmodel)
+    report = correct_bias(qmodel, data, num_batches=1, progress=False)
+    assert report.created_bias == ["0", "3"] and report.batches == 1
+    assert all(qmodel.get_submodule(n).bias is not None for n in ("0", "3"))
+    after = _mean_error(qmodel, data[:1], plain)
+    assert max(v.abs().max().item() for v in after.values()) < 1e-5
+
+
+def test_dpu_bias_quantizers_follow_and_shifts_hold():
+    model, data = tiny_convbn(), calib_data()
+    qmodel = quantize(model, data, target="dpu", bias_correction=True, fast_finetune=True, progress=False)
+    assert check_dpu_shifts(qmodel) == []
+    torch.manual_seed(0)
+    no_bias = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.ReLU(), nn.Conv2d(4, 4, 1, bias=False)).eval()
+    qmodel = quantize(no_bias, data, target="dpu", progress=False)
+    report = correct_bias(qmodel, data, progress=False)
+    layer = qmodel.get_submodule("0")
+    assert report.created_bias == ["0", "2"] and layer.bias_fake_quant is not None
+    assert bool(layer.bias_fake_quant.calibrated) and not bool(layer.bias_fake_quant.observer_enabled)
+
+
+@pytest.mark.parametrize("num_batches", [0, -1, 2.0, True])
+def test_bad_num_batches(num_batches):
+    data = calib_data(1)
+    qmodel = quantize4(tiny_convbn(), data)
+    with pytest.raises(ValueError, match=rf"num_batches={num_batches!r} must be an integer >= 1"):
+        correct_bias(qmodel, data, num_batches=num_batches, progress=False)
+
+
+def test_data_and_model_errors():
+    model, data = tiny_convbn(), calib_data(1)
+    qmodel = quantize4(model, data)
+    with pytest.raises(ValueError, match=r"calibration data is empty.*non-empty DataLoader"):
+        correct_bias(qmodel, [], progress=False)
+    with pytest.raises(ValueError, match=r"batch 0 could not be fed to the model.*transform_fn"):
+        correct_bias(qmodel, [torch.randn(2, 5, 16, 16)], progress=False)
+    with pytest.raises(NotCalibratedError, match=r"has not been calibrated.*calibrate\(model, data\)"):
+        correct_bias(prepare(model, scheme_for_target("x86")), data, progress=False)
+    with pytest.raises(ValueError, match=r"needs a model prepared by lightning_quant.*quantize\(model, data\)"):
+        correct_bias(model, data, progress=False)
+    qat = prepare(model, scheme_for_target("x86", QuantMode.QAT), mode="qat")
+    with pytest.raises(ValueError, match=r"works on PTQ models.*QuantConvBn.*convert\(model\) first"):
+        correct_bias(qat, data, progress=False)
