@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import io
 import json
 import os
 import platform
@@ -45,7 +44,7 @@ import torch
 
 import lightning_quant
 from lightning_quant import export_onnx, quantize
-from lightning_quant.export.onnx import strip_metadata
+from lightning_quant.export.onnx import export_float_onnx
 from lightning_quant.models import IMAGENETTE_EVAL_SIZES, IMAGENETTE_MODELS
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -121,24 +120,6 @@ def image_batches(name: str, calib_size: int, eval_size: int) -> tuple[list, lis
 
 
 # --------------------------------------------------------------------------------------------------- exports
-def export_fp32(model: torch.nn.Module, path: Path, example: torch.Tensor) -> Path:
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            model.eval(),
-            (example,),
-            dynamo=True,
-            opset_version=18,
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-            optimize=True,
-            verbose=False,
-        )
-    proto = program.model_proto
-    strip_metadata(proto)
-    onnx.save(proto, str(path), save_as_external_data=False)
-    return path
-
-
 def export_ort_quantized(fp32: Path, path: Path, calib: list[torch.Tensor]) -> Path:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -279,7 +260,7 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> dict[str,
     seconds: dict[str, float] = {}
 
     start = time.perf_counter()
-    export_fp32(model, paths["fp32"], example)
+    export_float_onnx(model, paths["fp32"], example)
     seconds["fp32_export"] = time.perf_counter() - start
     start = time.perf_counter()
     qmodel = quantize(model, calib, progress=False)

@@ -1,6 +1,6 @@
 """Exporters: INT8 QDQ ONNX, TorchScript with int8 weights, Vitis AI XModel (uncompiled XIR), and verification."""
 
-from lightning_quant.export.onnx import export_onnx
+from lightning_quant.export.onnx import export_float_onnx, export_onnx
 from lightning_quant.export.torchscript import export_torchscript
 from lightning_quant.export.verify import ExportVerificationError, VerificationReport, verify_export
 from lightning_quant.export.xmodel import export_xmodel
@@ -8,6 +8,7 @@ from lightning_quant.export.xmodel import export_xmodel
 __all__ = [
     "ExportVerificationError",
     "VerificationReport",
+    "export_float_onnx",
     "export_onnx",
     "export_torchscript",
     "export_xmodel",

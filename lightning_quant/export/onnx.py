@@ -34,6 +34,7 @@ from lightning_quant.export.deploy import deploy_model
 
 __all__ = [
     "add_weight_zero_points",
+    "export_float_onnx",
     "export_onnx",
     "quantize_biases",
     "requantize_after_shape_ops",
@@ -325,4 +326,41 @@ def export_onnx(
                 min_top1_agreement=min_top1_agreement,
                 latency_runs=0,
             )
+    return path
+
+
+def export_float_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor, *, opset: int = 18) -> Path:
+    """The float baseline to compare an INT8 export with (``verify_export(..., float_path=...)``): the same exporter,
+    weights inline, dynamic batch, exporter metadata stripped, so file sizes and latencies compare like with like.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from torch import nn
+        >>> path = export_float_onnx(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), tempfile.mkdtemp() + "/f.onnx",
+        ...                          torch.randn(1, 3, 8, 8))
+        >>> path.suffix
+        '.onnx'
+
+    Raises:
+        ValueError: bad path.
+    """
+    import onnx
+
+    path = check_output_path(path, (".onnx",))
+    quiet = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model.eval(),
+            (example_input,),
+            dynamo=True,
+            opset_version=opset,
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+            optimize=True,
+            verbose=False,
+        )
+    proto = program.model_proto
+    strip_metadata(proto)
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp), save_as_external_data=False)
     return path

@@ -17,6 +17,7 @@ from onnx import TensorProto, numpy_helper
 from torch import nn
 
 from lightning_quant.calibration import call_model
+from lightning_quant.export.onnx import export_float_onnx  # noqa: F401  (re-exported for the tests)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ACTIVATION_ZP_TYPES = {TensorProto.UINT8: "uint8", TensorProto.INT8: "int8"}
@@ -100,31 +101,6 @@ def run_ort(path: str | os.PathLike, feed: dict[str, np.ndarray], threads: int =
 def fake_quant_output(qmodel: nn.Module, inputs: Any) -> np.ndarray:
     with torch.inference_mode():
         return call_model(qmodel.eval(), inputs).detach().numpy()
-
-
-def export_float_onnx(model: nn.Module, path: Path, example: torch.Tensor) -> Path:
-    """Float ONNX baseline the fair way: dynamo exporter, weights inline, exporter metadata stripped."""
-    import contextlib
-    import io
-    import warnings
-
-    from lightning_quant.export.onnx import strip_metadata
-
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            model.eval(),
-            (example,),
-            dynamo=True,
-            opset_version=18,
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-            optimize=True,
-            verbose=False,
-        )
-    proto = program.model_proto
-    strip_metadata(proto)
-    onnx.save(proto, str(path))
-    return path
 
 
 def export_float_torchscript(model: nn.Module, path: Path, example: torch.Tensor) -> Path:
