@@ -229,6 +229,8 @@ def _export(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir: Path) -
                 top1_agreement=report.top1_agreement,
                 near_tie_flips=report.near_tie_flips,
                 top1=_pct(report.artifact_accuracy),
+                model_top1=_pct(report.model_accuracy),
+                verify_images=report.num_samples,
             )
         artefacts[fmt] = entry
     return artefacts
@@ -320,8 +322,13 @@ def summary_table(metrics: dict[str, Any]) -> str:
     if metrics.get("float_top1") is not None and metrics.get("int8_top1") is not None:
         lines.append(f"| delta | {metrics['int8_top1'] - metrics['float_top1']:+.2f} | |")
     for fmt, art in (metrics.get("artefacts") or {}).items():
-        top1 = f"{art['top1']:.2f}" if art.get("top1") is not None else "-"
-        lines.append(f"| {fmt} artefact ({art['bytes'] / 1e6:.2f} MB) | {top1} | |")
+        if art.get("top1") is None:
+            lines.append(f"| {fmt} artefact ({art['bytes'] / 1e6:.2f} MB) | - | |")
+            continue
+        lines.append(
+            f"| {fmt} artefact ({art['bytes'] / 1e6:.2f} MB), on {art['verify_images']} val images | {art['top1']:.2f} "
+            f"(int8 model on them: {art['model_top1']:.2f}) | |"
+        )
     sizes = metrics.get("sizes")
     if sizes:
         lines.append(

@@ -88,7 +88,8 @@ def report_markdown(metrics: dict[str, Any], report: QuantReport | None, plot_na
     for fmt, art in (metrics.get("artefacts") or {}).items():
         lines.append(
             f"Artefact {fmt}: `{Path(art['path']).name}` {art['bytes'] / 1e6:.2f} MB, top-1 agreement with the "
-            f"fake-quant model {_fmt(art.get('top1_agreement'), '.2%')}, top-1 {_fmt(art.get('top1'))} %."
+            f"fake-quant model {_fmt(art.get('top1_agreement'), '.2%')}, top-1 {_fmt(art.get('top1'))} % on "
+            f"{art.get('verify_images', '-')} val images (fake-quant model on them: {_fmt(art.get('model_top1'))} %)."
         )
     if report is not None:
         lines += ["", f"Model output SQNR: {report.output_sqnr_db:.2f} dB (fake-quant vs float, same batch).", ""]

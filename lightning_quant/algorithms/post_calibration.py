@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_quant.config import Target
@@ -45,6 +46,16 @@ def refine_calibrated(
         ValueError: a QAT model or a model ``prepare()`` did not produce (named by the algorithm).
     """
     tune = dict(transform_fn=transform_fn, num_batches=num_batches, progress=progress)
+    # Lightning calls the callback inside ``torch.inference_mode()`` (validate/test); fast finetune needs autograd and
+    # tensors it can save for backward, so leave inference mode for the refinement.
+    with torch.inference_mode(False):
+        return _refine(qmodel, calibration_data, bias_correction, fast_finetune, target, tune)
+
+
+def _refine(
+    qmodel: nn.Module, calibration_data: Iterable[Any], bias_correction: bool, fast_finetune: bool,
+    target: Target | str | None, tune: dict[str, Any],
+) -> list[str]:  # fmt: skip
     steps = []
     if bias_correction:
         from lightning_quant.algorithms.bias_correction import correct_bias
