@@ -80,6 +80,7 @@ def calibrate(
     num_batches: int | None = None,
     progress: bool = True,
     desc: str = "Calibrating",
+    allow_empty: bool = False,
 ) -> int:
     """Run ``data`` through a prepared model with observers on and fake-quant off, then freeze the ranges.
 
@@ -92,6 +93,8 @@ def calibrate(
         num_batches: stop after this many batches (all of ``data`` when None).
         progress: show a progress bar.
         desc: progress bar label.
+        allow_empty: return 0 instead of raising when ``data`` yields no batch (a DDP rank whose share of the
+            calibration batches is empty; the merge across ranks checks that some rank saw data).
 
     Returns:
         The number of batches used.
@@ -131,6 +134,8 @@ def calibrate(
         set_observers(model, False)
         set_fake_quant(model, True)
         model.train(was_training)
+    if seen == 0 and allow_empty:
+        return 0
     if seen == 0:
         raise ValueError(
             "calibration data is empty: no batch was produced. Pass a non-empty DataLoader/list (check the dataset "

@@ -1,11 +1,13 @@
 """Memory-bounded histogram observer: the shared base of the ``percentile``, ``mse`` and ``entropy`` estimators.
 
 The histogram has a fixed number of bins on a grid anchored at 0 (bin ``k`` covers ``[k w, (k + 1) w)``), and
-its window always contains 0, as the quantized range does. When new data falls outside the window, the bin
-width doubles as often as needed and old bins merge exactly into the new ones (grid edges stay aligned), so
-no activation is ever stored and the state is three fixed-shape buffers: ``histogram`` (int64 counts),
-``bin_width`` and ``bin_offset`` (index of the first bin), plus the running ``min_val``/``max_val``.
-Counts are integers, so the state, and every estimate computed from it, is bit-identical for the same input.
+its window always contains 0, as the quantized range does. The bin width ``w`` is always a power of two. When
+new data falls outside the window, the width doubles as often as needed and old bins merge exactly into the new
+ones (grid edges stay aligned), so no activation is ever stored and the state is three fixed-shape buffers:
+``histogram`` (int64 counts), ``bin_width`` and ``bin_offset`` (index of the first bin), plus the running
+``min_val``/``max_val``. Counts are integers, so the state, and every estimate computed from it, is
+bit-identical for the same input. Power-of-two widths make any two grids nest, so histograms from several
+ranks merge exactly (:meth:`HistogramObserver.sync_tensors`, used by distributed calibration).
 
 Per-channel specs (weights) keep only the per-channel running min/max; subclasses decide what to do with it.
 
@@ -35,6 +37,12 @@ __all__ = ["DEFAULT_BINS", "HistogramObserver"]
 DEFAULT_BINS = 2048
 _MIN_BINS = 16
 _TINY_WIDTH = 2.0**-40  # width used while everything seen is exactly 0; doubling grows it when real data arrives
+
+
+def _pow2_at_least(value: float) -> float:
+    """The smallest power of two ``>= value`` (``value > 0``)."""
+    mantissa, exponent = math.frexp(value)  # value = mantissa * 2**exponent, mantissa in [0.5, 1)
+    return 2.0 ** (exponent - 1) if mantissa == 0.5 else 2.0**exponent
 
 
 class HistogramObserver(Observer):
@@ -89,21 +97,56 @@ class HistogramObserver(Observer):
         """Grow (double the bin width) and/or shift the window so it covers :meth:`_span`; merge bins exactly."""
         lo, hi = self._span()
         width, offset = self.bin_width.item(), int(self.bin_offset.item())
-        if width == 0.0:  # first data: about bins - 2 bins over the span, a margin for float rounding
-            width = (hi - lo) / (self.bins - 2) if hi > lo else _TINY_WIDTH
+        if width == 0.0:  # first data: the power of two just above span / (bins - 2) (a margin for rounding)
+            width = _pow2_at_least((hi - lo) / (self.bins - 2)) if hi > lo else _TINY_WIDTH
             offset = math.floor(lo / width)
         elif math.floor(lo / width) >= offset and math.floor(hi / width) < offset + self.bins:
             return  # already covered
+        factor = self._cover_factor(width, lo, hi)
+        self._regrid(width * factor, math.floor(lo / (width * factor)))
+
+    def _cover_factor(self, width: float, lo: float, hi: float) -> int:
+        """The smallest power of two ``f`` for which bins of width ``f * width`` cover ``[lo, hi]``."""
         factor = 1
         while math.floor(hi / (width * factor)) - math.floor(lo / (width * factor)) + 1 > self.bins:
             factor *= 2
-        new_offset = math.floor(lo / (width * factor))
-        old_abs = offset + torch.arange(self.bins, device=self.histogram.device)
-        new_idx = torch.div(old_abs, factor, rounding_mode="floor").sub_(new_offset).clamp_(0, self.bins - 1)
-        merged = torch.zeros_like(self.histogram).index_add_(0, new_idx, self.histogram)
-        self.histogram.copy_(merged)
-        self.bin_width.fill_(width * factor)
-        self.bin_offset.fill_(new_offset)
+        return factor
+
+    def _regrid(self, width: float, offset: int) -> None:
+        """Move the counts onto the grid ``(width, offset)``; exact when ``width`` is a power-of-two multiple of
+        the current width and the new window covers every non-empty bin."""
+        old_width, old_offset = self.bin_width.item(), int(self.bin_offset.item())
+        if old_width > 0.0:
+            factor = round(width / old_width)
+            old_abs = old_offset + torch.arange(self.bins, device=self.histogram.device)
+            new_idx = torch.div(old_abs, factor, rounding_mode="floor").sub_(offset).clamp_(0, self.bins - 1)
+            merged = torch.zeros_like(self.histogram).index_add_(0, new_idx, self.histogram)
+            self.histogram.copy_(merged)
+        self.bin_width.fill_(width)
+        self.bin_offset.fill_(offset)
+
+    # -- distributed synchronization ----------------------------------------------------------------------
+    def sync_tensors(self, phase: int) -> list[tuple[torch.Tensor, str]]:
+        """Phase 0: the range and the coarsest bin width; phase 1: the counts, on the grid every rank then shares."""
+        if self.spec.per_channel:
+            return super().sync_tensors(phase)
+        if phase == 0:
+            self._common_width = self.bin_width.clone()
+            return super().sync_tensors(0) + [(self._common_width, "max")]
+        return [(self.histogram, "sum")]
+
+    def after_sync(self, phase: int, world_size: int) -> None:
+        """After phase 0: re-grid onto the common grid (same width and offset on every rank: computed from the
+        reduced range and width alone), so that phase 1 sums aligned bins."""
+        if self.spec.per_channel or phase != 0:
+            return
+        common = self._common_width.item()
+        del self._common_width
+        if common == 0.0:  # no rank has seen data
+            return
+        lo, hi = self._span()
+        width = common * self._cover_factor(common, lo, hi)
+        self._regrid(width, math.floor(lo / width))  # from this rank's grid (none when it saw no data: counts 0)
 
     def bin_edges(self) -> torch.Tensor:
         """The ``bins + 1`` bin edges (float64)."""

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -26,6 +27,7 @@ from lightning_quant.algorithms.post_calibration import refine_calibrated
 from lightning_quant.calibration import calibrate, default_transform, move_to_device
 from lightning_quant.callbacks.checkpoint_guard import check_quant_state_keys, require_matching_config
 from lightning_quant.config import QATSchedule, QuantMode, QuantScheme, Target, _coerce_enum, scheme_for_target
+from lightning_quant.distributed import broadcast_state, rank_and_world, shard_batches, sync_quantizers
 from lightning_quant.quantizers.prepare import (
     freeze_bn,
     iter_quantizers,
@@ -213,15 +215,21 @@ class QuantCallback(Callback):
 
         progress = self.progress and trainer.is_global_zero
         start = time.perf_counter()
+        # DDP: each rank calibrates on its own share of the batches, then the observers are merged (see
+        # lightning_quant.distributed); a rank whose share is empty still takes part in the merge.
+        distributed = trainer.world_size > 1
         seen = calibrate(
             network,
-            loader,
+            shard_batches(loader, self.calibration_batches) if distributed else loader,
             transform_fn=transform,
-            num_batches=self.calibration_batches,
+            num_batches=None if distributed else self.calibration_batches,
             progress=progress,
             desc=f"Calibrating ({self.mode.value}, {self.target.value})",
+            allow_empty=distributed,
         )
+        seen = self._merge_across_ranks(trainer, network, seen)
         if self.mode is QuantMode.PTQ:
+            # every rank refines on the same (unsharded) batches, then rank 0's weights are shared to be exact
             steps = refine_calibrated(
                 network,
                 loader,
@@ -233,16 +241,28 @@ class QuantCallback(Callback):
                 progress=progress,
             )
             if steps:
+                broadcast_state(network)
                 rank_zero_info(f"lightning_quant: after calibration: {', '.join(steps)}")
         self.calibration_seconds = time.perf_counter() - start
+        ranks = f" across {trainer.world_size} processes" if trainer.world_size > 1 else ""
         rank_zero_info(
-            f"lightning_quant: calibrated {len(list(iter_quantizers(network)))} quantizers on {seen} batches "
+            f"lightning_quant: calibrated {len(list(iter_quantizers(network)))} quantizers on {seen} batches{ranks} "
             f"in {self.calibration_seconds:.1f} s"
         )
         self._report_inputs = first[0] if first else None
 
+    def _merge_across_ranks(self, trainer: pl.Trainer, network: nn.Module, seen: int) -> int:
+        """Merge the ranks' observer state (DDP); returns the batches seen by all ranks together."""
+        if trainer.world_size == 1 or rank_and_world()[1] == 1:
+            return seen
+        total = int(trainer.strategy.reduce(torch.tensor(float(seen)), reduce_op="sum").item())
+        if total == 0:
+            raise ValueError("calibration data is empty on every rank: give the calibration loader at least one batch.")
+        sync_quantizers(network)
+        return total
+
     def _emit_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.report or self._report_inputs is None:
+        if not self.report or self._report_inputs is None or not trainer.is_global_zero:
             return
         self.last_report = quantization_report(self.network(pl_module), self._report_inputs)
         rank_zero_info(f"lightning_quant report ({self.mode.value}, target={self.target.value}):\n{self.last_report}")
@@ -350,6 +370,15 @@ class QuantCallback(Callback):
         if self._report_inputs is None:
             self._report_inputs = move_to_device(self.transform_fn(batch), "cpu")
         self._apply_schedule(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # DDP: ranks observe different batches; merging after every step keeps their qparams identical at each
+        # step boundary (and so in every checkpoint). Within a step each rank uses its own batch's update.
+        if trainer.world_size > 1 and self._applied is not None and not self._applied[0]:
+            sync_quantizers(self.network(pl_module), only_observing=True)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

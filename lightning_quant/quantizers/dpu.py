@@ -189,6 +189,10 @@ class DPUFixPosObserver(Observer):
         super().reset()
         self.pos_counts.zero_()
 
+    def sync_tensors(self, phase: int) -> list[tuple[torch.Tensor, str]]:
+        """The range (phase 0) and the position votes of all ranks, summed (phase 1)."""
+        return super().sync_tensors(phase) + ([(self.pos_counts, "sum")] if phase == 1 else [])
+
 
 @register_observer("dpu_pot_input")
 class DPUInputFixPosObserver(DPUFixPosObserver):

@@ -87,6 +87,11 @@ class FakeQuantize(nn.Module):
                 f"{err} at quantizer {self.name or '<unnamed>'!r}: the model produced non-finite values during "
                 "calibration/QAT. Check the input normalization and the learning rate, or exclude this layer."
             ) from None
+        self.refresh_qparams()
+
+    def refresh_qparams(self) -> None:
+        """Set ``scale``/``zero_point`` from the observer's state (after observing, or after a distributed sync);
+        a no-op while the observer has seen nothing."""
         if not self.observer.initialized:
             return
         scale, zero_point = self.observer.calculate_qparams()

@@ -167,6 +167,19 @@ class Observer(nn.Module):
     def extra_repr(self) -> str:
         return f"bits={self.spec.bits}, per_channel={self.spec.per_channel}"
 
+    # -- distributed synchronization (see lightning_quant.distributed.sync_quantizers) ------------------------
+    def sync_tensors(self, phase: int) -> list[tuple[torch.Tensor, str]]:
+        """Tensors to all-reduce in place across ranks in ``phase`` (0, then 1), each with ``"min"|"max"|"sum"``.
+
+        The base reduces the running range (MIN of ``min_val``, MAX of ``max_val``): after it every rank holds
+        the range of the union of all ranks' data. A custom observer with more state overrides this (and
+        :meth:`after_sync`); phase 1 exists for state that can only be merged once the phase-0 result is known.
+        """
+        return [(self.min_val, "min"), (self.max_val, "max")] if phase == 0 else []
+
+    def after_sync(self, phase: int, world_size: int) -> None:
+        """Local work after ``phase``'s all-reduce (e.g. re-gridding a histogram); the base has none."""
+
 
 @register_observer("minmax")
 class MinMaxObserver(Observer):
@@ -191,3 +204,24 @@ class MovingAverageMinMaxObserver(Observer):
         c = float(self.spec.averaging_constant)
         self.min_val.add_(c * (lo - self.min_val))
         self.max_val.add_(c * (hi - self.max_val))
+
+    def sync_tensors(self, phase: int) -> list[tuple[torch.Tensor, str]]:
+        """Average the ranks' moving averages (ranks that have seen no data yet do not count)."""
+        if phase != 0:
+            return []
+        ready = self.initialized
+        self._sync = (
+            torch.where(torch.isfinite(self.min_val), self.min_val, 0.0) if ready else torch.zeros_like(self.min_val),
+            torch.where(torch.isfinite(self.max_val), self.max_val, 0.0) if ready else torch.zeros_like(self.max_val),
+            torch.tensor(float(ready), device=self.min_val.device),
+        )
+        return [(self._sync[0], "sum"), (self._sync[1], "sum"), (self._sync[2], "sum")]
+
+    def after_sync(self, phase: int, world_size: int) -> None:
+        if phase != 0:
+            return
+        total_min, total_max, ranks = self._sync
+        del self._sync
+        if ranks.item() > 0:
+            self.min_val.copy_(total_min / ranks)
+            self.max_val.copy_(total_max / ranks)

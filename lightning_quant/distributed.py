@@ -1,0 +1,181 @@
+"""Calibration and QAT across processes (DDP): shard the calibration batches, merge observer state, share weights.
+
+Under ``torch.distributed`` (Lightning's ``strategy="ddp"``, ``torchrun``, SLURM) every rank calibrates on its own
+share of the calibration batches, then :func:`sync_quantizers` all-reduces the observers' state so every rank
+holds the same qparams, equal to one process calibrating on the union of the shares:
+
+- min/max ranges: MIN/MAX all-reduce (exactly equal to a single-process calibration on the same batches);
+- histograms (``percentile``, ``mse``, ``entropy``): re-gridded onto one shared power-of-two bin layout and
+  summed (the merge is exact; the bin width can differ from a single process's, which depends on data order);
+- moving averages: the mean of the ranks' averages; DPU fix-position votes: summed.
+
+Outside ``torch.distributed`` (or with one process) every function here is a no-op, so single-process code
+calls them unconditionally. :class:`~lightning_quant.QuantCallback` does all of this by itself.
+
+Example (single process: nothing to shard or merge):
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_quant import scheme_for_target
+    >>> from lightning_quant.calibration import calibrate
+    >>> from lightning_quant.quantizers import prepare
+    >>> model = prepare(nn.Sequential(nn.Linear(4, 2)).eval(), scheme_for_target("x86"))
+    >>> data = [torch.randn(3, 4) for _ in range(4)]
+    >>> shard = shard_batches(data, num_batches=4)
+    >>> calibrate(model, shard, progress=False)
+    4
+    >>> sync_quantizers(model)
+    0
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from lightning_quant.quantizers.fake_quant import FakeQuantize
+
+__all__ = ["broadcast_state", "rank_and_world", "shard_batches", "sync_quantizers"]
+
+_OPS = {"min": "MIN", "max": "MAX", "sum": "SUM"}
+
+
+def rank_and_world(group: Any = None) -> tuple[int, int]:
+    """``(rank, world_size)`` in ``group``; ``(0, 1)`` when ``torch.distributed`` is not initialized."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class _BatchShard(Sampler[list[int]]):
+    """Batches ``rank, rank + world, ...`` of the first ``num_batches`` of a batch sampler."""
+
+    def __init__(self, batches: Iterable[list[int]], rank: int, world: int, num_batches: int | None) -> None:
+        self.batches, self.rank, self.world, self.num_batches = batches, rank, world, num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(self.batches, self.rank, self.num_batches, self.world)
+
+    def __len__(self) -> int:
+        total = len(self.batches)  # type: ignore[arg-type]
+        if self.num_batches is not None:
+            total = min(total, self.num_batches)
+        return len(range(self.rank, total, self.world))
+
+
+def shard_batches(
+    data: Iterable[Any], num_batches: int | None = None, *, rank: int | None = None, world_size: int | None = None
+) -> Iterable[Any]:
+    """This rank's share of the first ``num_batches`` batches of ``data``: batches ``rank, rank + world, ...``.
+
+    Every batch goes to exactly one rank, so the ranks together see exactly what one process would. A
+    ``DataLoader`` is rebuilt with a sharded batch sampler, so a rank never loads another rank's batches; any
+    other iterable is skipped through. The order of ``data`` must be the same on every rank (no shuffling, or
+    a seeded generator; ``seed_everything`` makes Lightning's loaders so). A loader that is already sharded
+    (its sampler is a ``DistributedSampler``, as Lightning makes for val/train loaders) is returned as is, cut
+    to this rank's part of ``num_batches``.
+
+    Args:
+        data: the calibration batches (a DataLoader, list, generator...).
+        num_batches: how many batches all ranks together use (all of ``data`` when None).
+        rank, world_size: default to the current process group's.
+
+    Raises:
+        ValueError: ``num_batches`` < 1, or ``rank`` outside ``[0, world_size)``.
+    """
+    if num_batches is not None and (isinstance(num_batches, bool) or num_batches < 1):
+        raise ValueError(f"num_batches={num_batches!r} must be >= 1 (or None for all of the data).")
+    own_rank, own_world = rank_and_world()
+    rank = own_rank if rank is None else rank
+    world = own_world if world_size is None else world_size
+    if not 0 <= rank < world:
+        raise ValueError(f"rank={rank} is outside [0, world_size={world}).")
+    if world == 1:
+        return data if num_batches is None else itertools.islice(data, num_batches)
+    if isinstance(data, DataLoader) and isinstance(data.sampler, DistributedSampler):
+        per_rank = None if num_batches is None else len(range(rank, num_batches, world))
+        return data if per_rank is None else itertools.islice(data, per_rank)
+    if isinstance(data, DataLoader) and data.batch_sampler is not None:
+        return _rebuild(data, _BatchShard(data.batch_sampler, rank, world, num_batches))
+    return itertools.islice(data, rank, num_batches, world)
+
+
+def _rebuild(loader: DataLoader, batch_sampler: Sampler[list[int]]) -> DataLoader:
+    """``loader`` with another batch sampler (same dataset, workers, collate and worker settings)."""
+    extra: dict[str, Any] = {}
+    if loader.num_workers > 0:
+        extra = dict(prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers)
+    return DataLoader(
+        loader.dataset,
+        batch_sampler=batch_sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator,
+        **extra,
+    )
+
+
+def _all_reduce(pairs: list[tuple[torch.Tensor, str]], group: Any) -> None:
+    """All-reduce many small tensors in place with one collective per (op, dtype, device)."""
+    buckets: dict[tuple[str, torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for tensor, op in pairs:
+        if op not in _OPS:
+            raise ValueError(f"unknown reduce op {op!r} from an observer's sync_tensors(); use min, max or sum.")
+        buckets.setdefault((op, tensor.dtype, tensor.device), []).append(tensor)
+    for (op, _, _), tensors in sorted(buckets.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), str(kv[0][2]))):
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, op=getattr(dist.ReduceOp, _OPS[op]), group=group)
+        start = 0
+        for t in tensors:
+            t.copy_(flat[start : start + t.numel()].view_as(t))
+            start += t.numel()
+
+
+def sync_quantizers(model: nn.Module, *, group: Any = None, only_observing: bool = False) -> int:
+    """Merge every quantizer's observer state across the ranks of ``group`` and refresh its qparams.
+
+    Every rank must call this with the same model structure (collectives run in module order). Afterwards
+    ``scale``/``zero_point``/``calibrated`` are identical on every rank.
+
+    Args:
+        model: a prepared model (any module holding lightning_quant fake-quant modules).
+        group: the process group (default: the whole world).
+        only_observing: merge only quantizers whose observer is switched on (QAT steps; a learnable or frozen
+            scale is left alone). The flag must be the same on every rank.
+
+    Returns:
+        The number of quantizers merged (0 outside ``torch.distributed`` or with one process).
+    """
+    _, world = rank_and_world(group)
+    if world == 1:
+        return 0
+    quantizers = [m for m in model.modules() if isinstance(m, FakeQuantize)]
+    if only_observing:
+        quantizers = [fq for fq in quantizers if fq.observer_enabled.item()]
+    for phase in (0, 1):
+        _all_reduce([pair for fq in quantizers for pair in fq.observer.sync_tensors(phase)], group)
+        for fq in quantizers:
+            fq.observer.after_sync(phase, world)
+    for fq in quantizers:
+        fq.refresh_qparams()
+    return len(quantizers)
+
+
+def broadcast_state(model: nn.Module, *, src: int = 0, group: Any = None) -> None:
+    """Copy every parameter and buffer of ``model`` from rank ``src`` to all ranks (after a per-rank refinement,
+    e.g. bias correction, so that all ranks hold exactly the same weights). No-op outside distributed runs."""
+    _, world = rank_and_world(group)
+    if world == 1:
+        return
+    with torch.no_grad():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            dist.broadcast(tensor.data, src=src, group=group)
