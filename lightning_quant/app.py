@@ -29,6 +29,7 @@ import hydra
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -364,6 +365,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     run_metrics, callback = _RUNS[cfg.mode](cfg, model, dm, out)
     metrics.update(run_metrics)
+    if rank_zero_only.rank != 0:  # DDP (torchrun/SLURM): one process writes the artefacts and reports
+        return metrics
     report = None
     if callback is not None:
         network = callback.network(model).cpu().eval()

@@ -75,9 +75,11 @@ class ImageClassifier(pl.LightningModule):
         acc = accuracy(logits, y, task="multiclass", num_classes=num_classes)
         acc5 = accuracy(logits, y, task="multiclass", num_classes=num_classes, top_k=min(5, num_classes))
         on_step = stage == "train"
-        self.log(f"{stage}_loss", loss, prog_bar=on_step, on_step=on_step, on_epoch=True, batch_size=len(y))
-        self.log(f"{stage}_acc", acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(y))
-        self.log(f"{stage}_acc5", acc5, on_step=False, on_epoch=True, batch_size=len(y))
+        # DDP: evaluation metrics are averaged over the ranks (each rank sees its shard of the data)
+        sync = dict(batch_size=len(y), sync_dist=not on_step)
+        self.log(f"{stage}_loss", loss, prog_bar=on_step, on_step=on_step, on_epoch=True, **sync)
+        self.log(f"{stage}_acc", acc, prog_bar=True, on_step=False, on_epoch=True, **sync)
+        self.log(f"{stage}_acc5", acc5, on_step=False, on_epoch=True, **sync)
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
