@@ -218,14 +218,29 @@ def _size_oblivious():
     return _config.patch(backed_size_oblivious=True)
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's own chatter (torch.onnx / onnxscript log every folding decision at INFO, which an
+    application's INFO logging, e.g. Hydra's, would print by the hundred); levels are restored afterwards."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    quiet = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
+            warnings.simplefilter("ignore")
+            for lg in loggers:
+                lg.setLevel(logging.ERROR)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def _torch_export_to_onnx(deployed: nn.Module, args: tuple, kwargs: dict, opset: int, dynamic_batch: bool):
     from lightning_quant.export.qdq_ops import onnx_translations
 
     shapes = _dynamic_batch(args, kwargs) if dynamic_batch else None
-    quiet = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with _quiet_exporter():
         # torch.export first: torch.onnx.export would take a trailing dict positional argument for kwargs.
         try:
             with _size_oblivious():
@@ -347,9 +362,7 @@ def export_float_onnx(model: nn.Module, path: str | Path, example_input: torch.T
     import onnx
 
     path = check_output_path(path, (".onnx",))
-    quiet = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
-        warnings.simplefilter("ignore")
+    with _quiet_exporter():
         program = torch.onnx.export(
             model.eval(),
             (example_input,),

@@ -195,3 +195,17 @@ def test_untraceable_model_onnx_error_names_torchscript(tmp_path, calib_batches)
     assert not list(tmp_path.iterdir())
     script = export_torchscript(qmodel, tmp_path / "untraceable.pt", calib_batches[0][:2])
     assert verify_export(qmodel, script, calib_batches[2:], latency_runs=0).max_abs_diff < 1e-5
+
+
+def test_exporter_chatter_is_silenced_and_log_levels_restored(tmp_path, calib_batches, caplog):
+    # an app logging at INFO (Hydra does) must not print the exporter's hundreds of graph-pass messages
+    import logging
+
+    names = ("torch.onnx", "onnxscript", "onnx_ir")
+    before = [logging.getLogger(n).level for n in names]
+    caplog.set_level(logging.INFO)
+    qmodel = quantize(warm_bn(TinyConvBN()), calib_batches, progress=False)
+    export_onnx(qmodel, tmp_path / "m.onnx", calib_batches[0])
+    noisy = [r for r in caplog.records if r.name.split(".")[0] in ("onnxscript", "onnx_ir") or r.name == "torch.onnx"]
+    assert noisy == []
+    assert [logging.getLogger(n).level for n in names] == before
