@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sampler
 
 from lightning_quant.quantizers.fake_quant import FakeQuantize
 
@@ -100,7 +100,11 @@ def shard_batches(
     if isinstance(data, DataLoader) and isinstance(data.sampler, DistributedSampler):
         per_rank = None if num_batches is None else len(range(rank, num_batches, world))
         return data if per_rank is None else itertools.islice(data, per_rank)
-    if isinstance(data, DataLoader) and data.batch_sampler is not None:
+    if (
+        isinstance(data, DataLoader)
+        and data.batch_sampler is not None
+        and not isinstance(data.dataset, IterableDataset)
+    ):
         return _rebuild(data, _BatchShard(data.batch_sampler, rank, world, num_batches))
     return itertools.islice(data, rank, num_batches, world)
 

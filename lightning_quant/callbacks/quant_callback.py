@@ -255,7 +255,8 @@ class QuantCallback(Callback):
         """Merge the ranks' observer state (DDP); returns the batches seen by all ranks together."""
         if trainer.world_size == 1 or rank_and_world()[1] == 1:
             return seen
-        total = int(trainer.strategy.reduce(torch.tensor(float(seen)), reduce_op="sum").item())
+        count = torch.tensor(float(seen), device=trainer.strategy.root_device)  # NCCL reduces device tensors only
+        total = int(trainer.strategy.reduce(count, reduce_op="sum").item())
         if total == 0:
             raise ValueError("calibration data is empty on every rank: give the calibration loader at least one batch.")
         sync_quantizers(network)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_quant.calibration import calibrate
 from lightning_quant.config import QuantSpec, scheme_for_target
@@ -144,6 +144,11 @@ def test_moving_average_is_the_mean_of_the_ranks():
         assert fq.observer.min_val.item() == -2.0 and fq.observer.max_val.item() == 4.0
 
 
+class Stream(IterableDataset):
+    def __iter__(self):
+        return iter(torch.arange(10.0))
+
+
 def test_shard_batches_partitions_the_first_num_batches():
     data = list(range(10))
     shares = [list(shard_batches(data, 7, rank=r, world_size=3)) for r in range(3)]
@@ -154,6 +159,8 @@ def test_shard_batches_partitions_the_first_num_batches():
     seen = sorted(v for p in parts for (b,) in p for v in b.tolist())
     assert seen == [float(v) for v in range(15)]  # each sample of the first 5 batches exactly once
     assert list(shard_batches(data, 4)) == [0, 1, 2, 3]  # one process: the first num_batches
+    stream = DataLoader(Stream(), batch_size=2)  # an IterableDataset loader cannot take a batch sampler
+    assert [b.tolist() for b in shard_batches(stream, 3, rank=1, world_size=2)] == [[2.0, 3.0]]
     with pytest.raises(ValueError, match="outside"):
         shard_batches(data, rank=2, world_size=2)
     with pytest.raises(ValueError, match="num_batches"):
