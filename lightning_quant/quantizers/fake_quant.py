@@ -57,6 +57,7 @@ class FakeQuantize(nn.Module):
         self.register_buffer("observer_enabled", torch.tensor(1, dtype=torch.uint8))
         self.register_buffer("fake_quant_enabled", torch.tensor(1, dtype=torch.uint8))
         self.register_buffer("calibrated", torch.tensor(0, dtype=torch.uint8))
+        self._stale = False  # observed since the qparams were last estimated (not state: recomputed from buffers)
 
     # -- switches -------------------------------------------------------------------------------------------
     def enable_observer(self, enabled: bool = True) -> None:
@@ -67,6 +68,8 @@ class FakeQuantize(nn.Module):
 
     def enable_fake_quant(self, enabled: bool = True) -> None:
         self.fake_quant_enabled.fill_(int(enabled))
+        if enabled and self._stale:
+            self.refresh_qparams()
 
     def disable_fake_quant(self) -> None:
         self.enable_fake_quant(False)
@@ -75,6 +78,8 @@ class FakeQuantize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer_enabled.item():
             self._observe(x)
+        if self._stale and self.fake_quant_enabled.item():
+            self.refresh_qparams()
         if self.fake_quant_enabled.item() and self.calibrated.item():
             return fake_quantize(x, self.scale, self.zero_point, self.spec, grad_scale=self._lsq_grad_scale(x))
         return x
@@ -87,11 +92,20 @@ class FakeQuantize(nn.Module):
                 f"{err} at quantizer {self.name or '<unnamed>'!r}: the model produced non-finite values during "
                 "calibration/QAT. Check the input normalization and the learning rate, or exclude this layer."
             ) from None
-        self.refresh_qparams()
+        if self.fake_quant_enabled.item():
+            self.refresh_qparams()
+        else:  # calibration: nothing reads the qparams until fake-quant is switched on; estimate them once then
+            self._stale = True
 
     def refresh_qparams(self) -> None:
         """Set ``scale``/``zero_point`` from the observer's state (after observing, or after a distributed sync);
-        a no-op while the observer has seen nothing."""
+        a no-op while the observer has seen nothing.
+
+        While fake-quant is off (calibration) observing only records statistics, and the estimate (a histogram
+        search for ``percentile``/``mse``/``entropy``) runs once, here, when fake-quant is switched back on
+        (``calibrate()`` does), or at the next forward with fake-quant on.
+        """
+        self._stale = False
         if not self.observer.initialized:
             return
         scale, zero_point = self.observer.calculate_qparams()

@@ -143,3 +143,39 @@ def test_switch_helpers_and_describe():
     fq.enable_observer(False)
     fq.enable_fake_quant(False)
     assert fq.observer_enabled.item() == 0 and fq.fake_quant_enabled.item() == 0
+
+
+def test_calibration_estimates_qparams_once_not_per_batch(monkeypatch):
+    # a histogram search per batch made percentile/MSE/entropy calibration many times slower than min/max
+    from lightning_quant import scheme_for_target
+    from lightning_quant.algorithms.entropy import EntropyObserver
+    from lightning_quant.calibration import calibrate
+    from lightning_quant.quantizers import iter_quantizers, prepare
+
+    calls = []
+    original = EntropyObserver.calculate_qparams
+    monkeypatch.setattr(EntropyObserver, "calculate_qparams", lambda self: calls.append(1) or original(self))
+    model = prepare(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), scheme_for_target("x86", activation_observer="entropy")
+    )
+    batches = [torch.randn(2, 3, 8, 8) for _ in range(6)]
+    calibrate(model, batches, progress=False)
+    entropy = [fq for _, fq in iter_quantizers(model) if isinstance(fq.observer, EntropyObserver)]
+    assert entropy and len(calls) == len(entropy)  # once each, when fake-quant came back on
+    assert all(fq.calibrated.item() for fq in entropy)
+    for fq in entropy:
+        assert fq.scale.item() == fq.observer.calculate_qparams()[0].item()  # the estimate of all 6 batches
+
+
+def test_qparams_follow_every_step_while_fake_quant_is_on():
+    fq = FakeQuantize(QuantSpec(observer="minmax"))
+    fq(torch.tensor([-1.0, 1.0]))
+    first = fq.scale.clone()
+    fq(torch.tensor([-4.0, 4.0]))  # QAT-style: observing with fake-quant on updates the scale at once
+    assert fq.scale.item() > first.item()
+    second = fq.scale.clone()
+    fq.disable_fake_quant()
+    fq(torch.tensor([-8.0, 8.0]))
+    assert torch.equal(fq.scale, second)  # deferred while off...
+    fq.enable_fake_quant()
+    assert fq.scale.item() == fq.observer.calculate_qparams()[0].item() > second.item()  # ...estimated when back on
