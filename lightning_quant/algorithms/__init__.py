@@ -16,6 +16,7 @@ from lightning_quant.algorithms.entropy import EntropyObserver
 from lightning_quant.algorithms.histogram import HistogramObserver
 from lightning_quant.algorithms.mse import MSEObserver
 from lightning_quant.algorithms.percentile import PercentileObserver
+from lightning_quant.algorithms.sensitivity import QuantizerSensitivity, SensitivityReport, sensitivity_analysis
 
 __all__ = [
     "BiasCorrectionReport",
@@ -26,8 +27,11 @@ __all__ = [
     "LayerTuning",
     "MSEObserver",
     "PercentileObserver",
+    "QuantizerSensitivity",
+    "SensitivityReport",
     "correct_bias",
     "equalization_pairs",
     "equalize",
     "fast_finetune",
+    "sensitivity_analysis",
 ]
