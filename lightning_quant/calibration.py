@@ -100,8 +100,8 @@ def calibrate(
         The number of batches used.
 
     Raises:
-        ValueError: ``data`` yielded no batch, ``num_batches`` < 1, or a batch could not be fed to the model
-            (the message shows what the batch looked like and how to fix ``transform_fn``).
+        ValueError: ``data`` yielded no batch or only batches of size 0, ``num_batches`` < 1, or a batch could not
+            be fed to the model (the message shows what the batch looked like and how to fix ``transform_fn``).
         FloatingPointError: NaN/inf reached an observer (the message names the layer).
     """
     if num_batches is not None and num_batches < 1:
@@ -115,12 +115,14 @@ def calibrate(
     total = num_batches
     if total is None and hasattr(data, "__len__"):
         total = len(data)  # type: ignore[arg-type]
-    seen = 0
+    seen = empty = 0
+    inputs: Any = None
     try:
         for item in tqdm(data, total=total, desc=desc, disable=not progress, leave=False, unit="batch"):
             if num_batches is not None and seen >= num_batches:
                 break
             inputs = move_to_device(transform(item), device)
+            empty += not _has_samples(inputs)
             try:
                 call_model(model, inputs)
             except (RuntimeError, TypeError) as err:
@@ -141,8 +143,21 @@ def calibrate(
             "calibration data is empty: no batch was produced. Pass a non-empty DataLoader/list (check the dataset "
             "path, the split and drop_last with a batch size larger than the dataset)."
         )
+    if empty == seen:
+        raise ValueError(
+            f"all {seen} calibration batch(es) hold no samples (the model received {_describe(inputs)}): observers "
+            "cannot calibrate on a batch of size 0. Check the dataset, the sampler and transform_fn."
+        )
     _warn_unreached(model)
     return seen
+
+
+def _has_samples(inputs: Any) -> bool:
+    """Whether the model input holds any data: False when every tensor in it is empty (a batch of size 0)."""
+    from torch.utils._pytree import tree_leaves
+
+    tensors = [leaf for leaf in tree_leaves(inputs) if isinstance(leaf, torch.Tensor)]
+    return not tensors or any(t.numel() > 0 for t in tensors)
 
 
 def _warn_unreached(model: nn.Module) -> None:

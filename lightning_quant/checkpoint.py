@@ -25,16 +25,25 @@ from lightning_quant.quantizers.prepare import prepare, set_fake_quant, set_obse
 __all__ = ["callback_state", "load_quantized_checkpoint"]
 
 _STATE_KEY = "QuantCallback"
+_REQUIRED = ("mode", "target", "scheme")
 
 
 def callback_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The QuantCallback entry of a loaded checkpoint dict.
 
     Raises:
-        CheckpointMismatchError: the checkpoint was not written with QuantCallback.
+        CheckpointMismatchError: the checkpoint was not written with QuantCallback, or its QuantCallback entry
+            lacks the configuration (mode, target, scheme) needed to rebuild the quantized model.
     """
-    for key, state in checkpoint.get("callbacks", {}).items():
+    callbacks = checkpoint.get("callbacks") if isinstance(checkpoint, dict) else None
+    for key, state in (callbacks if isinstance(callbacks, dict) else {}).items():
         if key == _STATE_KEY or str(key).startswith(_STATE_KEY + "{"):
+            missing = [name for name in _REQUIRED if not isinstance(state, dict) or name not in state]
+            if missing:
+                raise CheckpointMismatchError(
+                    f"the checkpoint's QuantCallback state lacks {', '.join(missing)}: it is damaged or was edited. "
+                    "Use the checkpoint file the Trainer wrote, or an earlier one."
+                )
             return state
     raise CheckpointMismatchError(
         "this checkpoint holds no QuantCallback state: it was not written by a Trainer with QuantCallback "
@@ -47,12 +56,19 @@ def _read(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; pass the .ckpt path a Trainer wrote.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - any unpickling error means a damaged file
         raise CheckpointMismatchError(
             f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {str(err)[:120]}); it is truncated or "
             "corrupted. Use an earlier checkpoint or re-run the job that wrote it."
         ) from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        what = type(checkpoint).__name__ if not isinstance(checkpoint, dict) else "a dict without 'state_dict'"
+        raise CheckpointMismatchError(
+            f"{str(path)!r} holds {what}, not a Lightning checkpoint (a dict with 'state_dict' and 'callbacks'): "
+            "pass the .ckpt file a Trainer with QuantCallback wrote (a bare model.state_dict() file cannot be used)."
+        )
+    return checkpoint
 
 
 def load_quantized_checkpoint(module: nn.Module, path: str | Path) -> nn.Module:
@@ -67,7 +83,8 @@ def load_quantized_checkpoint(module: nn.Module, path: str | Path) -> nn.Module:
 
     Raises:
         FileNotFoundError: no such file.
-        CheckpointMismatchError: unreadable file, no QuantCallback state, or state for another model.
+        CheckpointMismatchError: unreadable file, not a Lightning checkpoint, no (or incomplete) QuantCallback
+            state, state for another model, or invalid scales (NaN, inf, <= 0).
     """
     checkpoint = _read(path)
     state = callback_state(checkpoint)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_quant.errors import CheckpointMismatchError
@@ -32,8 +33,9 @@ def check_quant_state_keys(
     """``load_state_dict`` pre-hook: the checkpoint's quantizer entries must match the model's.
 
     Raises:
-        CheckpointMismatchError: the checkpoint has no quantization state, different quantizers, or
-            differently shaped scales (another model, mode, target or exclude list).
+        CheckpointMismatchError: the checkpoint has no quantization state, different quantizers, differently
+            shaped scales (another model, mode, target or exclude list), or scales that are NaN, inf or <= 0
+            (a damaged file).
     """
     if not strict:
         return
@@ -67,6 +69,23 @@ def check_quant_state_keys(
             f"quantizer shapes differ from the checkpoint ({_sample(wrong)}): per-channel vs per-tensor or another "
             "layer size. Use the scheme/target the checkpoint was written with."
         )
+    invalid = {k for k in saved if k.endswith(".scale") and not _valid_scale(state_dict[k])}
+    if invalid:
+        raise CheckpointMismatchError(
+            f"the checkpoint holds invalid quantization scales ({_sample(invalid)}: NaN, inf or <= 0), which would "
+            "silently give wrong outputs: the file is damaged, or it was saved after training diverged. Use an "
+            "earlier checkpoint or re-run the job that wrote it."
+        )
+
+
+def _valid_scale(value: Any) -> bool:
+    """A quantization scale is a finite positive float tensor (uncalibrated quantizers hold 1)."""
+    return (
+        isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and bool(torch.isfinite(value).all())
+        and bool((value > 0).all())
+    )
 
 
 def require_matching_config(current: dict[str, Any], saved: dict[str, Any]) -> None:

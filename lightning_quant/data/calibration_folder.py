@@ -1,9 +1,10 @@
 """An unlabeled calibration folder: any images, no class sub-folders (like mmdeploy's ``--quant-image-dir``).
 
 Files are found recursively by extension, shuffled with ``seed``, and decoded one by one until ``size`` good
-images are found; files that cannot be decoded are skipped with one warning giving their count. Items are
-image tensors (no labels), so a DataLoader over it yields plain input batches that
-:class:`~lightning_quant.QuantCallback` accepts as ``calibration_data``.
+images are found; files that cannot be decoded (damaged, truncated, not an image, or a decompression bomb that
+Pillow refuses) are skipped with one warning giving their count. Items are image tensors (no labels), so a
+DataLoader over it yields plain input batches that :class:`~lightning_quant.QuantCallback` accepts as
+``calibration_data``.
 
 Example:
     >>> import tempfile
@@ -34,13 +35,15 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 
 
 def _decodes(path: Path) -> bool:
+    """Whether ``path`` decodes to an RGB image: False for damaged, truncated or non-image files, and for images
+    larger than Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS`` x 2), which it refuses to open."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             image.convert("RGB").load()
         return True
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
         return False
 
 

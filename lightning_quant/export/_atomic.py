@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,21 +37,29 @@ def check_output_path(path: str | os.PathLike, suffixes: tuple[str, ...]) -> Pat
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one step, on error it is removed.
 
+    The temporary file has ``path``'s own name, inside a private hidden folder in the same directory (removed
+    afterwards), and is created by the writer itself. So the result is exactly what writing ``path`` directly
+    gives: the usual permissions (the umask's, not the owner-only mode of a ``mkstemp`` file), and the same bytes
+    for formats that record their own file name (a TorchScript zip names its top folder after the file), whatever
+    the temporary name was.
+
     Example:
         >>> import tempfile, pathlib
         >>> target = pathlib.Path(tempfile.mkdtemp()) / "a.txt"
         >>> with atomic_path(target) as tmp:
         ...     _ = tmp.write_text("done")
-        >>> target.read_text()
-        'done'
+        >>> target.read_text(), tmp.name, [p.name for p in target.parent.iterdir()]
+        ('done', 'a.txt', ['a.txt'])
+
+    Raises:
+        FileNotFoundError: the body of the ``with`` block did not write the temporary file.
+        OSError: the folder does not accept new files (read-only, full); ``path`` is then left as it was.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.partial-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    tmp = folder / path.name
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        shutil.rmtree(folder, ignore_errors=True)

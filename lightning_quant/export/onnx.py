@@ -80,6 +80,11 @@ def quantize_biases(model) -> int:
 
     onnxruntime fuses ``DQ(x), DQ(w), DQ(b) -> Conv -> Q`` into QLinearConv only when the bias is int32.
     Returns the number of biases converted.
+
+    The fake-quant model keeps float biases (as PyTorch's and TensorRT's fake-quant do), so this rounding moves each
+    output by up to half a grid step, ``input_scale * weight_scale / 2``: far below an output quantization step with
+    8-bit weights, but with 2-4-bit weights and few inputs per output it can be a sizeable part of one, and outputs
+    then round one step the other way more often than near-tie noise alone would make them.
     """
     from onnx import helper, numpy_helper
 

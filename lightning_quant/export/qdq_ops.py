@@ -1,7 +1,8 @@
 """Custom torch ops that stand for ONNX QuantizeLinear/DequantizeLinear, with their ONNX translations.
 
 In PyTorch they compute exactly what the deployed kernels compute; ``torch.onnx.export(dynamo=True)`` maps them
-one-to-one onto QDQ nodes through :func:`onnx_translations`, so the exported graph holds int8 weight
+one-to-one onto QDQ nodes through :func:`onnx_translations` (a narrow-range activation, e.g. int8 [-127, 127], gets a
+``Clip`` before its QuantizeLinear, which saturates at [-128, 127]), so the exported graph holds int8 weight
 initializers with constant scales and no scale arithmetic.
 
 Example:
@@ -53,9 +54,13 @@ def onnx_translations() -> dict:
 
     def qdq_tensor_onnx(x, scale: float, zero_point: int, qmin: int, qmax: int):
         s = op.Constant(value_float=scale)
-        z = op.Cast(
-            op.Constant(value_int=zero_point), to=onnx.TensorProto.UINT8 if qmin == 0 else onnx.TensorProto.INT8
-        )
+        unsigned = qmin >= 0
+        z = op.Cast(op.Constant(value_int=zero_point), to=onnx.TensorProto.UINT8 if unsigned else onnx.TensorProto.INT8)
+        if (qmin, qmax) != ((0, 255) if unsigned else (-128, 127)):
+            # QuantizeLinear saturates at its type's range; a narrower one (narrow_range: [-127, 127]) is clipped in
+            # float first, at the codes' own values, which QuantizeLinear maps back onto exactly those codes.
+            low, high = (qmin - zero_point) * scale, (qmax - zero_point) * scale
+            x = op.Clip(x, op.Constant(value_float=low), op.Constant(value_float=high))
         return op.DequantizeLinear(op.QuantizeLinear(x, s, z), s, z)
 
     def dq_channel_onnx(q, scale, axis: int):

@@ -19,11 +19,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -145,8 +146,7 @@ def load_runner(path: str | Path, threads: int = 2, *, int8_kernels: bool = True
         module = torch.jit.load(str(path), map_location="cpu").eval()
 
         def run_script(inputs: Any) -> np.ndarray:
-            torch.set_num_threads(threads)
-            with torch.inference_mode():
+            with _torch_threads(threads), torch.inference_mode():
                 return call_model(module, inputs).detach().cpu().numpy()
 
         return run_script
@@ -162,6 +162,18 @@ def load_runner(path: str | Path, threads: int = 2, *, int8_kernels: bool = True
 
         return run_xir
     raise ValueError(f"cannot verify {str(path)!r}: use a .onnx, .pt, .pth, .torchscript or .xmodel file.")
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """Run with ``threads`` intra-op threads, then give the caller its own setting back (a verification must not
+    change the thread count the rest of the process trains or calibrates with)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _labels(item: Any, inputs: Any, batch: int) -> np.ndarray | None:
@@ -272,7 +284,7 @@ def verify_export(
         tie_steps: a flip is a near tie when the model's margin between the two classes is at most this many
             output quantization steps (0 counts every flip).
         float_path: a float export of the same model, for latency/size comparison.
-        threads: intra-op threads for both runtimes.
+        threads: intra-op threads for both runtimes (torch's own setting is restored afterwards).
         latency_runs: repetitions for the median latency on the first batch (0 skips timing).
         int8_kernels: run ONNX files with onnxruntime's fused integer kernels. Default: when the scheme is one
             they deploy on (:func:`runs_on_cpu_int8_kernels`); otherwise the graph is checked by its definition.
@@ -287,28 +299,28 @@ def verify_export(
     if int8_kernels is None:
         int8_kernels = runs_on_cpu_int8_kernels(qmodel)
     run = load_runner(path, threads, int8_kernels=int8_kernels)
-    torch.set_num_threads(threads)
     step = _output_step(qmodel)
     was_training = qmodel.training
     qmodel.eval()
     tally, first = _Tally(), None
-    for item in data:
-        inputs = transform(item)
-        first = inputs if first is None else first
-        expected = call_model(qmodel, inputs).detach().float().cpu().numpy()
-        got = np.asarray(run(inputs), dtype=np.float32)
-        tally.add(expected, got, _labels(item, inputs, expected.shape[0]), tie_steps * (step or 0.0))
-    qmodel.train(was_training)
-    if first is None:
-        raise ValueError("verification data is empty; pass at least one batch.")
-    report = _report(path, tally, step)
-    if latency_runs:
-        report.latency_ms = _median_ms(lambda: run(first), latency_runs)
-    if float_path is not None:
-        report.float_file_bytes = os.path.getsize(float_path)
+    with _torch_threads(threads):
+        for item in data:
+            inputs = transform(item)
+            first = inputs if first is None else first
+            expected = call_model(qmodel, inputs).detach().float().cpu().numpy()
+            got = np.asarray(run(inputs), dtype=np.float32)
+            tally.add(expected, got, _labels(item, inputs, expected.shape[0]), tie_steps * (step or 0.0))
+        qmodel.train(was_training)
+        if first is None:
+            raise ValueError("verification data is empty; pass at least one batch.")
+        report = _report(path, tally, step)
         if latency_runs:
-            float_run = load_runner(float_path, threads)
-            report.float_latency_ms = _median_ms(lambda: float_run(first), latency_runs)
+            report.latency_ms = _median_ms(lambda: run(first), latency_runs)
+        if float_path is not None:
+            report.float_file_bytes = os.path.getsize(float_path)
+            if latency_runs:
+                float_run = load_runner(float_path, threads)
+                report.float_latency_ms = _median_ms(lambda: float_run(first), latency_runs)
     _check(report, min_top1_agreement, max_diff_steps)
     return report
 

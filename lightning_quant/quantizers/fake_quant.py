@@ -40,6 +40,7 @@ class FakeQuantize(nn.Module):
 
     Raises:
         FloatingPointError: NaN/inf reached the observer; the message names this quantizer.
+        TypeError: the observer was given something other than a tensor (a numpy array, a list, None).
     """
 
     def __init__(self, spec: QuantSpec, num_channels: int | None = None, name: str = "") -> None:
@@ -85,6 +86,11 @@ class FakeQuantize(nn.Module):
         return x
 
     def _observe(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"quantizer {self.name or '<unnamed>'!r} received a {type(x).__module__}.{type(x).__name__}, not a "
+                "torch.Tensor; convert batches to tensors (e.g. torch.as_tensor in transform_fn or the dataset)."
+            )
         try:
             self.observer(x)
         except FloatingPointError as err:
