@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from lightning_quant.callbacks.quant_callback import QuantCallback
-from lightning_quant.checkpoint import callback_state
+from lightning_quant.checkpoint import callback_state, read_checkpoint
 from lightning_quant.config import QATSchedule, scheme_for_target
 from lightning_quant.report import quantization_report
 from lightning_quant.run_report import model_sizes, write_run_report
@@ -275,7 +275,7 @@ def _run_calib(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -
 
 def _run_test(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -> _RunResult:
     state = Path(cfg.state_file).expanduser().resolve()
-    written_mode = callback_state(torch.load(state, map_location="cpu", weights_only=False))["mode"]
+    written_mode = callback_state(read_checkpoint(state))["mode"]  # clear errors for a damaged or foreign file
     callback = _build_callback(cfg, dm, mode=written_mode)
     metrics = _evaluate(_build_trainer(cfg, [callback]), model, dm, "int8", ckpt_path=state)
     metrics["state_file"] = str(state)

@@ -22,7 +22,7 @@ from lightning_quant.config import QuantMode, QuantScheme
 from lightning_quant.errors import CheckpointMismatchError
 from lightning_quant.quantizers.prepare import prepare, set_fake_quant, set_observers
 
-__all__ = ["callback_state", "load_quantized_checkpoint"]
+__all__ = ["callback_state", "load_quantized_checkpoint", "read_checkpoint"]
 
 _STATE_KEY = "QuantCallback"
 _REQUIRED = ("mode", "target", "scheme")
@@ -51,7 +51,13 @@ def callback_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _read(path: str | Path) -> dict[str, Any]:
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a Lightning checkpoint file on CPU, with clear errors for a missing, damaged or non-checkpoint file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointMismatchError: the file cannot be unpickled (truncated/corrupted) or is not a Lightning checkpoint.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; pass the .ckpt path a Trainer wrote.")
@@ -86,7 +92,7 @@ def load_quantized_checkpoint(module: nn.Module, path: str | Path) -> nn.Module:
         CheckpointMismatchError: unreadable file, not a Lightning checkpoint, no (or incomplete) QuantCallback
             state, state for another model, or invalid scales (NaN, inf, <= 0).
     """
-    checkpoint = _read(path)
+    checkpoint = read_checkpoint(path)
     state = callback_state(checkpoint)
     from lightning_quant.callbacks.quant_callback import QuantCallback
 

@@ -7,6 +7,7 @@ import torch
 
 from lightning_quant.app import compose_config, train
 from lightning_quant.models import WeightsUnavailableError
+from tests.app.conftest import needs_shared
 
 
 def test_unknown_mode(tmp_path):
@@ -17,6 +18,18 @@ def test_unknown_mode(tmp_path):
 def test_test_mode_without_state_file_names_calib(tmp_path):
     with pytest.raises(FileNotFoundError, match="Run mode=calib first"):
         train(compose_config(["recipe=resnet20_ptq_cifar10", "mode=test", f"paths.state_dir={tmp_path}"]))
+
+
+@needs_shared
+def test_test_mode_with_truncated_state_file_says_so(tmp_path):
+    state = tmp_path / "quant_state.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(64)}, "callbacks": {}}, state)
+    state.write_bytes(state.read_bytes()[:100])  # a copy cut short
+    from lightning_quant.errors import CheckpointMismatchError
+
+    with pytest.raises(CheckpointMismatchError, match="truncated or corrupted"):
+        train(compose_config(["recipe=resnet20_ptq_cifar10", "mode=test", f"state_file={state}",
+                              f"paths.output_dir={tmp_path / 'run'}", "data.num_workers=0"]))  # fmt: skip
 
 
 def test_dpu_onnx_export_refused(tmp_path):
