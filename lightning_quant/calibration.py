@@ -80,7 +80,7 @@ def calibrate(
     num_batches: int | None = None,
     progress: bool = True,
     desc: str = "Calibrating",
-    allow_empty: bool = False,
+    shard: bool = False,
 ) -> int:
     """Run ``data`` through a prepared model with observers on and fake-quant off, then freeze the ranges.
 
@@ -93,8 +93,9 @@ def calibrate(
         num_batches: stop after this many batches (all of ``data`` when None).
         progress: show a progress bar.
         desc: progress bar label.
-        allow_empty: return 0 instead of raising when ``data`` yields no batch (a DDP rank whose share of the
-            calibration batches is empty; the merge across ranks checks that some rank saw data).
+        shard: ``data`` is this process's share of a distributed calibration: an empty share returns 0 instead of
+            raising, and the range estimate is left to :func:`lightning_quant.distributed.sync_quantizers` (which
+            merges every rank's statistics first), so histogram searches run once, on the merged state.
 
     Returns:
         The number of batches used.
@@ -134,10 +135,14 @@ def calibrate(
             seen += 1
     finally:
         set_observers(model, False)
-        set_fake_quant(model, True)
+        if shard:  # fake-quant on, estimate deferred (sync_quantizers, or the next forward pass, makes it)
+            for _, fq in iter_quantizers(model):
+                fq.fake_quant_enabled.fill_(1)
+        else:
+            set_fake_quant(model, True)
         model.train(was_training)
-    if seen == 0 and allow_empty:
-        return 0
+    if shard:
+        return seen
     if seen == 0:
         raise ValueError(
             "calibration data is empty: no batch was produced. Pass a non-empty DataLoader/list (check the dataset "

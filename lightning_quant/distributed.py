@@ -21,10 +21,12 @@ Example (single process: nothing to shard or merge):
     >>> model = prepare(nn.Sequential(nn.Linear(4, 2)).eval(), scheme_for_target("x86"))
     >>> data = [torch.randn(3, 4) for _ in range(4)]
     >>> shard = shard_batches(data, num_batches=4)
-    >>> calibrate(model, shard, progress=False)
+    >>> calibrate(model, shard, progress=False, shard=True)  # the range estimates are left to the merge
     4
-    >>> sync_quantizers(model)
+    >>> sync_quantizers(model)  # no other rank: estimates the ranges from this process's statistics
     0
+    >>> all(fq.calibrated.item() for fq in model.modules() if isinstance(fq, FakeQuantize))
+    True
 """
 
 from __future__ import annotations
@@ -148,7 +150,8 @@ def sync_quantizers(model: nn.Module, *, group: Any = None, only_observing: bool
     """Merge every quantizer's observer state across the ranks of ``group`` and refresh its qparams.
 
     Every rank must call this with the same model structure (collectives run in module order). Afterwards
-    ``scale``/``zero_point``/``calibrated`` are identical on every rank.
+    ``scale``/``zero_point``/``calibrated`` are identical on every rank. Call it after
+    ``calibrate(model, shard_batches(...), shard=True)``, which leaves the range estimates to this merge.
 
     Args:
         model: a prepared model (any module holding lightning_quant fake-quant modules).
@@ -160,9 +163,12 @@ def sync_quantizers(model: nn.Module, *, group: Any = None, only_observing: bool
         The number of quantizers merged (0 outside ``torch.distributed`` or with one process).
     """
     _, world = rank_and_world(group)
-    if world == 1:
-        return 0
     quantizers = [m for m in model.modules() if isinstance(m, FakeQuantize)]
+    if world == 1:  # nothing to merge; make the estimates calibrate(shard=True) left to this call
+        for fq in quantizers:
+            if fq._stale:
+                fq.refresh_qparams()
+        return 0
     if only_observing:
         quantizers = [fq for fq in quantizers if fq.observer_enabled.item()]
     for phase in (0, 1):

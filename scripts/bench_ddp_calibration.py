@@ -112,7 +112,7 @@ def calibrate_timed(model: torch.nn.Module, data: Any, warmup: torch.Tensor) -> 
     if dist.is_initialized():
         dist.barrier()
     start = time.perf_counter()
-    calibrate(model, data, progress=False, allow_empty=dist.is_initialized())
+    calibrate(model, data, progress=False, shard=dist.is_initialized())
     sync_quantizers(model)
     if dist.is_initialized():
         dist.barrier()

@@ -225,7 +225,7 @@ class QuantCallback(Callback):
             num_batches=None if distributed else self.calibration_batches,
             progress=progress,
             desc=f"Calibrating ({self.mode.value}, {self.target.value})",
-            allow_empty=distributed,
+            shard=distributed,
         )
         seen = self._merge_across_ranks(trainer, network, seen)
         if self.mode is QuantMode.PTQ:

@@ -54,7 +54,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         torch.set_num_threads(1)
         for observer, target, n in CASES:
             model = prepare(net(), scheme_for_target(target, activation_observer=observer))
-            calibrate(model, shard_batches(batches(n), n), progress=False, allow_empty=True)  # n=1: rank 1 has none
+            calibrate(model, shard_batches(batches(n), n), progress=False, shard=True)  # n=1: rank 1 has none
             sync_quantizers(model)
             if rank == 1:  # a refinement that differs per rank, undone by broadcasting rank 0's state
                 with torch.no_grad():
