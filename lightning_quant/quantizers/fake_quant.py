@@ -98,10 +98,8 @@ class FakeQuantize(nn.Module):
                 f"{err} at quantizer {self.name or '<unnamed>'!r}: the model produced non-finite values during "
                 "calibration/QAT. Check the input normalization and the learning rate, or exclude this layer."
             ) from None
-        if self.fake_quant_enabled.item():
-            self.refresh_qparams()
-        else:  # calibration: nothing reads the qparams until fake-quant is switched on; estimate them once then
-            self._stale = True
+        # estimated when next needed: at once in QAT (fake-quant on, see forward), once after calibration
+        self._stale = True
 
     def refresh_qparams(self) -> None:
         """Set ``scale``/``zero_point`` from the observer's state (after observing, or after a distributed sync);
