@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
-from lightning_quant import QuantCallback
+from lightning_quant import QuantCallback, scheme_for_target
 from lightning_quant.calibration import calibrate
 from lightning_quant.quantizers import iter_quantizers
 from tests.helpers.models import LitClassifier, TinyConvBN, random_images, warm_bn
@@ -104,18 +104,27 @@ def test_ddp_ptq_calibration_equals_single_process(tmp_path, calib_batches):
             assert torch.equal(ranks[0][key], expected[key]), key  # exactly the union's calibration
 
 
-def test_ddp_qat_then_resume_single_process(tmp_path):
+@pytest.mark.parametrize("learnable", [False, True])  # True: LSQ scales are parameters, synced by DDP's all-reduce
+def test_ddp_qat_then_resume_single_process(tmp_path, learnable):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    quant = QuantCallback(mode="qat", calibration_batches=2, progress=False, report=False)
+    scheme = scheme_for_target("x86", "qat", activation_learnable=learnable, weight_learnable=learnable)
+    quant = QuantCallback(mode="qat", scheme=scheme, calibration_batches=2, progress=False, report=False)
     trainer = ddp_trainer(tmp_path, [quant, ckpt, DumpQuantState(str(tmp_path))], max_epochs=1)
     trainer.fit(lit(), datamodule=CalibDataModule())
     ranks = load_ranks(tmp_path, "fit")
     for key in ranks[0]:
         assert torch.equal(ranks[0][key], ranks[1][key]), key  # weights (DDP) and quantizer state (merged)
+    scales = {k: v for k, v in ranks[0].items() if k.endswith(".scale")}
+    start = lit()
+    start_cb = QuantCallback(mode="qat", scheme=scheme, calibration_batches=2, progress=False, report=False)
+    start_cb.setup(None, start, "fit")  # type: ignore[arg-type]
+    calibrate(start.model, CalibDataModule().calibration_dataloader(), num_batches=2, progress=False)
+    moved = [k for k, v in scales.items() if not torch.equal(v, start.model.state_dict()[k])]
+    assert moved  # QAT changed scales (observers or LSQ) after calibration, and both ranks agree on them
     last = tmp_path / "ckpt" / "last.ckpt"
     assert last.exists()
 
-    resumed_quant = QuantCallback(mode="qat", calibration_batches=2, progress=False, report=False)
+    resumed_quant = QuantCallback(mode="qat", scheme=scheme, calibration_batches=2, progress=False, report=False)
     single = pl.Trainer(
         accelerator="cpu",
         devices=1,
