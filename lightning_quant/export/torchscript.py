@@ -29,6 +29,13 @@ from torch import nn
 from lightning_quant.export._atomic import atomic_path, check_output_path
 from lightning_quant.export.deploy import deploy_model
 
+
+def quiet_jit_deprecation() -> None:
+    """Inside ``warnings.catch_warnings()``: hide torch's ``torch.jit.* is deprecated`` FutureWarnings. TorchScript
+    is a format the user asked for (README, Export); the notice would repeat on every export and load."""
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+
+
 __all__ = ["export_torchscript"]
 
 
@@ -58,13 +65,16 @@ def export_torchscript(
     deployed = deploy_model(qmodel, onnx_ops=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        quiet_jit_deprecation()
         if isinstance(example_input, dict):
             traced = torch.jit.trace(deployed, example_kwarg_inputs=example_input, strict=False)
         else:
             args = example_input if isinstance(example_input, tuple) else (example_input,)
             traced = torch.jit.trace(deployed, args, strict=False)
     with atomic_path(path) as tmp:
-        torch.jit.save(traced, str(tmp))
+        with warnings.catch_warnings():
+            quiet_jit_deprecation()
+            torch.jit.save(traced, str(tmp))
         if verify:
             from lightning_quant.export.verify import verify_export
 

@@ -24,6 +24,7 @@ import json
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -143,7 +144,11 @@ def load_runner(path: str | Path, threads: int = 2, *, int8_kernels: bool = True
 
         return run_onnx
     if suffix in (".pt", ".pth", ".torchscript"):  # the suffixes export_torchscript writes
-        module = torch.jit.load(str(path), map_location="cpu").eval()
+        from lightning_quant.export.torchscript import quiet_jit_deprecation
+
+        with warnings.catch_warnings():
+            quiet_jit_deprecation()
+            module = torch.jit.load(str(path), map_location="cpu").eval()
 
         def run_script(inputs: Any) -> np.ndarray:
             with _torch_threads(threads), torch.inference_mode():

@@ -63,3 +63,13 @@ def test_four_bit_weights_export_to_torchscript(tmp_path, calib_batches, eval_ba
     codes = torch.cat([b.flatten().float() for n, b in loaded.named_buffers() if n.endswith("weight_int8")])
     assert codes.abs().max() <= 7  # 4-bit symmetric narrow range codes, stored in int8 containers
     assert verify_export(qmodel, path, eval_batches, latency_runs=0).max_abs_diff < 1e-5
+
+
+def test_export_and_verify_do_not_repeat_torch_jit_deprecation_notices(tmp_path, calib_batches):
+    import warnings
+
+    qmodel = quantize(warm_bn(TinyConvBN()), calib_batches, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # any torch.jit.* deprecation notice would raise here
+        path = export_torchscript(qmodel, tmp_path / "m.pt", calib_batches[0])
+        verify_export(qmodel, path, calib_batches[:1])
