@@ -15,14 +15,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_quant import CheckpointMismatchError, QATSchedule, QuantCallback
 from lightning_quant.checkpoint import load_quantized_checkpoint
 from lightning_quant.quantizers import iter_quantizers
-from tests.helpers.models import LitClassifier, TinyConvBN, TinyDataModule, warm_bn
+from tests.helpers.models import LitClassifier, TinyDataModule, quiet_trainer, seeded_lit
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def lit(seed: int = 0) -> LitClassifier:
-    torch.manual_seed(seed)
-    return LitClassifier(warm_bn(TinyConvBN()))
+lit = seeded_lit
 
 
 def qat_callback() -> QuantCallback:
@@ -35,16 +33,7 @@ def qat_callback() -> QuantCallback:
 
 
 def trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
-    return pl.Trainer(
-        default_root_dir=tmp_path,
-        callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        deterministic=True,
-        **kwargs,
-    )
+    return quiet_trainer(tmp_path, callbacks, deterministic=True, **kwargs)
 
 
 def quant_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

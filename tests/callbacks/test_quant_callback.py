@@ -14,25 +14,22 @@ from torch.utils.data import DataLoader
 from lightning_quant import QATSchedule, QuantCallback
 from lightning_quant.quantizers import iter_quantizers, prepare_info
 from lightning_quant.quantizers.modules import QuantConvBn
-from tests.helpers.models import EmptyDataset, LitClassifier, TinyConvBN, TinyDataModule, random_images, warm_bn
+from tests.helpers.models import (
+    EmptyDataset,
+    LitClassifier,
+    TinyConvBN,
+    TinyDataModule,
+    quiet_trainer,
+    random_images,
+    seeded_lit,
+)
 
 
 def make_trainer(tmp_path, callback, **kwargs) -> pl.Trainer:
-    defaults = dict(
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        enable_checkpointing=False,
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(callbacks=[callback], **defaults)
+    return quiet_trainer(tmp_path, [callback], **{"enable_checkpointing": False, **kwargs})
 
 
-def lit(seed: int = 0) -> LitClassifier:
-    torch.manual_seed(seed)
-    return LitClassifier(warm_bn(TinyConvBN()))
+lit = seeded_lit
 
 
 def input_range(module: LitClassifier) -> tuple[float, float]:

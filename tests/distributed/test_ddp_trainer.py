@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from lightning_quant import QuantCallback, scheme_for_target
 from lightning_quant.calibration import calibrate
 from lightning_quant.quantizers import iter_quantizers
-from tests.helpers.models import LitClassifier, TinyConvBN, random_images, warm_bn
+from tests.helpers.models import quiet_trainer, random_images, seeded_lit
 
 
 class CalibDataModule(pl.LightningDataModule):
@@ -59,24 +59,12 @@ class DumpQuantState(Callback):
         self._dump(trainer, pl_module, "fit")
 
 
-def lit() -> LitClassifier:
-    torch.manual_seed(0)
-    return LitClassifier(warm_bn(TinyConvBN()))
+lit = seeded_lit
 
 
 def ddp_trainer(tmp_path: Path, callbacks: list, **kwargs) -> pl.Trainer:
     strategy = DDPStrategy(start_method="spawn", process_group_backend="gloo", timeout=timedelta(seconds=120))
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        callbacks=callbacks,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    return quiet_trainer(tmp_path, callbacks, devices=2, strategy=strategy, **kwargs)
 
 
 def load_ranks(tmp_path: Path, tag: str) -> list[dict]:
@@ -125,17 +113,7 @@ def test_ddp_qat_then_resume_single_process(tmp_path, learnable):
     assert last.exists()
 
     resumed_quant = QuantCallback(mode="qat", scheme=scheme, calibration_batches=2, progress=False, report=False)
-    single = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=2,
-        callbacks=[resumed_quant],
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    single = quiet_trainer(tmp_path, [resumed_quant], devices=1, max_epochs=2, enable_checkpointing=False)
     model = lit()
     single.fit(model, datamodule=CalibDataModule(), ckpt_path=str(last))
     assert single.global_step == 2 + 4  # epoch 0: 4 batches over 2 ranks; epoch 1: 4 batches in one process

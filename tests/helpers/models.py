@@ -160,3 +160,23 @@ def warm_bn(model: nn.Module, steps: int = 3, size: int = 16) -> nn.Module:
         for i in range(steps):
             model(torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(100 + i)) * 2 + 0.5)
     return model.eval()
+
+
+def seeded_lit(seed: int = 0, num_classes: int = 10) -> LitClassifier:
+    """A LitClassifier around a warmed-up TinyConvBN, built from ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    return LitClassifier(warm_bn(TinyConvBN(num_classes)))
+
+
+def quiet_trainer(root, callbacks=(), **kwargs) -> pl.Trainer:
+    """A CPU Trainer without logger, progress bar or model summary; ``kwargs`` add or override options."""
+    options = dict(
+        default_root_dir=root,
+        callbacks=list(callbacks),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    options.update(kwargs)
+    return pl.Trainer(**options)

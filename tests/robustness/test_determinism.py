@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_quant import QATSchedule, QuantCallback, export_onnx, export_torchscript, quantize
 from lightning_quant.config import scheme_for_target
-from tests.helpers.models import LitClassifier, TinyConvBN, TinyDataModule, warm_bn
+from tests.helpers.models import LitClassifier, TinyConvBN, TinyDataModule, quiet_trainer, warm_bn
 from tests.robustness.random_nets import NetPlan, build
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
@@ -113,17 +113,7 @@ def test_same_seed_qat_run_gives_bit_identical_qparams(tmp_path):
             report=False,
             qat_schedule=QATSchedule(freeze_observer_epoch=1, freeze_bn_epoch=1),
         )
-        trainer = pl.Trainer(
-            default_root_dir=tmp_path,
-            max_epochs=2,
-            callbacks=[callback],
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            accelerator="cpu",
-            deterministic=True,
-        )
+        trainer = quiet_trainer(tmp_path, [callback], max_epochs=2, enable_checkpointing=False, deterministic=True)
         trainer.fit(model, datamodule=Shuffled())
         assert trainer.global_step == 8  # 2 epochs x 4 batches of QAT really ran
         return {k: v.clone() for k, v in model.state_dict().items()}

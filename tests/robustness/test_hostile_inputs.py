@@ -22,7 +22,7 @@ from PIL import Image
 from lightning_quant import CheckpointMismatchError, QuantCallback, export_onnx, export_torchscript, quantize
 from lightning_quant.checkpoint import load_quantized_checkpoint
 from lightning_quant.data import CalibrationFolder
-from tests.helpers.models import LitClassifier, TinyConvBN, TinyDataModule, warm_bn
+from tests.helpers.models import LitClassifier, TinyConvBN, TinyDataModule, quiet_trainer, seeded_lit, warm_bn
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
 
@@ -130,20 +130,11 @@ def test_folder_of_only_undecodable_images_fails_clearly(tmp_path):
 
 
 def _lit(num_classes: int = 10) -> LitClassifier:
-    torch.manual_seed(0)
-    return LitClassifier(warm_bn(TinyConvBN(num_classes)))
+    return seeded_lit(0, num_classes)
 
 
 def _trainer(root: Path, callbacks: list) -> pl.Trainer:
-    return pl.Trainer(
-        default_root_dir=root,
-        callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        accelerator="cpu",
-    )
+    return quiet_trainer(root, callbacks, enable_checkpointing=False)
 
 
 def _callback() -> QuantCallback:
