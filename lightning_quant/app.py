@@ -37,7 +37,7 @@ from lightning_quant.callbacks.quant_callback import QuantCallback
 from lightning_quant.checkpoint import callback_state, read_checkpoint
 from lightning_quant.config import QATSchedule, scheme_for_target
 from lightning_quant.report import quantization_report
-from lightning_quant.run_report import model_sizes, write_run_report
+from lightning_quant.run_report import model_sizes, summary_table, write_run_report
 
 __all__ = ["CONFIG_DIR", "MODES", "RECIPES_DIR", "compose_config", "main", "summary_table", "train"]
 
@@ -297,49 +297,6 @@ def _run_qat(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -> 
 
 
 _RUNS = {"ptq": _run_ptq, "qat": _run_qat, "float": _run_float, "calib": _run_calib, "test": _run_test}
-
-
-def summary_table(metrics: dict[str, Any]) -> str:
-    """A one-screen text table of the float and INT8 accuracy (and artefacts) of one run.
-
-    Example:
-        >>> print(summary_table({"name": "r20", "mode": "ptq", "target": "x86", "float_top1": 81.0, "int8_top1": 80.5}))
-        r20 (mode=ptq, target=x86)
-        | model | top-1 % | top-5 % |
-        |---|---|---|
-        | float | 81.00 | - |
-        | int8 | 80.50 | - |
-        | delta | -0.50 | |
-    """
-    lines = [
-        f"{metrics['name']} (mode={metrics['mode']}, target={metrics['target']})",
-        "| model | top-1 % | top-5 % |",
-        "|---|---|---|",
-    ]
-    for key in ("float", "int8"):
-        if metrics.get(f"{key}_top1") is not None:
-            top5 = metrics.get(f"{key}_top5")
-            lines.append(f"| {key} | {metrics[f'{key}_top1']:.2f} | {'-' if top5 is None else f'{top5:.2f}'} |")
-    if metrics.get("float_top1") is not None and metrics.get("int8_top1") is not None:
-        lines.append(f"| delta | {metrics['int8_top1'] - metrics['float_top1']:+.2f} | |")
-    for fmt, art in (metrics.get("artefacts") or {}).items():
-        if art.get("top1") is None:
-            lines.append(f"| {fmt} artefact ({art['bytes'] / 1e6:.2f} MB) | - | |")
-            continue
-        lines.append(
-            f"| {fmt} artefact ({art['bytes'] / 1e6:.2f} MB), on {art['verify_images']} val images | {art['top1']:.2f} "
-            f"(int8 model on them: {art['model_top1']:.2f}) | |"
-        )
-    sizes = metrics.get("sizes")
-    if sizes:
-        lines.append(
-            f"model size: float {sizes['float_bytes'] / 1e6:.2f} MB -> {sizes['quantized_bytes'] / 1e6:.2f} MB"
-        )
-    if metrics.get("calibration_seconds") is not None:
-        lines.append(f"calibration: {metrics['calibration_seconds']:.1f} s; run: {metrics.get('wall_seconds', '-')} s")
-    if metrics.get("output_dir"):
-        lines.append(f"outputs: {metrics['output_dir']} (report.md, report.json, sqnr.png, metrics.json)")
-    return "\n".join(lines)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

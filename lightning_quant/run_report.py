@@ -32,7 +32,7 @@ from torch import nn
 from lightning_quant.export._atomic import atomic_path
 from lightning_quant.report import QuantReport
 
-__all__ = ["model_sizes", "plot_sqnr", "report_markdown", "write_run_report"]
+__all__ = ["accuracy_rows", "model_sizes", "plot_sqnr", "report_markdown", "summary_table", "write_run_report"]
 
 _QUANT_BUFFER_MARKERS = ("fake_quant", "activation_quantizers", "observer")
 
@@ -64,18 +64,57 @@ def _fmt(value: Any, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def accuracy_rows(metrics: dict[str, Any], delta_label: str = "delta") -> list[str]:
+    """The float / INT8 top-1 and top-5 table (and the top-1 delta) of one run, as Markdown lines."""
+    lines = ["| model | top-1 % | top-5 % |", "|---|---|---|"]
+    for key in ("float", "int8"):
+        if metrics.get(f"{key}_top1") is not None:
+            lines.append(f"| {key} | {_fmt(metrics[f'{key}_top1'])} | {_fmt(metrics.get(f'{key}_top5'))} |")
+    if metrics.get("float_top1") is not None and metrics.get("int8_top1") is not None:
+        lines.append(f"| {delta_label} | {metrics['int8_top1'] - metrics['float_top1']:+.2f} | |")
+    return lines
+
+
+def summary_table(metrics: dict[str, Any]) -> str:
+    """A one-screen text table of the float and INT8 accuracy (and artefacts) of one run (the app prints it).
+
+    Example:
+        >>> print(summary_table({"name": "r20", "mode": "ptq", "target": "x86", "float_top1": 81.0, "int8_top1": 80.5}))
+        r20 (mode=ptq, target=x86)
+        | model | top-1 % | top-5 % |
+        |---|---|---|
+        | float | 81.00 | - |
+        | int8 | 80.50 | - |
+        | delta | -0.50 | |
+    """
+    lines = [f"{metrics['name']} (mode={metrics['mode']}, target={metrics['target']})", *accuracy_rows(metrics)]
+    for fmt, art in (metrics.get("artefacts") or {}).items():
+        if art.get("top1") is None:
+            lines.append(f"| {fmt} artefact ({art['bytes'] / 1e6:.2f} MB) | - | |")
+            continue
+        lines.append(
+            f"| {fmt} artefact ({art['bytes'] / 1e6:.2f} MB), on {art['verify_images']} val images | {art['top1']:.2f} "
+            f"(int8 model on them: {art['model_top1']:.2f}) | |"
+        )
+    sizes = metrics.get("sizes")
+    if sizes:
+        lines.append(
+            f"model size: float {sizes['float_bytes'] / 1e6:.2f} MB -> {sizes['quantized_bytes'] / 1e6:.2f} MB"
+        )
+    if metrics.get("calibration_seconds") is not None:
+        lines.append(f"calibration: {metrics['calibration_seconds']:.1f} s; run: {metrics.get('wall_seconds', '-')} s")
+    if metrics.get("output_dir"):
+        lines.append(f"outputs: {metrics['output_dir']} (report.md, report.json, sqnr.png, metrics.json)")
+    return "\n".join(lines)
+
+
 def report_markdown(metrics: dict[str, Any], report: QuantReport | None, plot_name: str | None = None) -> str:
     """The run as Markdown: accuracy, sizes, calibration, artefacts, per-layer SQNR, float parts."""
     lines = [
         f"# {metrics.get('name', 'run')}: mode={metrics.get('mode', '-')}, target={metrics.get('target', '-')}",
         "",
     ]
-    lines += ["| model | top-1 % | top-5 % |", "|---|---|---|"]
-    for key in ("float", "int8"):
-        if metrics.get(f"{key}_top1") is not None:
-            lines.append(f"| {key} | {_fmt(metrics[f'{key}_top1'])} | {_fmt(metrics.get(f'{key}_top5'))} |")
-    if metrics.get("float_top1") is not None and metrics.get("int8_top1") is not None:
-        lines.append(f"| delta (points) | {metrics['int8_top1'] - metrics['float_top1']:+.2f} | |")
+    lines += accuracy_rows(metrics, delta_label="delta (points)")
     sizes = metrics.get("sizes") or {}
     if sizes:
         fp, q = sizes["float_bytes"], sizes["quantized_bytes"]

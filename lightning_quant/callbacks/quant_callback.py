@@ -19,12 +19,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
 from lightning_quant.algorithms.post_calibration import refine_calibrated
 from lightning_quant.calibration import calibrate, default_transform, move_to_device
+from lightning_quant.callbacks.calibration_source import SOURCES, calibration_loader
 from lightning_quant.callbacks.checkpoint_guard import check_quant_state_keys, require_matching_config
 from lightning_quant.config import QATSchedule, QuantMode, QuantScheme, Target, _coerce_enum, scheme_for_target
 from lightning_quant.distributed import broadcast_state, rank_and_world, shard_batches, sync_quantizers
@@ -41,7 +42,6 @@ from lightning_quant.report import QuantReport, quantization_report
 __all__ = ["QuantCallback"]
 
 _DEFAULT_ATTRS = ("model", "net", "network", "backbone")
-_SOURCES = ("auto", "calibration", "train", "val")
 
 
 class QuantCallback(Callback):
@@ -111,8 +111,8 @@ class QuantCallback(Callback):
             raise ValueError(f"calibration_batches={calibration_batches!r} must be an integer >= 0 (16 is typical).")
         if self.mode is QuantMode.PTQ and calibration_batches == 0:
             raise ValueError("mode='ptq' needs calibration_batches >= 1: PTQ ranges come from calibration.")
-        if calibration_source not in _SOURCES:
-            raise ValueError(f"calibration_source={calibration_source!r}; use one of {', '.join(map(repr, _SOURCES))}.")
+        if calibration_source not in SOURCES:
+            raise ValueError(f"calibration_source={calibration_source!r}; use one of {', '.join(map(repr, SOURCES))}.")
         if qat_schedule is not None and not isinstance(qat_schedule, QATSchedule):
             raise TypeError(f"qat_schedule must be a QATSchedule, got {type(qat_schedule).__name__}.")
         self.calibration_batches = calibration_batches
@@ -168,43 +168,9 @@ class QuantCallback(Callback):
         except ValueError:
             return False
 
-    def _calibration_loader(self, trainer: pl.Trainer, stage: str) -> Iterable[Any]:
-        if self.calibration_data is not None:
-            return self.calibration_data
-        dm = trainer.datamodule
-        source = self.calibration_source
-        if source in ("auto", "calibration") and dm is not None and hasattr(dm, "calibration_dataloader"):
-            return dm.calibration_dataloader()
-        if source == "calibration":
-            raise ValueError(
-                "calibration_source='calibration' but neither calibration_data nor a datamodule "
-                "calibration_dataloader() was given."
-            )
-        if source in ("auto", "train"):
-            if dm is not None and _overrides(dm, "train_dataloader"):
-                return dm.train_dataloader()
-            if stage == "fit":
-                return trainer.fit_loop._combined_loader or trainer.train_dataloader  # type: ignore[return-value]
-            if source == "train":
-                raise ValueError("calibration_source='train' needs a datamodule with train_dataloader().")
-        if source == "val" or source == "auto":
-            loaders = {
-                "validate": trainer.val_dataloaders,
-                "test": trainer.test_dataloaders,
-                "predict": trainer.predict_dataloaders,
-            }.get(stage)
-            if source == "val" and loaders is not None:
-                rank_zero_warn("calibrating on the evaluation data: accuracy will be optimistic.")
-                return loaders
-        raise ValueError(
-            "no calibration data: pass QuantCallback(calibration_data=loader), give the datamodule a "
-            "calibration_dataloader() or train_dataloader(), or set calibration_source='val' for a quick check "
-            "(optimistic accuracy)."
-        )
-
     def _run_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         network = self.network(pl_module)
-        loader = self._calibration_loader(trainer, stage)
+        loader = calibration_loader(trainer, stage, self.calibration_data, self.calibration_source)
         first: list[Any] = []
 
         def transform(item: Any) -> Any:
@@ -405,11 +371,3 @@ class QuantCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         require_matching_config(self.state_dict(), state_dict)
-
-
-def _overrides(obj: Any, method: str) -> bool:
-    """True when ``obj`` defines ``method`` itself (not Lightning's default that raises)."""
-    from lightning.pytorch.core.hooks import DataHooks
-
-    impl = getattr(type(obj), method, None)
-    return impl is not None and impl is not getattr(DataHooks, method, None)
