@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["activation_quant_points", "is_quantized_op", "source_through_passthrough"]
+__all__ = ["activation_quant_points", "is_quantized_op", "is_shape_value", "source_through_passthrough"]
 
 _FUSED_ACT_MODULES = (nn.ReLU, nn.ReLU6)
 _FUSED_ACT_FUNCS = {F.relu, F.relu6, torch.relu, torch.relu_, F.hardtanh}
@@ -73,12 +73,50 @@ def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
+_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda"}
+_SHAPE_METHODS = {"size", "dim", "numel", "item", "tolist", "nelement"}
+
+
+def is_shape_value(node: fx.Node) -> bool:
+    """True for nodes that compute Python scalars from shapes (``x.shape[0] // p``, ``h * w``), not activations.
+
+    Example:
+        >>> import torch
+        >>> from torch import fx, nn
+        >>> class Patches(nn.Module):
+        ...     def forward(self, x):
+        ...         n, c, h, w = x.shape
+        ...         return x.reshape(n, c, (h // 2) * (w // 2), 4)
+        >>> gm = fx.symbolic_trace(Patches())
+        >>> [n.name for n in gm.graph.nodes if is_shape_value(n)][-1]
+        'mul'
+    """
+    cached = node.meta.get("lightning_quant_shape_value")
+    if cached is None:
+        cached = _compute_shape_value(node)
+        node.meta["lightning_quant_shape_value"] = cached
+    return cached
+
+
+def _compute_shape_value(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in _SHAPE_ATTRS
+    if node.op == "call_function" and node.target is len:
+        return True
+    if node.op == "call_method" and node.target in _SHAPE_METHODS:
+        return True
+    if node.op != "call_function" or node.target.__module__ not in ("_operator", "operator"):
+        return False
+    sources = [a for a in node.args if isinstance(a, fx.Node)]
+    return bool(sources) and all(is_shape_value(a) for a in sources)
+
+
 def _tensor_args(node: fx.Node) -> list[fx.Node]:
-    """Node arguments that carry activations (lists flattened, constants and parameters dropped)."""
+    """Node arguments that carry activations (lists flattened; constants, parameters and shape scalars dropped)."""
     args: list[fx.Node] = []
     for arg in node.args:
         items = arg if isinstance(arg, (list, tuple)) else [arg]
-        args.extend(a for a in items if isinstance(a, fx.Node) and a.op != "get_attr")
+        args.extend(a for a in items if isinstance(a, fx.Node) and a.op != "get_attr" and not is_shape_value(a))
     return args
 
 

@@ -212,8 +212,19 @@ def strip_metadata(model) -> None:
     del model.metadata_props[:]
 
 
-def _size_oblivious():
-    """Keep a batch of 1 in ``example_input`` dynamic (torch.export specializes size-1 dims; torch.onnx does too)."""
+def _has_batch_of_one(args: tuple, kwargs: dict) -> bool:
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    return any(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 1 for t in leaves)
+
+
+def _size_oblivious(enabled: bool = True):
+    """Keep a batch of 1 in ``example_input`` dynamic (torch.export specializes size-1 dims; torch.onnx does too).
+
+    Only switched on for such inputs: size-oblivious reasoning adds a ``batch != 1`` guard to some graphs (e.g. a
+    ViT's class-token ``expand``), which then fails the ``min=1`` batch range for examples with more samples.
+    """
+    if not enabled:
+        return contextlib.nullcontext()
     try:
         from torch.fx.experimental import _config
     except ImportError:  # pragma: no cover - older/newer torch without the switch
@@ -248,7 +259,7 @@ def _torch_export_to_onnx(deployed: nn.Module, args: tuple, kwargs: dict, opset:
     with _quiet_exporter():
         # torch.export first: torch.onnx.export would take a trailing dict positional argument for kwargs.
         try:
-            with _size_oblivious():
+            with _size_oblivious(dynamic_batch and _has_batch_of_one(args, kwargs)):
                 exported = torch.export.export(deployed, args, kwargs or None, dynamic_shapes=shapes, strict=False)
         except Exception as error:  # torch.export raises many types; all mean the graph could not be captured
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -112,10 +112,10 @@ def torchvision_model(
     """
     from torchvision.models import get_model  # lazy: torchvision is an optional dependency
 
+    enum = _weights_enum(name, "DEFAULT" if weights is None else weights)  # also checks the name
     if weights is None:
         kwargs = {} if num_classes is None else {"num_classes": num_classes}
         return get_model(name, weights=None, **kwargs).eval()
-    enum = _weights_enum(name, weights)
     classes = len(enum.meta.get("categories") or [])
     if num_classes is not None and classes and num_classes != classes:
         raise ValueError(

@@ -1,0 +1,84 @@
+"""torchvision zoo sweep: every model through prepare -> calibrate -> ONNX export -> onnxruntime parity.
+
+Random weights (nothing is downloaded; BatchNorm statistics re-estimated so outputs are not constant), random
+inputs, the ``x86`` target by default. Prints one line per model as it finishes, then a Markdown table
+(``model, quantized conv/linear, ORT top-1 agreement, status, kept float``) and writes JSON + Markdown.
+A failing model is reported in the table and the exit status is 1; the sweep itself never stops early.
+
+Usage:
+    PYTHONPATH=. python scripts/sweep_zoo.py                              # the README's models, ~5 min on 2 cores
+    PYTHONPATH=. python scripts/sweep_zoo.py --models resnet18 vit_b_16 --target tensorrt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import lightning_quant
+from lightning_quant.models.zoo_sweep import ZOO_SWEEP_MODELS, check_zoo_model, zoo_table
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(ZOO_SWEEP_MODELS))
+    parser.add_argument("--target", choices=["x86", "x86_vnni", "tensorrt"], default="x86")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batches", type=int, default=2, help="calibration batches (as many again check parity)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "sweep_zoo.json")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    results = []
+    for name in args.models:
+        result = check_zoo_model(
+            name,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            batches=args.batches,
+            target=args.target,
+            seed=args.seed,
+        )
+        results.append(result)
+        print(
+            f"{name:<22} {result.status:<16} {result.quantized_layers}/{result.weight_layers} layers  "
+            f"{result.seconds:6.1f} s",
+            flush=True,
+        )
+        if result.error and result.status.startswith("failed"):
+            print("    " + result.error.replace("\n", "\n    "), flush=True)
+    table = zoo_table(results)
+    print("\n" + table)
+    payload = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "PYTHONPATH=. python scripts/sweep_zoo.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "versions": {"torch": torch.__version__, "lightning_quant": lightning_quant.__version__},
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "results": [r.to_dict() for r in results],
+        "total_seconds": round(sum(r.seconds for r in results), 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(table + "\n")
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.md')} ({time.strftime('%H:%M:%S')})")
+    return 1 if any(r.status.startswith("failed") for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
