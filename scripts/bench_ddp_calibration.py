@@ -52,16 +52,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_model(name: str) -> torch.nn.Module:
-    """The pretrained network when the shared weights are there, else the same architecture, seeded."""
+    """The pretrained network (``resnet20``, ``mobilenet_v2``, ``resnet50``) when the shared weights are there, else
+    the same architecture, seeded."""
     torch.manual_seed(0)
     try:
         if name == "resnet20":
             from lightning_quant.models.cifar_resnet import cifar_resnet
 
             return cifar_resnet(20).eval()
-        from lightning_quant.models.imagenette import resnet50_imagenette
+        from lightning_quant.models import imagenette
 
-        return resnet50_imagenette().eval()
+        return getattr(imagenette, f"{name}_imagenette")().eval()
     except (FileNotFoundError, OSError, ValueError) as error:
         print(f"[bench] no pretrained weights ({error}); random weights", file=sys.stderr)
         if name == "resnet20":
@@ -70,7 +71,7 @@ def build_model(name: str) -> torch.nn.Module:
             return cifar_resnet(20, pretrained=False).eval()
         import torchvision
 
-        return torchvision.models.resnet50(num_classes=10).eval()
+        return getattr(torchvision.models, name)(num_classes=10).eval()
 
 
 def build_batches(name: str, count: int, batch_size: int) -> tuple[list[torch.Tensor], str]:
@@ -88,13 +89,13 @@ def build_batches(name: str, count: int, batch_size: int) -> tuple[list[torch.Te
             from lightning_quant.data import ImagenetteDataModule
             from lightning_quant.models import IMAGENETTE_EVAL_SIZES
 
-            dm = ImagenetteDataModule(batch_size=batch_size, **IMAGENETTE_EVAL_SIZES["resnet50"])
+            dm = ImagenetteDataModule(batch_size=batch_size, **IMAGENETTE_EVAL_SIZES[name])
         dm.setup()
         subset = calibration_subset(dm.val_dataset, count * batch_size, seed=0)
         return [x for x, _ in DataLoader(subset, batch_size=batch_size)], "real val images"
     except (FileNotFoundError, ImportError, ValueError, TypeError) as error:
         print(f"[bench] no shared data ({error}); seeded noise", file=sys.stderr)
-        size = 32 if name == "resnet20" else 128
+        size = 32 if name == "resnet20" else 224
         g = torch.Generator().manual_seed(0)
         return [torch.randn(batch_size, 3, size, size, generator=g) for _ in range(count)], "seeded noise"
 

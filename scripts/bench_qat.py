@@ -1,0 +1,176 @@
+"""QAT training-step cost against the float step: our QAT vs torchao PT2E QAT, same model, batch and optimizer.
+
+One step = forward + cross-entropy + backward + SGD update, on a fixed random batch (the cost does not depend on
+the pixel values). Each (model, method) runs in a fresh process: ``--warmup`` steps, then the median of
+``--steps`` timed steps, and the peak resident set over all steps above the level after building the model
+(sampled every 2 ms). Methods: ``float`` (the plain model), ``ours`` (``prepare(model, scheme_for_target("x86", mode="qat"))``:
+per-channel weight fake-quant, conv+BN kept as a QAT unit with BatchNorm folding simulated, moving-average
+activation ranges), ``pt2e`` (torchao ``prepare_qat_pt2e`` with ``X86InductorQuantizer`` in its QAT config; needs
+``pip install -e ".[bench]"``; reported as not installed otherwise).
+
+Usage:
+    PYTHONPATH=. python scripts/bench_qat.py                                    # mobilenet_v2 and resnet50
+    PYTHONPATH=. python scripts/bench_qat.py --models mobilenet_v2 --batch-size 32 --image-size 224
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_calibration import PeakSampler
+from torch import nn
+
+import lightning_quant
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+METHODS = ("float", "ours", "pt2e")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--models", nargs="+", choices=["mobilenet_v2", "resnet50"], default=["mobilenet_v2", "resnet50"]
+    )
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=128, help="the Imagenette recipes' size")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_qat.json")
+    return parser.parse_args(argv)
+
+
+def build(model_name: str, method: str, example: torch.Tensor) -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, model_name)(num_classes=10).train()
+    if method == "float":
+        return model
+    if method == "ours":
+        from lightning_quant import scheme_for_target
+        from lightning_quant.quantizers import prepare
+
+        qmodel = prepare(model, scheme_for_target("x86", mode="qat"))
+        with torch.no_grad():  # one observed batch so the first timed step is not the initialising one
+            qmodel(example)
+        return qmodel.train()
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=True))
+    exported = torch.export.export(model, (example,)).module()
+    prepared = prepare_qat_pt2e(exported, quantizer)
+    with torch.no_grad():
+        prepared(example)
+    return prepared
+
+
+def _worker(model_name: str, method: str, args: argparse.Namespace, queue: Any) -> None:
+    try:
+        torch.set_num_threads(args.threads)
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)
+        labels = torch.randint(0, 10, (args.batch_size,), generator=generator)
+        model = build(model_name, method, images)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+
+        times = []
+        with PeakSampler() as memory:  # warm-up included: the first step allocates most of the working set
+            for _ in range(args.warmup):
+                step()
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - start)
+        queue.put({"step_s": statistics.median(times), "peak_mb": memory.mb, "error": None})
+    except ImportError as error:
+        queue.put({"error": f"not installed ({error.name or error}); pip install -e '.[bench]'"})
+    except Exception as error:  # noqa: BLE001 - a peer that fails is a row with its error, the run goes on
+        queue.put({"error": f"{type(error).__name__}: {str(error)[:200]}", "trace": traceback.format_exc(limit=-3)})
+
+
+def measure(model_name: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_worker, args=(model_name, method, args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return {"model": model_name, "method": method, **result}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | method | step s | vs float | peak MB | vs float | notes |", "|---|---|---|---|---|---|---|"]
+    floats = {r["model"]: r for r in rows if r["method"] == "float" and not r.get("error")}
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['model']} | {r['method']} | - | - | - | - | {r['error']} |")
+            continue
+        base = floats.get(r["model"])
+        time_ratio = f"{r['step_s'] / base['step_s']:.2f}x" if base else "-"
+        mem_ratio = f"{r['peak_mb'] / base['peak_mb']:.2f}x" if base and base["peak_mb"] > 0 else "-"
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['step_s']:.3f} | {time_ratio} | {r['peak_mb']:.0f} | {mem_ratio} | |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rows = []
+    for model_name in args.models:
+        for method in args.methods:
+            row = measure(model_name, method, args)
+            rows.append(row)
+            shown = row.get("error") or f"{row['step_s']:.3f} s/step, peak {row['peak_mb']:.0f} MB"
+            print(f"[bench] {model_name} {method}: {shown}", file=sys.stderr, flush=True)
+    text = table(rows)
+    print(f"batch {args.batch_size} x 3 x {args.image_size}^2, {args.threads} threads, median of {args.steps}\n{text}")
+    versions = {"torch": torch.__version__, "lightning_quant": lightning_quant.__version__}
+    try:
+        import torchao
+
+        versions["torchao"] = torchao.__version__
+    except ImportError:
+        versions["torchao"] = None
+    payload = {
+        "script": "scripts/bench_qat.py",
+        "command": " ".join(["PYTHONPATH=. python scripts/bench_qat.py", *(sys.argv[1:] if argv is None else argv)]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg": os.getloadavg()},
+        "versions": versions,
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "rows": rows,
+        "table": text,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(text + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
