@@ -3,10 +3,14 @@
 One step = forward + cross-entropy + backward + SGD update, on a fixed random batch (the cost does not depend on
 the pixel values). Each (model, method) runs in a fresh process: ``--warmup`` steps, then the median of
 ``--steps`` timed steps, and the peak resident set over all steps above the level after building the model
-(sampled every 2 ms). Methods: ``float`` (the plain model), ``ours`` (``prepare(model, scheme_for_target("x86", mode="qat"))``:
-per-channel weight fake-quant, conv+BN kept as a QAT unit with BatchNorm folding simulated, moving-average
-activation ranges), ``pt2e`` (torchao ``prepare_qat_pt2e`` with ``X86InductorQuantizer`` in its QAT config; needs
-``pip install -e ".[bench]"``; reported as not installed otherwise).
+(sampled every 2 ms).
+
+Methods:
+* ``float``: the plain model;
+* ``ours``: ``prepare(model, scheme_for_target("x86", mode="qat"))``: per-channel weight fake-quant, conv+BN
+  kept as a QAT unit with BatchNorm folding simulated, moving-average activation ranges;
+* ``pt2e``: torchao ``prepare_qat_pt2e`` with ``X86InductorQuantizer`` in its QAT config (needs
+  ``pip install -e ".[bench]"``; reported as not installed otherwise).
 
 Usage:
     PYTHONPATH=. python scripts/bench_qat.py                                    # mobilenet_v2 and resnet50
