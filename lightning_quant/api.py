@@ -41,6 +41,7 @@ def quantize(
     cross_layer_equalization: bool = False,
     bias_correction: bool = False,
     fast_finetune: bool = False,
+    adaround: bool = False,
 ) -> nn.Module:
     """Post-training quantization: prepare a copy of ``model``, calibrate it, return the fake-quant model.
 
@@ -66,12 +67,15 @@ def quantize(
         fast_finetune: after calibration (and bias correction), run :func:`lightning_quant.algorithms.fast_finetune`
             (AdaQuant, Vitis AI's ``--fast_finetune``) with its defaults on the same batches. Weight scales stay
             as calibrated: the weights are tuned to that grid (see ``docs/algorithms.md``).
+        adaround: after calibration (and bias correction), learn each weight's rounding direction layer by layer
+            (:func:`lightning_quant.algorithms.adaround`, Nagel et al. 2020) on the same batches; before
+            ``fast_finetune`` when both are on. Worth it at 4-6 bit weights.
 
     Raises:
         ValueError: unknown target, empty calibration data, batches the model cannot take, or (with
             ``cross_layer_equalization``) a BatchNorm in training mode or a model torch.fx cannot trace.
         NothingToQuantizeError: no Conv/Linear layer found.
-        NotCalibratedError: (with ``bias_correction``/``fast_finetune``) calibration reached no quantizer.
+        NotCalibratedError: (with ``bias_correction``/``adaround``/``fast_finetune``) calibration reached no quantizer.
     """
     scheme = scheme or scheme_for_target(target, QuantMode.PTQ)
     if cross_layer_equalization:
@@ -86,6 +90,7 @@ def quantize(
         calibration_data,
         bias_correction=bias_correction,
         fast_finetune=fast_finetune,
+        adaround=adaround,
         target=scheme.target,
         transform_fn=transform_fn,
         num_batches=min(num_batches or 4, 4),

@@ -162,6 +162,7 @@ def _build_callback(cfg: DictConfig, dm: pl.LightningDataModule, mode: str | Non
         cross_layer_equalization=q.get("cross_layer_equalization", False),
         bias_correction=q.get("bias_correction", False) and mode == "ptq",
         fast_finetune=q.get("fast_finetune", False) and mode == "ptq",
+        adaround=q.get("adaround", False) and mode == "ptq",
         calibration_batches=q.calibration_batches,
         calibration_data=_calibration_data(cfg, dm),
         calibration_source=q.calibration_source,

@@ -1,5 +1,5 @@
-"""PTQ algorithms: histogram range estimators (``percentile``, ``mse``, ``entropy``), CLE, bias correction and
-fast finetuning (AdaQuant).
+"""PTQ algorithms: histogram range estimators (``percentile``, ``mse``, ``entropy``), CLE, bias correction,
+AdaRound (learned weight rounding), fast finetuning (AdaQuant) and sensitivity analysis.
 
 The estimators register themselves as observers, so a spec selects them by name:
 
@@ -10,6 +10,7 @@ Example:
 """
 
 from lightning_quant.algorithms.adaquant import FastFinetuneReport, LayerTuning, fast_finetune
+from lightning_quant.algorithms.adaround import AdaRoundReport, adaround
 from lightning_quant.algorithms.bias_correction import BiasCorrectionReport, correct_bias
 from lightning_quant.algorithms.cle import CLEReport, equalization_pairs, equalize
 from lightning_quant.algorithms.entropy import EntropyObserver
@@ -19,6 +20,7 @@ from lightning_quant.algorithms.percentile import PercentileObserver
 from lightning_quant.algorithms.sensitivity import QuantizerSensitivity, SensitivityReport, sensitivity_analysis
 
 __all__ = [
+    "AdaRoundReport",
     "BiasCorrectionReport",
     "CLEReport",
     "EntropyObserver",
@@ -29,6 +31,7 @@ __all__ = [
     "PercentileObserver",
     "QuantizerSensitivity",
     "SensitivityReport",
+    "adaround",
     "correct_bias",
     "equalization_pairs",
     "equalize",

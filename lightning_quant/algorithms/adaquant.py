@@ -33,7 +33,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,32 +43,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lightning_quant.algorithms.layerwise import (
+    LayerTuning,
     bounded_inputs,
-    capture_layer,
     check_positive,
-    execution_order,
     layer_forward,
+    layer_targets,
     require_any_calibrated,
-    restore_float_biases,
     weight_layers,
 )
-from lightning_quant.quantizers.prepare import set_fake_quant, set_observers
 
 __all__ = ["FastFinetuneReport", "LayerTuning", "fast_finetune", "quant_layer_output"]
-
-
-@dataclass
-class LayerTuning:
-    """One layer's result on its held samples: MSE to the float target before and after, and whether it was kept.
-
-    ``mse_after`` is the best iterate's error; it equals ``mse_before`` for a reverted layer.
-    """
-
-    name: str
-    mse_before: float
-    mse_after: float
-    kept: bool
-    samples: int
 
 
 @dataclass
@@ -229,23 +212,12 @@ def fast_finetune(
     require_any_calibrated(qmodel, "fast_finetune")
     inputs = bounded_inputs(calibration_data, transform_fn, num_batches, qmodel, "fast_finetune")
     was_training = qmodel.training
-    qmodel.eval()
-    set_observers(qmodel, False)
-    reference = copy.deepcopy(qmodel)  # the float reference: tuning changes the float weights of qmodel itself
-    set_fake_quant(reference, False)
-    restore_float_biases(reference, qmodel)  # undo correct_bias, if it ran: the target is the float model
     report = FastFinetuneReport(steps=steps, lr=lr, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     try:
-        order = execution_order(qmodel, layers, inputs[0])
-        report.skipped.update({n: "not reached by the calibration data" for n in layers if n not in order})
-        for name in tqdm(order, desc="Fast finetune", disable=not progress, leave=False, unit="layer"):
-            layer = layers[name]
-            if not layer.weight_fake_quant.calibrated.item():
-                report.skipped[name] = "weight quantizer not calibrated"
-                continue
-            x = capture_layer(qmodel, layer, inputs, max_samples=max_samples, what="input")
-            y = capture_layer(reference, reference.get_submodule(name), inputs, max_samples=max_samples, what="output")
+        targets = layer_targets(qmodel, inputs, layers, max_samples=max_samples, skipped=report.skipped)
+        bar = tqdm(targets, "Fast finetune", len(layers), leave=False, disable=not progress, unit="layer")
+        for name, layer, x, y in bar:
             tuning = _tune_layer(name, layer, x, y, steps=steps, lr=lr, batch_size=batch_size, generator=generator)
             report.layers.append(tuning)
     finally:

@@ -16,8 +16,10 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,10 +29,11 @@ from torch import nn
 from lightning_quant.calibration import call_model, default_transform, move_to_device
 from lightning_quant.errors import NotCalibratedError
 from lightning_quant.quantizers.modules import QuantConv1d, QuantConv2d, QuantConv3d, QuantConvBn, QuantLinear
-from lightning_quant.quantizers.prepare import iter_quantizers
+from lightning_quant.quantizers.prepare import iter_quantizers, set_fake_quant, set_observers
 
 __all__ = [
     "WEIGHT_LAYERS",
+    "LayerTuning",
     "StopForward",
     "bounded_inputs",
     "capture_layer",
@@ -39,6 +42,7 @@ __all__ = [
     "feed",
     "float_bias",
     "layer_forward",
+    "layer_targets",
     "record_float_bias",
     "require_any_calibrated",
     "restore_float_biases",
@@ -47,6 +51,20 @@ __all__ = [
 
 WEIGHT_LAYERS = (QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear)
 _FLOAT_BIAS = "_lightning_quant_float_bias"
+
+
+@dataclass
+class LayerTuning:
+    """One layer's result on its held samples: MSE to the float target before and after, and whether it was kept.
+
+    ``mse_after`` is the best iterate's error; it equals ``mse_before`` for a reverted layer.
+    """
+
+    name: str
+    mse_before: float
+    mse_after: float
+    kept: bool
+    samples: int
 
 
 class StopForward(Exception):
@@ -266,3 +284,36 @@ def restore_float_biases(model: nn.Module, source: nn.Module) -> None:
         else:
             with torch.no_grad():
                 layer.bias.copy_(bias)
+
+
+def layer_targets(
+    qmodel: nn.Module,
+    inputs: list[Any],
+    layers: dict[str, nn.Module],
+    *,
+    max_samples: int,
+    skipped: dict[str, str],
+) -> Iterator[tuple[str, nn.Module, torch.Tensor, torch.Tensor]]:
+    """For each layer in execution order: ``(name, layer, x, y)``, ``x`` its input in the quantized model (fake-quant
+    on, earlier layers as already refined), ``y`` its output in the float model (a frozen copy taken first, every
+    fake-quant off, biases as before bias correction). At most ``max_samples`` rows of each are held.
+
+    Used by fast finetune and AdaRound, which change one layer at a time before the next one's inputs are captured.
+    Layers the data never reaches, or whose weight quantizer is not calibrated, are recorded in ``skipped``.
+    Observers are switched off on ``qmodel`` (as ``calibrate`` leaves them) and it is put in eval mode.
+    """
+    qmodel.eval()
+    set_observers(qmodel, False)
+    reference = copy.deepcopy(qmodel)  # the float reference: refinement changes the float weights of qmodel itself
+    set_fake_quant(reference, False)
+    restore_float_biases(reference, qmodel)  # undo correct_bias, if it ran: the target is the float model
+    order = execution_order(qmodel, layers, inputs[0])
+    skipped.update({n: "not reached by the calibration data" for n in layers if n not in order})
+    for name in order:
+        layer = layers[name]
+        if not layer.weight_fake_quant.calibrated.item():
+            skipped[name] = "weight quantizer not calibrated"
+            continue
+        x = capture_layer(qmodel, layer, inputs, max_samples=max_samples, what="input")
+        y = capture_layer(reference, reference.get_submodule(name), inputs, max_samples=max_samples, what="output")
+        yield name, layer, x, y

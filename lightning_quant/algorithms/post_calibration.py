@@ -1,5 +1,5 @@
 """What runs after calibration, in one place for ``quantize()`` and ``QuantCallback``: bias correction, the DPU's
-shift constraints, then fast finetune (AdaQuant, Vitis AI's ``--fast_finetune``).
+shift constraints, AdaRound (learned weight rounding), then fast finetune (AdaQuant, Vitis AI's ``--fast_finetune``).
 
 Example:
     >>> import torch
@@ -31,6 +31,7 @@ def refine_calibrated(
     *,
     bias_correction: bool = False,
     fast_finetune: bool = False,
+    adaround: bool = False,
     target: Target | str | None = None,
     transform_fn: Callable[[Any], Any] | None = None,
     num_batches: int = 4,
@@ -38,22 +39,22 @@ def refine_calibrated(
 ) -> list[str]:
     """Refine a calibrated PTQ model in place; returns the steps that ran, in order.
 
-    Order: bias correction, then (``target="dpu"``) the DPU's shift constraints, then fast finetune, so that
-    tuning sees the final, frozen scales.
+    Order: bias correction, then (``target="dpu"``) the DPU's shift constraints, then AdaRound, then fast
+    finetune, so that rounding and tuning see the final, frozen scales.
 
     Raises:
-        NotCalibratedError: (bias correction / fast finetune) the model was not calibrated.
+        NotCalibratedError: (bias correction / AdaRound / fast finetune) the model was not calibrated.
         ValueError: a QAT model or a model ``prepare()`` did not produce (named by the algorithm).
     """
     tune = dict(transform_fn=transform_fn, num_batches=num_batches, progress=progress)
     # Lightning calls the callback inside ``torch.inference_mode()`` (validate/test); fast finetune needs autograd and
     # tensors it can save for backward, so leave inference mode for the refinement.
     with torch.inference_mode(False):
-        return _refine(qmodel, calibration_data, bias_correction, fast_finetune, target, tune)
+        return _refine(qmodel, calibration_data, bias_correction, adaround, fast_finetune, target, tune)
 
 
 def _refine(
-    qmodel: nn.Module, calibration_data: Iterable[Any], bias_correction: bool, fast_finetune: bool,
+    qmodel: nn.Module, calibration_data: Iterable[Any], bias_correction: bool, adaround: bool, fast_finetune: bool,
     target: Target | str | None, tune: dict[str, Any],
 ) -> list[str]:  # fmt: skip
     steps = []
@@ -65,6 +66,11 @@ def _refine(
     if target is not None and Target(target) is Target.DPU:
         _enforce_dpu_shifts(qmodel)
         steps.append("dpu_shifts")
+    if adaround:
+        from lightning_quant.algorithms.adaround import adaround as _adaround
+
+        _adaround(qmodel, calibration_data, **tune)
+        steps.append("adaround")
     if fast_finetune:
         from lightning_quant.algorithms.adaquant import fast_finetune as _fast_finetune
 

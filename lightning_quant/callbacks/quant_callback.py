@@ -75,6 +75,8 @@ class QuantCallback(Callback):
             the first 4 calibration batches (:func:`lightning_quant.algorithms.correct_bias`).
         fast_finetune: (PTQ) after calibration, tune weights layer by layer against the float outputs
             (AdaQuant, Vitis AI's ``--fast_finetune``; :func:`lightning_quant.algorithms.fast_finetune`).
+        adaround: (PTQ) after calibration, learn each weight's rounding direction layer by layer
+            (:func:`lightning_quant.algorithms.adaround`); runs before ``fast_finetune`` when both are on.
 
     Raises:
         ValueError: unknown mode/target/source, negative ``calibration_batches``, ``calibration_source='calibration'``
@@ -100,6 +102,7 @@ class QuantCallback(Callback):
         cross_layer_equalization: bool = False,
         bias_correction: bool = False,
         fast_finetune: bool = False,
+        adaround: bool = False,
     ) -> None:
         super().__init__()
         self.mode: QuantMode = _coerce_enum(QuantMode, mode, "mode")  # type: ignore[assignment]
@@ -125,13 +128,14 @@ class QuantCallback(Callback):
         self.report = report
         self.progress = progress
         self.cross_layer_equalization = bool(cross_layer_equalization)
-        if self.mode is QuantMode.QAT and (bias_correction or fast_finetune):
+        if self.mode is QuantMode.QAT and (bias_correction or fast_finetune or adaround):
             raise ValueError(
-                "bias_correction / fast_finetune refine a PTQ calibration; QAT trains the weights itself. Use "
-                "mode='ptq' with them, or drop them for mode='qat'."
+                "bias_correction / fast_finetune / adaround refine a PTQ calibration; QAT trains the weights itself. "
+                "Use mode='ptq' with them, or drop them for mode='qat'."
             )
         self.bias_correction = bool(bias_correction)
         self.fast_finetune = bool(fast_finetune)
+        self.adaround = bool(adaround)
         self.last_report: QuantReport | None = None
         self.calibration_seconds: float | None = None  # wall time of the last calibration pass
         self._report_inputs: Any = None
@@ -201,6 +205,7 @@ class QuantCallback(Callback):
                 loader,
                 bias_correction=self.bias_correction,
                 fast_finetune=self.fast_finetune,
+                adaround=self.adaround,
                 target=self.scheme.target,
                 transform_fn=self.transform_fn,
                 num_batches=min(self.calibration_batches, 4),
@@ -366,6 +371,7 @@ class QuantCallback(Callback):
             "cross_layer_equalization": self.cross_layer_equalization,
             "bias_correction": self.bias_correction,
             "fast_finetune": self.fast_finetune,
+            "adaround": self.adaround,
         }
 
     @override

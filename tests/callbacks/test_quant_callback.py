@@ -295,16 +295,20 @@ def test_post_calibration_refinements_run_in_a_trainer(tmp_path):
     assert callback.state_dict()["bias_correction"] is True
 
 
-@pytest.mark.parametrize("stage", ["validate", "test"])
-def test_fast_finetune_runs_under_lightning_inference_mode(tmp_path, stage):
-    # validate/test run callbacks inside torch.inference_mode(); fast finetune needs autograd there.
+@pytest.mark.parametrize(
+    ("stage", "refinement"), [("validate", "fast_finetune"), ("test", "fast_finetune"), ("validate", "adaround")]
+)
+def test_fast_finetune_runs_under_lightning_inference_mode(tmp_path, stage, refinement):
+    # validate/test run callbacks inside torch.inference_mode(); fast finetune and AdaRound need autograd there.
     tuned, plain = lit(), lit()
-    callback = QuantCallback(mode="ptq", calibration_batches=2, fast_finetune=True, progress=False, report=False)
+    callback = QuantCallback(mode="ptq", calibration_batches=2, progress=False, report=False, **{refinement: True})
     getattr(make_trainer(tmp_path, callback), stage)(tuned, datamodule=TinyDataModule())
     assert not tuned.model.conv1.weight.is_inference()
     assert not torch.equal(tuned.model.conv1.weight, plain.model.conv1.weight)  # the weights were tuned
 
 
 def test_refinements_refused_for_qat():
-    with pytest.raises(ValueError, match="bias_correction / fast_finetune refine a PTQ calibration"):
+    with pytest.raises(ValueError, match="bias_correction / fast_finetune / adaround refine a PTQ calibration"):
         QuantCallback(mode="qat", fast_finetune=True)
+    with pytest.raises(ValueError, match="adaround refine a PTQ calibration"):
+        QuantCallback(mode="qat", adaround=True)

@@ -1,0 +1,684 @@
+"""Side-by-side PTQ benchmark: lightning_quant against NNCF, torchao PT2E, MCT and onnxruntime ``quantize_static``.
+
+Protocol (the same for every method, not tuned per tool):
+- models: MobileNetV2 and ResNet50 (Imagenette), ResNet-20/56 (CIFAR-10), pretrained weights from ``<shared>/weights``;
+- calibration: ``--calibration-size`` (512) images of the *train* split, seeded subset
+  (:func:`lightning_quant.data.calibration_subset`, seed ``--seed``), batches of 32 (NNCF: single images, its
+  documented recommendation, ``subset_size`` = all of them);
+- evaluation: the whole val/test split (``--limit-eval N``: a seeded subset of N images; the JSON marks it partial),
+  each tool's model run where the tool runs it: ours, NNCF, PT2E and MCT in torch (fake-quant / reference q-dq ops),
+  onnxruntime ``quantize_static`` in onnxruntime;
+- images are decoded once into uint8 arrays and normalized on the fly with exactly the ops of ToTensor + Normalize,
+  so every method sees bit-identical inputs (checked at start-up against the datasets' own transform).
+
+Methods: ``ours`` (the model's best default recipe: ``x86`` target, 7-bit per-channel weights, uint8 activations,
+min/max ranges; ResNet50 99.9th-percentile activation ranges as ``recipes/recipe/resnet50_ptq_imagenette.yaml``),
+``ours_per_tensor`` (same with per-tensor weights), ``ours_pow2`` (power-of-two scales, symmetric int8 activations),
+``nncf`` (``nncf.quantize`` defaults), ``pt2e`` (``torch.export`` + ``prepare_pt2e`` with torchao's
+``X86InductorQuantizer`` default config + ``convert_pt2e``), ``mct`` (``mct.ptq.pytorch_post_training_quantization``
+defaults), ``ort`` (float ONNX -> ``quant_pre_process`` -> ``quantize_static``: QDQ, per-channel, QUInt8 activations,
+QInt8 weights, MinMax). A ``float`` row is always measured first (torch top-1, FP32 ONNX latency and size).
+
+Each method runs in a fresh ``spawn`` subprocess, so a missing peer is a "not installed" row, a crashing one a row
+with its error, and memory is measured per method. Calibration s: wall time of the tool's quantization call
+(ours: ``quantize``; ORT: ``quant_pre_process`` + ``quantize_static``, the float ONNX export excluded).
+Peak RSS MB: growth of the process's peak resident set during that call (``/proc/self/clear_refs`` resets
+``VmHWM`` to the current RSS after model and calibration images are loaded; the number is ``VmHWM`` after the call
+minus ``VmRSS`` before it). ONNX INT8 ms: onnxruntime CPU provider, batch 1, ``--threads`` intra-op threads, median
+of ``--latency-runs`` runs after 5 warm-up runs, measured right after that method's export (the machine's load
+average is recorded with each row).
+
+Usage:
+    PYTHONPATH=. .venv-bench/bin/python scripts/bench_peers.py --smoke
+    PYTHONPATH=. .venv-bench/bin/python scripts/bench_peers.py --models resnet20 resnet56 mobilenet_v2
+    PYTHONPATH=. .venv-bench/bin/python scripts/bench_peers.py --models resnet50 --methods ours ort --limit-eval 1000
+Writes ``--out`` (default ``scripts/results/bench_peers.json``) and the table beside it (``.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import importlib.util
+import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)  # ImageNet mean/std: every model here uses them
+STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+MODELS: dict[str, dict[str, Any]] = {
+    "mobilenet_v2": {"data": "imagenette", "recipe": "mobilenetv2_ptq_imagenette", "act": {}},
+    "resnet50": {
+        "data": "imagenette",
+        "recipe": "resnet50_ptq_imagenette",
+        "act": {"activation_observer": "percentile", "activation_percentile": 99.9},
+    },
+    "resnet20": {"data": "cifar10", "recipe": "resnet20_ptq_cifar10", "act": {}},
+    "resnet56": {"data": "cifar10", "recipe": "resnet20_ptq_cifar10 settings (no resnet56 recipe)", "act": {}},
+}
+METHODS = ("ours", "ours_per_tensor", "ours_pow2", "nncf", "pt2e", "mct", "ort")
+PEERS = {"nncf": "nncf", "pt2e": "torchao", "mct": "model_compression_toolkit", "ort": "onnxruntime.quantization"}
+PIP_NAMES = {"nncf": "nncf", "pt2e": "torchao", "mct": "model-compression-toolkit", "ort": "onnxruntime"}
+VERSIONED = ("lightning-quant", "torch", "torchvision", "onnx", "onnxruntime", "nncf", "torchao")
+VERSIONED += ("model-compression-toolkit", "mct-quantizers", "numpy")
+CALIB_BATCH = 32
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), help="default: all; smoke: resnet20")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--calibration-size", type=int, default=512, help="train images, the same for every method")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration subset (and of --limit-eval)")
+    parser.add_argument("--limit-eval", type=int, default=None, help="evaluate a seeded subset of N images (partial)")
+    parser.add_argument("--smoke", action="store_true", help="wiring check: 32 calibration / 64 eval images, 3 runs")
+    parser.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads")
+    parser.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
+    parser.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 onnxruntime runs per model")
+    parser.add_argument("--method-timeout", type=float, default=3600.0, help="seconds before a method is stopped")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep decoded data and .onnx files here")
+    parser.add_argument("--out", type=Path, default=None, help="default: scripts/results/bench_peers.json")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.calibration_size = min(args.calibration_size, 32)
+        args.limit_eval = min(args.limit_eval or 64, 64)
+        args.latency_runs = min(args.latency_runs, 3)
+        args.models = args.models or ["resnet20"]
+    args.models = args.models or list(MODELS)
+    if args.out is None:  # a smoke run never overwrites the measured results
+        smoke_out = Path(tempfile.gettempdir()) / "bench_peers_smoke.json"
+        args.out = smoke_out if args.smoke else RESULTS_DIR / "bench_peers.json"
+    return args
+
+
+# ------------------------------------------------------------------------------------------------- environment
+def cpu_info() -> dict[str, Any]:
+    """CPU model, core count and the int8 dot-product extensions onnxruntime's kernels care about."""
+    name, flags = platform.processor() or "unknown", set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    vnni = sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    return {"cpu": name, "cores": os.cpu_count(), "avx2": "avx2" in flags, "vnni": vnni or "none"}
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in VERSIONED:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def installed(method: str) -> bool:
+    module = PEERS.get(method)
+    if module is None:
+        return True
+    with contextlib.suppress(ModuleNotFoundError, ValueError):
+        return importlib.util.find_spec(module) is not None
+    return False
+
+
+# -------------------------------------------------------------------------------------------------------- data
+def _raw_datasets(name: str) -> tuple[Any, Any]:
+    """(train_eval, val) datasets of the model's data, transform cut to uint8 pixels after resize/crop."""
+    from torchvision import transforms
+
+    if MODELS[name]["data"] == "cifar10":
+        from lightning_quant.data import CIFAR10DataModule
+
+        datasets = CIFAR10DataModule(num_workers=0).build_datasets()
+    else:
+        from lightning_quant.data import imagenette_datasets
+        from lightning_quant.models import IMAGENETTE_EVAL_SIZES
+
+        datasets = imagenette_datasets(**IMAGENETTE_EVAL_SIZES[name])
+    for key in ("train_eval", "val"):
+        full = datasets[key].transform
+        geometric = list(full.transforms[:-2])  # everything before ToTensor + Normalize
+        assert [type(t).__name__ for t in full.transforms[-2:]] == ["ToTensor", "Normalize"], full
+        datasets[key].transform = transforms.Compose([*geometric, transforms.PILToTensor()])
+        datasets[key].full_transform = full
+    return datasets["train_eval"], datasets["val"]
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW pixels -> model input, with the same float ops as ToTensor + Normalize (bit-identical)."""
+    return pixels.float().div(255).sub_(MEAN).div_(STD)
+
+
+def _decode(dataset: Any) -> tuple[np.ndarray, np.ndarray]:
+    from torch.utils.data import DataLoader
+
+    xs, ys = [], []
+    for x, y in DataLoader(dataset, batch_size=256, num_workers=2):
+        xs.append(x.numpy())
+        ys.append(y.numpy())
+    return np.concatenate(xs), np.concatenate(ys).astype(np.int64)
+
+
+def prepare_data(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Decode the calibration subset and the evaluation images once into ``workdir/<name>_*.npy``."""
+    from lightning_quant.data import calibration_subset
+
+    train, val = _raw_datasets(name)
+    calib = calibration_subset(train, args.calibration_size, seed=args.seed)
+    evaluation = calibration_subset(val, args.limit_eval, seed=args.seed) if args.limit_eval else val
+    for ds, base in ((calib, train), (evaluation, val)):  # the uint8 route must equal the datasets' own transform
+        index = ds.indices[0] if hasattr(ds, "indices") else 0
+        expected = base.full_transform(base.loader(base.samples[index][0]))
+        if not torch.equal(normalize(base[index][0].unsqueeze(0))[0], expected):
+            raise RuntimeError(f"{name}: uint8 + normalize differs from the dataset transform; fix normalize()")
+    paths = {}
+    for key, ds in (("calib", calib), ("val", evaluation)):
+        x, y = _decode(ds)
+        paths[f"{key}_x"], paths[f"{key}_y"] = workdir / f"{name}_{key}_x.npy", workdir / f"{name}_{key}_y.npy"
+        np.save(paths[f"{key}_x"], x)
+        np.save(paths[f"{key}_y"], y)
+    return {k: str(v) for k, v in paths.items()} | {"eval_images": len(evaluation), "val_split": len(val)}
+
+
+class Data:
+    """What a worker needs: calibration batches (float, in memory) and the evaluation split (uint8, memory-mapped)."""
+
+    def __init__(self, paths: dict[str, Any], batch_size: int) -> None:
+        calib = torch.from_numpy(np.load(paths["calib_x"]))
+        self.calib = [normalize(calib[i : i + CALIB_BATCH]) for i in range(0, len(calib), CALIB_BATCH)]
+        self.val_x = np.load(paths["val_x"], mmap_mode="r")
+        self.val_y = np.load(paths["val_y"])
+        self.batch_size = batch_size
+
+    def eval_batches(self) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        for i in range(0, len(self.val_y), self.batch_size):
+            yield (
+                normalize(torch.from_numpy(np.ascontiguousarray(self.val_x[i : i + self.batch_size]))),
+                self.val_y[i : i + self.batch_size],
+            )
+
+    def example(self, batch: int = 1) -> torch.Tensor:
+        return normalize(torch.from_numpy(np.ascontiguousarray(self.val_x[:batch])))
+
+
+# ------------------------------------------------------------------------------------------------- measurement
+def build_model(name: str) -> torch.nn.Module:
+    if MODELS[name]["data"] == "cifar10":
+        from lightning_quant.models import cifar_resnet
+
+        return cifar_resnet(int(name.removeprefix("resnet"))).eval()
+    from lightning_quant.models import IMAGENETTE_MODELS
+
+    return IMAGENETTE_MODELS[name]().eval()
+
+
+def evaluate(predict: Callable[[torch.Tensor], Any], data: Data) -> dict[str, Any]:
+    """Top-1 (percent) of ``predict`` (a batch of inputs -> logits, tensor or array) over the evaluation images."""
+    correct = seen = 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for x, y in data.eval_batches():
+            logits = predict(x)
+            logits = logits.detach().numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+    return {"top1": 100.0 * correct / seen, "eval_images": seen, "eval_s": time.perf_counter() - start}
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+@contextlib.contextmanager
+def calibration_cost(result: dict[str, Any]) -> Iterator[None]:
+    """Wall time and peak-RSS growth of the block, into ``result`` (``calibration_s``, ``peak_rss_mb``)."""
+    reset = True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (the peak RSS) to the current RSS
+    except OSError:
+        reset = False
+    before = _status_kb("VmRSS")
+    start = time.perf_counter()
+    yield
+    result["calibration_s"] = time.perf_counter() - start
+    result["peak_rss_mb"] = (_status_kb("VmHWM") - before) / 1024 if reset else None
+    result["rss_before_mb"] = before / 1024
+
+
+def ort_session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_predict(session: Any) -> Callable[[torch.Tensor], np.ndarray]:
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x.numpy()})[0]
+
+
+def onnx_cost(path: Path, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
+    """File size and batch-1 latency (median of ``latency_runs`` after 5 warm-up runs) of an ONNX file."""
+    session = ort_session(path, opts["threads"])
+    name, x = session.get_inputs()[0].name, data.example(1).numpy()
+    for _ in range(5):
+        session.run(None, {name: x})
+    times = []
+    for _ in range(opts["latency_runs"]):
+        start = time.perf_counter()
+        session.run(None, {name: x})
+        times.append((time.perf_counter() - start) * 1e3)
+    return {
+        "onnx_ms": statistics.median(times),
+        "onnx_ms_p10_p90": [float(np.percentile(times, 10)), float(np.percentile(times, 90))],
+        "onnx_mb": path.stat().st_size / 2**20,
+        "loadavg_at_latency": round(os.getloadavg()[0], 2),
+    }
+
+
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message`` without terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()
+    return f"{type(error).__name__}: {(text[0] if text else '')[:limit]}"
+
+
+def attempt(result: dict[str, Any], what: str, fn: Callable[[], dict[str, Any]]) -> None:
+    """Run an optional step (an export); a failure becomes a note instead of failing the row."""
+    try:
+        result.update(fn())
+    except Exception as error:  # noqa: BLE001 - peer exporters raise anything; the row records it
+        result["notes"].append(f"{what} failed: {first_line(error)}")
+
+
+# ----------------------------------------------------------------------------------------------------- methods
+def run_float(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
+    from lightning_quant.export import export_float_onnx
+
+    model = build_model(name)
+    result = evaluate(model, data) | {"notes": ["FP32 model in torch; ONNX: FP32 export"]}
+    path = Path(opts["workdir"]) / f"{name}_fp32.onnx"
+    attempt(result, "float ONNX export", lambda: onnx_cost(export_float_onnx(model, path, data.example(1)), data, opts))
+    return result
+
+
+def ours_scheme(name: str, variant: str) -> Any:
+    from lightning_quant import scheme_for_target
+
+    overrides = dict(MODELS[name]["act"])
+    if variant == "ours_per_tensor":
+        overrides["weight_granularity"] = "per_tensor"
+    elif variant == "ours_pow2":
+        overrides |= {"weight_scale_type": "power_of_two", "activation_scale_type": "power_of_two"}
+        overrides |= {"activation_symmetric": True, "activation_signed": True}
+    return scheme_for_target("x86", **overrides)
+
+
+def run_ours(name: str, data: Data, opts: dict[str, Any], variant: str = "ours") -> dict[str, Any]:
+    from lightning_quant import export_onnx, quantize
+
+    model, scheme = build_model(name), ours_scheme(name, variant)
+    result: dict[str, Any] = {"notes": [f"recipe {MODELS[name]['recipe']}" if variant == "ours" else variant]}
+    w, a = scheme.weight, scheme.activation
+    result["notes"].append(
+        f"w {w.bits}-bit {w.granularity.value} {w.scale_type.value}, a {'u' if not a.signed else ''}int8 "
+        f"{'sym' if a.symmetric else 'asym'} {a.scale_type.value} {a.observer}"
+        + (f" {a.percentile}" if a.observer == "percentile" else "")
+    )
+    with calibration_cost(result):
+        qmodel = quantize(model, data.calib, scheme=scheme, progress=False)
+    result |= evaluate(qmodel, data)
+    path = Path(opts["workdir"]) / f"{name}_{variant}.onnx"
+    attempt(result, "export_onnx", lambda: onnx_cost(export_onnx(qmodel, path, data.example(8)), data, opts))
+    return result
+
+
+def run_ours_per_tensor(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
+    return run_ours(name, data, opts, "ours_per_tensor")
+
+
+def run_ours_pow2(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
+    return run_ours(name, data, opts, "ours_pow2")
+
+
+def run_nncf(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
+    import nncf
+
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")  # its 60 s default is shorter than a 2-core build
+    with contextlib.suppress(ImportError):  # build (once, cached) and load the C++ CPU kernels before timing
+        from nncf.torch.quantization.extensions import QuantizedFunctionsCPULoader
+
+        QuantizedFunctionsCPULoader.load()
+    model = build_model(name)
+    singles = [x[i : i + 1] for x in data.calib for i in range(len(x))]  # NNCF recommends batch-1 items
+    result: dict[str, Any] = {"notes": [f"nncf.quantize defaults, {len(singles)} batch-1 items = subset_size"]}
+    with calibration_cost(result):
+        qmodel = nncf.quantize(model, nncf.Dataset(singles), subset_size=len(singles))
+    result |= evaluate(qmodel, data)
+    path = Path(opts["workdir"]) / f"{name}_nncf.onnx"
+
+    def export() -> dict[str, Any]:
+        from nncf.torch.quantization.layers import QuantizerExportMode
+
+        for module in qmodel.modules():  # the default FakeQuantize export is an OpenVINO op onnxruntime cannot run
+            if hasattr(module, "set_export_mode"):
+                module.set_export_mode(QuantizerExportMode.ONNX_QUANTIZE_DEQUANTIZE_PAIRS)
+        torch.onnx.export(qmodel, (data.example(1),), str(path), dynamo=False, opset_version=13)
+        result["notes"].append("ONNX: torch.onnx.export (TorchScript exporter), NNCF's Q/DQ-pair export mode")
+        return onnx_cost(path, data, opts)
+
+    attempt(result, "ONNX export", export)
+    return result
+
+
+def run_pt2e(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    model = build_model(name)
+    result: dict[str, Any] = {"notes": ["X86InductorQuantizer default config; converted model run in torch eager"]}
+    with calibration_cost(result):
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        exported = torch.export.export(model, (data.calib[0],), dynamic_shapes=({0: batch},)).module()
+        quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(exported, quantizer)
+        with torch.no_grad():
+            for x in data.calib:
+                prepared(x)
+        qmodel = convert_pt2e(prepared)
+    result |= evaluate(qmodel, data)
+    result["notes"].append("no ONNX: PT2E deploys through torch.compile/inductor (not timed here)")
+    return result
+
+
+def run_mct(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
+    import model_compression_toolkit as mct
+
+    model = build_model(name)
+    result: dict[str, Any] = {"notes": ["mct.ptq.pytorch_post_training_quantization defaults (IMX500 TPC)"]}
+
+    def representative() -> Iterator[list[torch.Tensor]]:
+        for x in data.calib:
+            yield [x]
+
+    with calibration_cost(result):
+        qmodel, _ = mct.ptq.pytorch_post_training_quantization(model, representative)
+    qmodel.eval()
+    result |= evaluate(lambda x: qmodel(x.to(next(qmodel.parameters()).device)).cpu(), data)
+    path = Path(opts["workdir"]) / f"{name}_mct.onnx"
+
+    def export() -> dict[str, Any]:
+        mct.exporter.pytorch_export_model(
+            qmodel,
+            save_model_path=str(path),
+            repr_dataset=lambda: iter([[data.example(1)]]),
+            quantization_format=mct.exporter.QuantizationFormat.FAKELY_QUANT,
+        )
+        result["notes"].append("ONNX: MCT FAKELY_QUANT export (weights stored as float)")
+        return onnx_cost(path, data, opts)
+
+    attempt(result, "ONNX export", export)
+    return result
+
+
+def run_ort(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from lightning_quant.export import export_float_onnx
+
+    work = Path(opts["workdir"])
+    fp32 = export_float_onnx(build_model(name), work / f"{name}_ort_fp32.onnx", data.example(1))
+    pre, path = work / f"{name}_ort_pre.onnx", work / f"{name}_ort_int8.onnx"
+    input_name = ort_session(fp32, 1).get_inputs()[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(data.calib)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            x = next(self.batches, None)
+            return None if x is None else {input_name: x.numpy()}
+
+    result: dict[str, Any] = {"notes": ["quant_pre_process + quantize_static QDQ, per-channel, U8 act / S8 w, MinMax"]}
+    with calibration_cost(result):
+        quant_pre_process(str(fp32), str(pre))
+        quantize_static(
+            str(pre),
+            str(path),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+    result |= evaluate(ort_predict(ort_session(path, opts["threads"])), data)
+    result["notes"].append("evaluated in onnxruntime (fused integer kernels)")
+    result |= onnx_cost(path, data, opts)
+    return result
+
+
+RUNNERS: dict[str, Callable[[str, Data, dict[str, Any]], dict[str, Any]]] = {
+    "float": run_float,
+    "ours": run_ours,
+    "ours_per_tensor": run_ours_per_tensor,
+    "ours_pow2": run_ours_pow2,
+    "nncf": run_nncf,
+    "pt2e": run_pt2e,
+    "mct": run_mct,
+    "ort": run_ort,
+}
+
+
+# ---------------------------------------------------------------------------------------------------- isolation
+def _worker(name: str, method: str, paths: dict[str, Any], opts: dict[str, Any], conn: Any) -> None:
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(opts["threads"])
+    try:
+        result = RUNNERS[method](name, Data(paths, opts["batch_size"]), opts) | {"status": "ok"}
+    except ImportError as error:
+        result = {"status": "not installed", "notes": [f"{type(error).__name__}: {error}"]}
+    except Exception as error:  # noqa: BLE001 - a crashing peer becomes a row with its error
+        tb = traceback.format_exc(limit=-3)
+        result = {"status": "error", "notes": [first_line(error, 300)]}
+        result["traceback"] = tb
+    conn.send(result)
+    conn.close()
+
+
+def run_isolated(name: str, method: str, paths: dict[str, Any], opts: dict[str, Any], timeout: float) -> dict:
+    """Run one method in a fresh spawned process; a timeout or a hard crash becomes an error row."""
+    if not installed(method):
+        return {"status": "not installed", "notes": [f"pip install {PIP_NAMES[method]} (or '.[bench]')"]}
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_worker, args=(name, method, paths, opts, child), daemon=True)
+    start = time.perf_counter()
+    proc.start()
+    child.close()
+    result: dict[str, Any] | None = None
+    if parent.poll(timeout):
+        with contextlib.suppress(EOFError):
+            result = parent.recv()
+    proc.join(30)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    if result is None:
+        why = f"timed out after {timeout:.0f} s" if time.perf_counter() - start >= timeout else "process died"
+        result = {"status": "error", "notes": [f"{why} (exit code {proc.exitcode})"]}
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------- report
+COLUMNS = (
+    "model",
+    "method",
+    "top-1 %",
+    "drop vs float (points)",
+    "calibration s",
+    "peak RSS MB",
+    "ONNX INT8 ms (b1, median)",
+    "ONNX MB",
+    "notes",
+)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def annotate_losses(rows: list[dict[str, Any]]) -> None:
+    """Add "we lose" notes to each ``ours`` row: peers with higher top-1, lower latency or a smaller file."""
+    for row in (r for r in rows if r["method"] == "ours" and r["status"] == "ok"):
+        peers = [r for r in rows if r["model"] == row["model"] and r["method"] in PEERS and r["status"] == "ok"]
+        for peer in peers:
+            if peer["top1"] > row["top1"]:
+                row["notes"].append(f"LOSS: {peer['method']} top-1 +{peer['top1'] - row['top1']:.2f}")
+            if peer.get("onnx_ms") and row.get("onnx_ms") and peer["onnx_ms"] < row["onnx_ms"]:
+                row["notes"].append(f"LOSS: {peer['method']} ONNX {row['onnx_ms'] - peer['onnx_ms']:.2f} ms faster")
+            if peer.get("onnx_mb") and row.get("onnx_mb") and peer["onnx_mb"] < row["onnx_mb"]:
+                smaller = row["onnx_mb"] - peer["onnx_mb"]
+                row["notes"].append(f"LOSS: {peer['method']} ONNX file {smaller:.2f} MB smaller")
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        ok = r["status"] == "ok"
+        notes = "; ".join(r.get("notes", [])) if ok else f"**{r['status']}**: " + "; ".join(r.get("notes", []))
+        cells = [
+            r["model"],
+            r["method"],
+            _fmt(r.get("top1"), ".2f"),
+            _fmt(r.get("drop_points"), "+.2f") if r["method"] != "float" else "-",
+            _fmt(r.get("calibration_s"), ".1f"),
+            _fmt(r.get("peak_rss_mb"), ".0f"),
+            _fmt(r.get("onnx_ms"), ".2f"),
+            _fmt(r.get("onnx_mb"), ".2f"),
+            notes.replace("|", "/"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    env, cpu = result["versions"], result["machine"]
+    peer_versions = ", ".join(f"{k} {env[k]}" for k in VERSIONED if k in env)
+    partial = [f"{m}: {d['eval_images']} of {d['val_split']}" for m, d in result["data"].items() if d["partial"]]
+    head = [
+        f"Command: `{result['command']}`  ",
+        f"Date (UTC): {result['date_utc']}; machine: {cpu['cpu']}, {cpu['cores']} cores, VNNI: {cpu['vnni']}; "
+        f"load average at start / end: {result['loadavg_start']} / {result['loadavg_end']}  ",
+        f"Versions: {peer_versions}  ",
+        f"Calibration: {result['calibration_size']} train images (seed {result['seed']}); evaluation: "
+        + ("partial, " + "; ".join(partial) if partial else "the whole val/test split"),
+        "",
+    ]
+    if not result.get("complete"):
+        head.insert(-1, "**Incomplete run**: stopped before every model and method was measured; these rows are all.")
+    return "\n".join(head) + table(result["rows"]) + "\n"
+
+
+def finish_rows(rows: list[dict[str, Any]]) -> None:
+    floats = {r["model"]: r.get("top1") for r in rows if r["method"] == "float" and r["status"] == "ok"}
+    for r in rows:
+        if r["method"] != "float" and r.get("top1") is not None and floats.get(r["model"]) is not None:
+            r["drop_points"] = floats[r["model"]] - r["top1"]
+    annotate_losses(rows)
+
+
+def print_row(r: dict[str, Any]) -> None:
+    print(
+        f"  {r['model']:<13} {r['method']:<16} {r['status']:<13} top-1 {_fmt(r.get('top1'), '6.2f')}  "
+        f"calib {_fmt(r.get('calibration_s'), '7.1f')} s  rss {_fmt(r.get('peak_rss_mb'), '6.0f')} MB  "
+        f"onnx {_fmt(r.get('onnx_ms'), '6.2f')} ms  ({r['wall_s']:.0f} s)",
+        flush=True,
+    )
+    if r["status"] != "ok":
+        print("    " + "; ".join(r.get("notes", [])), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cmd = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    result: dict[str, Any] = {
+        "command": f"PYTHONPATH=. python scripts/{cmd}",
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": cpu_info(),
+        "versions": versions(),
+        "threads": args.threads,
+        "calibration_size": args.calibration_size,
+        "calibration_split": "train",
+        "seed": args.seed,
+        "smoke": args.smoke,
+        "limit_eval": args.limit_eval,
+        "python_executable": sys.executable,
+        "complete": False,
+        "loadavg_start": round(os.getloadavg()[0], 2),
+        "data": {},
+        "rows": [],
+    }
+    opts = {"threads": args.threads, "batch_size": args.batch_size, "latency_runs": args.latency_runs}
+    with contextlib.ExitStack() as stack:
+        workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_peers_")))
+        workdir.mkdir(parents=True, exist_ok=True)
+        opts["workdir"] = str(workdir)
+        for name in args.models:
+            start = time.perf_counter()
+            paths = prepare_data(name, args, workdir)
+            info = {k: paths[k] for k in ("eval_images", "val_split")}
+            result["data"][name] = info | {"partial": info["eval_images"] < info["val_split"]}
+            print(f"{name}: {info['eval_images']} eval images, data ready in {time.perf_counter() - start:.0f} s")
+            for method in ("float", *args.methods):
+                row = {"model": name, "method": method} | run_isolated(name, method, paths, opts, args.method_timeout)
+                row["partial"] = result["data"][name]["partial"]
+                result["rows"].append(row)
+                print_row(row)
+                write_results(result, args.out)  # after every row: a long run that is stopped keeps what it measured
+    result["complete"] = True
+    write_results(result, args.out)
+    print("\n" + table(json.loads(args.out.read_text())["rows"]))
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    return 0
+
+
+def write_results(result: dict[str, Any], out: Path) -> None:
+    """JSON and Markdown table of the rows measured so far (drops and loss notes recomputed from the raw rows)."""
+    rows = [dict(r, notes=list(r.get("notes", []))) for r in result["rows"]]
+    finish_rows(rows)
+    final = result | {"rows": rows, "loadavg_end": round(os.getloadavg()[0], 2)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(final, indent=2, default=str) + "\n")
+    out.with_suffix(".md").write_text(markdown(final))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
