@@ -162,20 +162,23 @@ _INT_KERNELS = ("Conv", "Gemm", "MatMul")
 
 
 def requantize_after_shape_ops(model) -> int:
-    """Repeat a per-tensor Q/DQ pair after shape ops that sit between a DequantizeLinear and a Conv/Gemm/MatMul.
+    """Let onnxruntime see ``DQ -> Conv/Gemm/MatMul`` where a shape op sits between them.
 
-    A reshape does not change values, so the pair is exact; it lets onnxruntime see ``DQ -> Gemm`` and fuse it.
-    Returns the number of pairs inserted.
+    * A weight (an integer initializer) read through a ``Transpose`` (``F.linear`` on 3-D inputs exports as
+      ``DQ(w) -> Transpose -> MatMul``): the transpose is applied to the stored integers and the per-channel axis
+      moved with it, so the MatMul reads ``DQ(w^T)`` directly. Values are unchanged.
+    * An activation read through a reshape/flatten/squeeze/transpose with a per-tensor scale: the same Q/DQ pair is
+      repeated after the shape op (exact: a reshape does not change values).
+    Per-channel pairs behind other shape ops are left as they are (correct, just not fused).
+    Returns the number of rewrites.
     """
-    from onnx import helper
-
     inits = _initializers(model)
     producers = {out: node for node in model.graph.node for out in node.output}
     consumers: dict[str, list] = {}
     for node in model.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    inserted = 0
+    rewritten = 0
     for node in list(model.graph.node):
         if node.op_type not in _SHAPE_OPS:
             continue
@@ -185,22 +188,67 @@ def requantize_after_shape_ops(model) -> int:
             continue
         if any(u.op_type not in _INT_KERNELS for u in users) or dq.input[1] not in inits:
             continue
-        out = node.output[0]
-        q_out, dq_out = f"{out}_requantized", f"{out}_dequantized"
-        zp = list(dq.input[2:3])
-        q_node = helper.make_node("QuantizeLinear", [out, dq.input[1], *zp], [q_out], name=f"{out}_QuantizeLinear")
-        dq_node = helper.make_node(
-            "DequantizeLinear", [q_out, dq.input[1], *zp], [dq_out], name=f"{out}_DequantizeLinear"
-        )
-        for user in users:
-            for i, name in enumerate(user.input):
-                if name == out:
-                    user.input[i] = dq_out
-        index = list(model.graph.node).index(node)
-        model.graph.node.insert(index + 1, dq_node)
-        model.graph.node.insert(index + 1, q_node)
-        inserted += 1
-    return inserted
+        if dq.input[0] in inits:  # a stored weight: only a transpose is folded into it
+            if node.op_type == "Transpose":
+                _fold_transpose_into_weight(model, node, dq, inits, users, consumers)
+                rewritten += 1
+        elif list(inits[dq.input[1]].dims) in ([], [1]):
+            _repeat_pair_after(model, node, dq, users)
+            rewritten += 1
+    return rewritten
+
+
+def _attribute(node, name: str, default: Any) -> Any:
+    from onnx import helper
+
+    found = [a for a in node.attribute if a.name == name]
+    return helper.get_attribute_value(found[0]) if found else default
+
+
+def _rewire(users: list, old: str, new: str) -> None:
+    for user in users:
+        for i, name in enumerate(user.input):
+            if name == old:
+                user.input[i] = new
+
+
+def _fold_transpose_into_weight(model, transpose, dq, inits: dict, users: list, consumers: dict) -> None:
+    from onnx import helper, numpy_helper
+
+    weight = numpy_helper.to_array(inits[dq.input[0]])
+    perm = list(_attribute(transpose, "perm", list(range(weight.ndim))[::-1]))
+    name = f"{dq.input[0]}_transposed"
+    if name not in inits:
+        inits[name] = numpy_helper.from_array(np.ascontiguousarray(weight.transpose(perm)), name)
+        model.graph.initializer.append(inits[name])
+    attrs = {}
+    if len(inits[dq.input[1]].dims) and inits[dq.input[1]].dims[0] > 1:  # per-channel: the axis moves with the data
+        axis = _attribute(dq, "axis", 1) % weight.ndim
+        attrs["axis"] = perm.index(axis)
+    out = f"{transpose.output[0]}_dequantized"
+    new_dq = helper.make_node(
+        "DequantizeLinear", [name, *dq.input[1:]], [out], name=f"{name}_DequantizeLinear", **attrs
+    )
+    _rewire(users, transpose.output[0], out)
+    nodes = list(model.graph.node)
+    model.graph.node.insert(nodes.index(transpose) + 1, new_dq)
+    model.graph.node.remove(transpose)
+    if all(c is transpose for c in consumers.get(dq.output[0], [])):
+        model.graph.node.remove(dq)
+
+
+def _repeat_pair_after(model, node, dq, users: list) -> None:
+    from onnx import helper
+
+    out = node.output[0]
+    q_out, dq_out = f"{out}_requantized", f"{out}_dequantized"
+    zp = list(dq.input[2:3])
+    q_node = helper.make_node("QuantizeLinear", [out, dq.input[1], *zp], [q_out], name=f"{out}_QuantizeLinear")
+    dq_node = helper.make_node("DequantizeLinear", [q_out, dq.input[1], *zp], [dq_out], name=f"{out}_DequantizeLinear")
+    _rewire(users, out, dq_out)
+    index = list(model.graph.node).index(node)
+    model.graph.node.insert(index + 1, dq_node)
+    model.graph.node.insert(index + 1, q_node)
 
 
 def strip_metadata(model) -> None:

@@ -176,6 +176,11 @@ def check_zoo_model(
         result.quantized_layers = len(info.quantized_layers)
         result.activation_quantizers = sum(1 for n, _ in iter_quantizers(qmodel) if not n.endswith("weight_fake_quant"))
         result.float_summary = _float_summary(info.float_layers, info.untraced)
+        modules = dict(model.named_modules())
+        listed = sum(isinstance(modules.get(n), _WEIGHT_LAYERS) for n in info.float_layers)
+        unused = result.weight_layers - result.quantized_layers - listed
+        if unused > 0:  # e.g. GoogLeNet's / Inception's auxiliary heads, called only in training mode
+            result.float_summary["conv/linear not called in eval mode (e.g. auxiliary training heads)"] = f"{unused}x"
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(workdir or tmp) / f"{name}.onnx"
             path.parent.mkdir(parents=True, exist_ok=True)

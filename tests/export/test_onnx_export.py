@@ -15,6 +15,7 @@ from onnx import TensorProto, numpy_helper
 from lightning_quant import export_onnx, export_torchscript, quantize, verify_export
 from lightning_quant.calibration import calibrate
 from lightning_quant.config import scheme_for_target
+from lightning_quant.export.verify import load_runner, runs_on_cpu_int8_kernels
 from lightning_quant.quantizers import prepare
 from tests.export.utils import (
     SCALE_MATH_OPS,
@@ -209,3 +210,35 @@ def test_exporter_chatter_is_silenced_and_log_levels_restored(tmp_path, calib_ba
     noisy = [r for r in caplog.records if r.name.split(".")[0] in ("onnxscript", "onnx_ir") or r.name == "torch.onnx"]
     assert noisy == []
     assert [logging.getLogger(n).level for n in names] == before
+
+
+class TokenMLP(torch.nn.Module):
+    """Linear layers on 3-D (batch, tokens, features) inputs: exported as ``DQ(w) -> Transpose -> MatMul``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x))).mean(dim=1)
+
+
+@pytest.mark.parametrize("target", ["x86", "tensorrt"])
+def test_linear_on_tokens_keeps_signed_per_channel_weights(tmp_path, target):
+    """Regression: a Q/DQ pair repeated after the weight's Transpose had no zero point (so uint8: every negative
+    weight became 0) and lost the per-channel axis; ViT/Swin MLPs came out of onnxruntime as noise."""
+    torch.manual_seed(0)
+    data = [torch.randn(4, 5, 8) for _ in range(3)]
+    qmodel = quantize(TokenMLP().eval(), data, target=target, progress=False)
+    path = export_onnx(qmodel, tmp_path / "tokens.onnx", data[0])
+    model = onnx.load(str(path))
+    inits = initializers(model)
+    for node in weight_dequantizers(model).values():  # every MatMul reads a stored signed weight directly
+        assert node.input[0] in inits and inits[node.input[0]].data_type == TensorProto.INT8
+    assert "Transpose" not in op_counts(model)
+    # tensorrt's signed activations are checked by the graph's definition (onnxruntime's s8s8 CPU kernels saturate
+    # on CPUs without VNNI; see verify_export), x86 through onnxruntime's fused integer kernels
+    got = load_runner(path, int8_kernels=runs_on_cpu_int8_kernels(qmodel))(data[2])
+    expected = fake_quant_output(qmodel, data[2])
+    step = qmodel.activation_quantizers[next(reversed(qmodel.activation_quantizers.keys()))].scale.item()
+    assert np.abs(got - expected).max() <= step * 1.01
