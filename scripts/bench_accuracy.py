@@ -1,0 +1,152 @@
+"""Accuracy of our PTQ methods under one protocol: INT8 per-channel / per-tensor / power-of-two, W4A8, W6A8.
+
+Protocol (the same for every method): ``--calibration-size`` (512) images drawn from the *train* split with a fixed
+seed, top-1 on the full evaluation split (CIFAR-10 test, Imagenette val) unless ``--limit-batches`` is given
+(then the JSON marks the run as partial). Methods are ``<scheme>[+<algorithm>...]``:
+
+* schemes: ``int8_pc`` (x86_vnni: int8 per-channel weights, uint8 activations), ``int8_pt`` (the same, per-tensor
+  weights), ``pow2`` (the Vitis AI DPU scheme), ``w4a8`` / ``w6a8`` (4/6-bit per-channel weights, 8-bit activations);
+* algorithms: ``cle`` (cross-layer equalization), ``bc`` (bias correction), ``adaround``, ``ff`` (fast finetune).
+
+Usage:
+    PYTHONPATH=. python scripts/bench_accuracy.py --models resnet20                 # CIFAR-10, the default methods
+    PYTHONPATH=. python scripts/bench_accuracy.py --models mobilenet_v2 --methods int8_pt int8_pt+cle+bc
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import lightning_quant
+from lightning_quant import quantize, scheme_for_target
+from lightning_quant.config import Granularity
+from lightning_quant.models import top1_accuracy
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MODELS = ("resnet20", "resnet56", "mobilenet_v2", "resnet50")
+DEFAULT_METHODS = ("int8_pc", "int8_pt", "pow2", "w6a8", "w4a8", "w4a8+adaround")
+ALGORITHMS = {"cle": "cross_layer_equalization", "bc": "bias_correction", "adaround": "adaround", "ff": "fast_finetune"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=["resnet20"])
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    parser.add_argument("--calibration-size", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--limit-batches", type=int, default=None, help="smoke runs only: evaluate fewer batches")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_accuracy.json")
+    return parser.parse_args(argv)
+
+
+def scheme_for(name: str) -> tuple[Any, str]:
+    """The QuantScheme of a scheme name, and the target it deploys on."""
+    if name == "int8_pc":
+        return scheme_for_target("x86_vnni"), "x86_vnni"
+    if name == "int8_pt":
+        return scheme_for_target("x86_vnni", weight_granularity=Granularity.PER_TENSOR), "x86_vnni"
+    if name == "pow2":
+        return scheme_for_target("dpu"), "dpu"
+    if name in ("w4a8", "w6a8"):
+        return scheme_for_target("x86_vnni", weight_bits=int(name[1])), "x86_vnni"
+    raise ValueError(f"unknown scheme {name!r}; use int8_pc, int8_pt, pow2, w4a8 or w6a8.")
+
+
+def parse_method(method: str) -> tuple[str, dict[str, bool]]:
+    scheme, *algorithms = method.split("+")
+    unknown = [a for a in algorithms if a not in ALGORITHMS]
+    if unknown:
+        raise ValueError(f"unknown algorithm {unknown[0]!r} in {method!r}; use {', '.join(ALGORITHMS)}.")
+    scheme_for(scheme)
+    return scheme, {ALGORITHMS[a]: True for a in algorithms}
+
+
+def load(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
+    common = dict(batch_size=args.batch_size, calibration_size=args.calibration_size, seed=args.seed, num_workers=2)
+    if name.startswith("resnet") and name[6:].isdigit() and int(name[6:]) < 100:
+        from lightning_quant.data.cifar10 import CIFAR10DataModule
+        from lightning_quant.models.cifar_resnet import cifar_resnet
+
+        dm, model = CIFAR10DataModule(**common), cifar_resnet(int(name[6:]))
+    else:
+        from lightning_quant.data import ImagenetteDataModule
+        from lightning_quant.models import IMAGENETTE_EVAL_SIZES, IMAGENETTE_MODELS
+
+        dm, model = ImagenetteDataModule(**common, **IMAGENETTE_EVAL_SIZES[name]), IMAGENETTE_MODELS[name]()
+    dm.setup()
+    return model.eval(), dm
+
+
+def run_method(model: torch.nn.Module, dm: Any, method: str, args: argparse.Namespace) -> dict[str, Any]:
+    scheme_name, flags = parse_method(method)
+    scheme, target = scheme_for(scheme_name)
+    start = time.perf_counter()
+    qmodel = quantize(model, dm.calibration_dataloader(), scheme=scheme, progress=False, **flags)
+    seconds = time.perf_counter() - start
+    top1 = top1_accuracy(qmodel, dm.val_dataloader(), num_batches=args.limit_batches, progress=False)
+    return {"method": method, "target": target, "top1": top1["top1"], "images": top1["images"], "ptq_s": seconds}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | method | top-1 % | drop (points) | PTQ s |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['top1']:.2f} | {r['drop']:+.2f} | {r['ptq_s']:.0f} |"
+            if "drop" in r
+            else f"| {r['model']} | float | {r['top1']:.2f} | - | - |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for method in args.methods:
+        parse_method(method)  # fail before any evaluation
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.models:
+        model, dm = load(name, args)
+        float_top1 = top1_accuracy(model, dm.val_dataloader(), num_batches=args.limit_batches, progress=False)
+        rows.append({"model": name, "method": "float", "top1": float_top1["top1"], "images": float_top1["images"]})
+        print(f"[bench] {name} float {float_top1['top1']:.2f}", file=sys.stderr, flush=True)
+        for method in args.methods:
+            row = {"model": name, **run_method(model, dm, method, args)}
+            row["drop"] = row["top1"] - float_top1["top1"]
+            rows.append(row)
+            print(f"[bench] {name} {method} {row['top1']:.2f} ({row['drop']:+.2f})", file=sys.stderr, flush=True)
+    text = table(rows)
+    print(text)
+    payload = {
+        "script": "scripts/bench_accuracy.py",
+        "command": " ".join(
+            ["PYTHONPATH=. python scripts/bench_accuracy.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "partial": args.limit_batches is not None,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "versions": {"torch": torch.__version__, "lightning_quant": lightning_quant.__version__},
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "rows": rows,
+        "table": text,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(text + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
