@@ -179,8 +179,9 @@ def check_zoo_model(
         modules = dict(model.named_modules())
         listed = sum(isinstance(modules.get(n), _WEIGHT_LAYERS) for n in info.float_layers)
         unused = result.weight_layers - result.quantized_layers - listed
-        if unused > 0:  # e.g. GoogLeNet's / Inception's auxiliary heads, called only in training mode
-            result.float_summary["conv/linear not called in eval mode (e.g. auxiliary training heads)"] = f"{unused}x"
+        if unused > 0:  # GoogLeNet's / Inception's auxiliary heads (training only), Swin's attention (F.linear)
+            reason = "conv/linear modules never called as layers (training-only aux heads, or weights read by F.linear)"
+            result.float_summary[reason] = f"{unused}x"
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(workdir or tmp) / f"{name}.onnx"
             path.parent.mkdir(parents=True, exist_ok=True)
