@@ -115,27 +115,34 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods:
         parse_method(method)  # fail before any evaluation
     torch.set_num_threads(args.threads)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in args.models:
         model, dm = load(name, args)
         float_top1 = top1_accuracy(model, dm.val_dataloader(), num_batches=args.limit_batches, progress=False)
         rows.append({"model": name, "method": "float", "top1": float_top1["top1"], "images": float_top1["images"]})
+        save(args, argv, rows, complete=False)
         print(f"[bench] {name} float {float_top1['top1']:.2f}", file=sys.stderr, flush=True)
         for method in args.methods:
             row = {"model": name, **run_method(model, dm, method, args)}
             row["drop"] = row["top1"] - float_top1["top1"]
             rows.append(row)
+            save(args, argv, rows, complete=False)  # a stopped run keeps every finished row
             print(f"[bench] {name} {method} {row['top1']:.2f} ({row['drop']:+.2f})", file=sys.stderr, flush=True)
+    print(save(args, argv, rows, complete=True))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def save(args: argparse.Namespace, argv: list[str] | None, rows: list[dict[str, Any]], *, complete: bool) -> str:
+    """Write the JSON and the Markdown table of ``rows`` (``complete=False`` while the run is still going)."""
     text = table(rows)
-    print(text)
     payload = {
         "script": "scripts/bench_accuracy.py",
-        "command": " ".join(
-            ["PYTHONPATH=. python scripts/bench_accuracy.py", *(sys.argv[1:] if argv is None else argv)]
-        ),
+        "command": " ".join(["PYTHONPATH=. python scripts/bench_accuracy.py", *(argv or sys.argv[1:])]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "partial": args.limit_batches is not None,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "complete": complete,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg": os.getloadavg()},
         "versions": {"torch": torch.__version__, "lightning_quant": lightning_quant.__version__},
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "rows": rows,
@@ -143,9 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(text + "\n")
-    print(f"wrote {args.out}")
-    return 0
+    args.out.with_suffix(".md").write_text(text + ("\n" if complete else "\n\n(run not complete)\n"))
+    return text
 
 
 if __name__ == "__main__":
