@@ -78,7 +78,8 @@ _SHAPE_METHODS = {"size", "dim", "numel", "item", "tolist", "nelement"}
 
 
 def is_shape_value(node: fx.Node) -> bool:
-    """True for nodes that compute Python scalars from shapes (``x.shape[0] // p``, ``h * w``), not activations.
+    """True for nodes that compute Python scalars (``x.shape[0] // p``, ``h * w``, ``x.size(1)``, ``t.item()``), which
+    are not activations and never get a quantizer.
 
     Example:
         >>> import torch
@@ -105,7 +106,7 @@ def _compute_shape_value(node: fx.Node) -> bool:
         return True
     if node.op == "call_method" and node.target in _SHAPE_METHODS:
         return True
-    if node.op != "call_function" or node.target.__module__ not in ("_operator", "operator"):
+    if node.op != "call_function" or getattr(node.target, "__module__", None) not in ("_operator", "operator"):
         return False
     sources = [a for a in node.args if isinstance(a, fx.Node)]
     return bool(sources) and all(is_shape_value(a) for a in sources)
