@@ -100,7 +100,7 @@ def run_method(model: torch.nn.Module, dm: Any, method: str, args: argparse.Name
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | method | top-1 % | drop (points) | PTQ s |", "|---|---|---|---|---|"]
+    lines = ["| model | method | top-1 % | vs float (points) | PTQ s |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['method']} | {r['top1']:.2f} | {r['drop']:+.2f} | {r['ptq_s']:.0f} |"
