@@ -45,9 +45,11 @@ from tqdm.auto import tqdm
 from lightning_quant.algorithms.layerwise import (
     LayerTuning,
     bounded_inputs,
-    check_positive,
+    check_tuning_options,
+    held_mse,
     layer_forward,
     layer_targets,
+    quantized_bias,
     require_any_calibrated,
     weight_layers,
 )
@@ -87,18 +89,11 @@ def quant_layer_output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         >>> torch.equal(quant_layer_output(q, x), q(x))
         True
     """
-    bias = layer.bias
-    if bias is not None and layer.bias_fake_quant is not None:
-        bias = layer.bias_fake_quant(bias)
-    return layer_forward(layer, x, layer.weight_fake_quant(layer.weight), bias)
+    return layer_forward(layer, x, layer.weight_fake_quant(layer.weight), quantized_bias(layer))
 
 
-@torch.no_grad()
 def _layer_mse(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-    total = 0.0
-    for i in range(0, x.shape[0], batch_size):
-        total += (quant_layer_output(layer, x[i : i + batch_size]) - y[i : i + batch_size]).double().pow(2).sum().item()
-    return total / y.numel()
+    return held_mse(lambda rows: quant_layer_output(layer, rows), x, y, batch_size)
 
 
 @contextlib.contextmanager
@@ -159,15 +154,6 @@ def _tune_layer(
     return LayerTuning(name, before, best[0], best[0] < before, x.shape[0])
 
 
-def _validate(steps: int, lr: float, num_batches: int, batch_size: int, max_samples: int, seed: int) -> None:
-    for opt, value in (("steps", steps), ("num_batches", num_batches), ("batch_size", batch_size)):
-        check_positive(opt, value)
-    check_positive("max_samples", max_samples)
-    check_positive("lr", lr, integer=False)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed={seed!r} must be an integer.")
-
-
 def fast_finetune(
     qmodel: nn.Module,
     calibration_data: Iterable[Any],
@@ -207,7 +193,7 @@ def fast_finetune(
             holds no lightning_quant fake-quant Conv/Linear layer, or a QAT conv+BN (convert it first).
         NotCalibratedError: the model was never calibrated.
     """
-    _validate(steps, lr, num_batches, batch_size, max_samples, seed)
+    check_tuning_options(steps, lr, num_batches, batch_size, max_samples, seed)
     layers = weight_layers(qmodel, "fast_finetune")
     require_any_calibrated(qmodel, "fast_finetune")
     inputs = bounded_inputs(calibration_data, transform_fn, num_batches, qmodel, "fast_finetune")

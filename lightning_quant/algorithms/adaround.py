@@ -40,9 +40,11 @@ from tqdm.auto import tqdm
 from lightning_quant.algorithms.layerwise import (
     LayerTuning,
     bounded_inputs,
-    check_positive,
+    check_tuning_options,
+    held_mse,
     layer_forward,
     layer_targets,
+    quantized_bias,
     require_any_calibrated,
     weight_layers,
 )
@@ -96,20 +98,15 @@ class _LearnedRounding(nn.Module):
         return (1.0 - (2.0 * _soft_offset(self.v) - 1.0).abs().pow(beta)).mean()
 
 
-def _quant_bias(layer: nn.Module) -> torch.Tensor | None:
-    bias = layer.bias
-    if bias is not None and layer.bias_fake_quant is not None:
-        bias = layer.bias_fake_quant(bias)
+def _frozen_bias(layer: nn.Module) -> torch.Tensor | None:
+    """The quantized bias, detached: AdaRound learns only the rounding, and the bias must collect no gradient."""
+    bias = quantized_bias(layer)
     return None if bias is None else bias.detach()
 
 
-@torch.no_grad()
 def _held_mse(layer: nn.Module, weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-    bias, total = _quant_bias(layer), 0.0
-    for i in range(0, x.shape[0], batch_size):
-        out = layer_forward(layer, x[i : i + batch_size], weight, bias)
-        total += (out - y[i : i + batch_size]).double().pow(2).sum().item()
-    return total / y.numel()
+    bias = _frozen_bias(layer)
+    return held_mse(lambda rows: layer_forward(layer, rows, weight, bias), x, y, batch_size)
 
 
 def _learn(
@@ -118,7 +115,7 @@ def _learn(
 ) -> _LearnedRounding:  # fmt: skip
     rounding = _LearnedRounding(layer)
     optimizer = torch.optim.Adam([rounding.v], lr=lr)
-    bias = _quant_bias(layer)
+    bias = _frozen_bias(layer)
     power = y.pow(2).mean().clamp_min(1e-12)
     start = int(warmup * steps)
     with torch.enable_grad():
@@ -174,15 +171,13 @@ def adaround(
         was kept, and the fraction of weights whose rounding changed (``flipped``).
 
     Raises:
-        ValueError: a non-positive ``steps``/``num_batches``/``batch_size``/``max_samples``/``lr``, ``reg_weight``
+        ValueError: a non-positive ``steps``/``num_batches``/``batch_size``/``max_samples``/``lr``, a non-integer
+            ``seed``, ``reg_weight``
             < 0, ``warmup`` outside [0, 1), empty data, a batch the model cannot take, a model without
             lightning_quant fake-quant Conv/Linear layers, or a QAT conv+BN (convert it first).
         NotCalibratedError: the model was never calibrated.
     """
-    for name, value in (("steps", steps), ("num_batches", num_batches), ("batch_size", batch_size)):
-        check_positive(name, value)
-    check_positive("max_samples", max_samples)
-    check_positive("lr", lr, integer=False)
+    check_tuning_options(steps, lr, num_batches, batch_size, max_samples, seed)
     if not (isinstance(reg_weight, (int, float)) and reg_weight >= 0):
         raise ValueError(f"reg_weight={reg_weight!r} must be a number >= 0 (0.01 is the paper's value).")
     if not (isinstance(warmup, (int, float)) and 0 <= warmup < 1):

@@ -38,11 +38,14 @@ __all__ = [
     "bounded_inputs",
     "capture_layer",
     "check_positive",
+    "check_tuning_options",
     "execution_order",
     "feed",
     "float_bias",
+    "held_mse",
     "layer_forward",
     "layer_targets",
+    "quantized_bias",
     "record_float_bias",
     "require_any_calibrated",
     "restore_float_biases",
@@ -89,6 +92,20 @@ def check_positive(name: str, value: Any, *, integer: bool = True) -> None:
             raise ValueError(f"{name}={value!r} must be an integer >= 1.")
     elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name}={value!r} must be a finite number > 0.")
+
+
+def check_tuning_options(steps: int, lr: float, num_batches: int, batch_size: int, max_samples: int, seed: int) -> None:
+    """The options fast finetune and AdaRound share: positive integers, a positive finite ``lr``, an integer seed.
+
+    Raises:
+        ValueError: naming the option and what it must be.
+    """
+    for opt, value in (("steps", steps), ("num_batches", num_batches), ("batch_size", batch_size)):
+        check_positive(opt, value)
+    check_positive("max_samples", max_samples)
+    check_positive("lr", lr, integer=False)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed={seed!r} must be an integer.")
 
 
 def weight_layers(model: nn.Module, action: str) -> dict[str, nn.Module]:
@@ -247,6 +264,26 @@ def layer_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias:
     if isinstance(layer, QuantLinear):
         return F.linear(x, weight, bias)
     return layer._conv_forward(x, weight, bias)
+
+
+def quantized_bias(layer: nn.Module) -> torch.Tensor | None:
+    """``layer``'s bias as the deployed layer sees it (through its bias fake-quant when it has one), or None."""
+    bias = layer.bias
+    if bias is not None and layer.bias_fake_quant is not None:
+        bias = layer.bias_fake_quant(bias)
+    return bias
+
+
+@torch.no_grad()
+def held_mse(
+    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, batch_size: int
+) -> float:
+    """Mean squared error of ``forward(x)`` against ``y`` over all held rows, in chunks of ``batch_size``
+    (summed in float64)."""
+    total = 0.0
+    for i in range(0, x.shape[0], batch_size):
+        total += (forward(x[i : i + batch_size]) - y[i : i + batch_size]).double().pow(2).sum().item()
+    return total / y.numel()
 
 
 def record_float_bias(model: nn.Module, name: str, layer: nn.Module) -> None:
