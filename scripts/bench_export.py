@@ -121,6 +121,8 @@ def image_batches(name: str, calib_size: int, eval_size: int) -> tuple[list, lis
 
 # --------------------------------------------------------------------------------------------------- exports
 def export_ort_quantized(fp32: Path, path: Path, calib: list[torch.Tensor]) -> Path:
+    """onnxruntime's own static quantizer on a float export: ``quant_pre_process`` then ``quantize_static`` (QDQ,
+    per-channel, uint8 activations, int8 weights, min/max). Batches are converted to numpy one at a time."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -128,10 +130,11 @@ def export_ort_quantized(fp32: Path, path: Path, calib: list[torch.Tensor]) -> P
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter([{input_name: x.numpy()} for x in calib])
+            self.batches = iter(calib)
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.batches, None)
+            x = next(self.batches, None)
+            return None if x is None else {input_name: x.numpy()}
 
     pre = path.with_name(path.stem + "_preprocessed.onnx")
     quant_pre_process(str(fp32), str(pre))

@@ -465,36 +465,16 @@ def run_mct(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_ort(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from bench_export import export_ort_quantized  # the same quantize_static call as the export benchmark
 
     from lightning_quant.export import export_float_onnx
 
     work = Path(opts["workdir"])
     fp32 = export_float_onnx(build_model(name), work / f"{name}_ort_fp32.onnx", data.example(1))
-    pre, path = work / f"{name}_ort_pre.onnx", work / f"{name}_ort_int8.onnx"
-    input_name = ort_session(fp32, 1).get_inputs()[0].name
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter(data.calib)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            x = next(self.batches, None)
-            return None if x is None else {input_name: x.numpy()}
-
+    path = work / f"{name}_ort_int8.onnx"
     result: dict[str, Any] = {"notes": ["quant_pre_process + quantize_static QDQ, per-channel, U8 act / S8 w, MinMax"]}
     with calibration_cost(result):
-        quant_pre_process(str(fp32), str(pre))
-        quantize_static(
-            str(pre),
-            str(path),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-        )
+        export_ort_quantized(fp32, path, data.calib)
     result |= evaluate(ort_predict(ort_session(path, opts["threads"])), data)
     result["notes"].append("evaluated in onnxruntime (fused integer kernels)")
     result |= onnx_cost(path, data, opts)
