@@ -16,23 +16,18 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
+from results_io import RESULTS_DIR, run_header, write_results
 
-import lightning_quant
 from lightning_quant import quantize, scheme_for_target
 from lightning_quant.config import Granularity
 from lightning_quant.models import top1_accuracy
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODELS = ("resnet20", "resnet56", "mobilenet_v2", "resnet50")
 DEFAULT_METHODS = ("int8_pc", "int8_pt", "pow2", "w6a8", "w4a8", "w4a8+adaround")
 ALGORITHMS = {"cle": "cross_layer_equalization", "bc": "bias_correction", "adaround": "adaround", "ff": "fast_finetune"}
@@ -137,20 +132,13 @@ def save(args: argparse.Namespace, argv: list[str] | None, rows: list[dict[str, 
     """Write the JSON and the Markdown table of ``rows`` (``complete=False`` while the run is still going)."""
     text = table(rows)
     payload = {
-        "script": "scripts/bench_accuracy.py",
-        "command": " ".join(["PYTHONPATH=. python scripts/bench_accuracy.py", *(argv or sys.argv[1:])]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **run_header("scripts/bench_accuracy.py", argv, args),
         "partial": args.limit_batches is not None,
         "complete": complete,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg": os.getloadavg()},
-        "versions": {"torch": torch.__version__, "lightning_quant": lightning_quant.__version__},
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "rows": rows,
         "table": text,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(text + ("\n" if complete else "\n\n(run not complete)\n"))
+    write_results(args.out, payload, text, "" if complete else "\n(run not complete)\n")
     return text
 
 

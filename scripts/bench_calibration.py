@@ -17,27 +17,23 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 from bench_ddp_calibration import build_batches, build_model
+from results_io import RESULTS_DIR, run_header, write_results
 
-import lightning_quant
 from lightning_quant import scheme_for_target
 from lightning_quant.calibration import calibrate
 from lightning_quant.quantizers import prepare
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -196,21 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.extend(model_rows)
     text = table(rows)
     print(f"batch size {args.batch_size}, {args.threads} threads, median of {args.repeats}\n{text}")
-    payload = {
-        "script": "scripts/bench_calibration.py",
-        "command": "PYTHONPATH=. python scripts/bench_calibration.py "
-        + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg": os.getloadavg()},
-        "versions": {"torch": torch.__version__, "lightning_quant": lightning_quant.__version__},
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "data": sources,
-        "rows": rows,
-        "table": text,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(text + "\n")
+    payload = {**run_header("scripts/bench_calibration.py", argv, args), "data": sources, "rows": rows, "table": text}
+    write_results(args.out, payload, text)
     print(f"wrote {args.out}")
     return 0
 

@@ -20,25 +20,19 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
-import os
-import platform
 import statistics
 import sys
 import time
 import traceback
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 from bench_calibration import PeakSampler
+from results_io import RESULTS_DIR, run_header, write_results
 from torch import nn
 
-import lightning_quant
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 METHODS = ("float", "ours", "pt2e")
 
 
@@ -165,26 +159,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench] {model_name} {method}: {shown}", file=sys.stderr, flush=True)
     text = table(rows)
     print(f"batch {args.batch_size} x 3 x {args.image_size}^2, {args.threads} threads, median of {args.steps}\n{text}")
-    versions = {"torch": torch.__version__, "lightning_quant": lightning_quant.__version__}
+    payload = {**run_header("scripts/bench_qat.py", argv, args), "rows": rows, "table": text}
     try:
         import torchao
 
-        versions["torchao"] = torchao.__version__
+        payload["versions"]["torchao"] = torchao.__version__
     except ImportError:
-        versions["torchao"] = None
-    payload = {
-        "script": "scripts/bench_qat.py",
-        "command": " ".join(["PYTHONPATH=. python scripts/bench_qat.py", *(sys.argv[1:] if argv is None else argv)]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg": os.getloadavg()},
-        "versions": versions,
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "rows": rows,
-        "table": text,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(text + "\n")
+        payload["versions"]["torchao"] = None
+    write_results(args.out, payload, text)
     print(f"wrote {args.out}")
     return 0
 

@@ -13,20 +13,16 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from results_io import RESULTS_DIR, run_header, write_results
 
-import lightning_quant
 from lightning_quant.models.zoo_sweep import ZOO_SWEEP_MODELS, check_zoo_model, zoo_table
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,18 +61,11 @@ def main(argv: list[str] | None = None) -> int:
             print("    " + result.error.replace("\n", "\n    "), flush=True)
     table = zoo_table(results)
     print("\n" + table)
-    payload = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "PYTHONPATH=. python scripts/sweep_zoo.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
-        "versions": {"torch": torch.__version__, "lightning_quant": lightning_quant.__version__},
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "results": [r.to_dict() for r in results],
-        "total_seconds": round(sum(r.seconds for r in results), 1),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(table + "\n")
+    payload = run_header("scripts/sweep_zoo.py", argv, args)
+    payload["created"] = payload["date"]
+    payload["machine"] |= {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    payload |= {"results": [r.to_dict() for r in results], "total_seconds": round(sum(r.seconds for r in results), 1)}
+    write_results(args.out, payload, table)
     print(f"\nwrote {args.out} and {args.out.with_suffix('.md')} ({time.strftime('%H:%M:%S')})")
     return 1 if any(r.status.startswith("failed") for r in results) else 0
 
