@@ -42,6 +42,7 @@ def quantize(
     bias_correction: bool = False,
     fast_finetune: bool = False,
     adaround: bool = False,
+    replace_relu6: bool = False,
 ) -> nn.Module:
     """Post-training quantization: prepare a copy of ``model``, calibrate it, return the fake-quant model.
 
@@ -70,6 +71,10 @@ def quantize(
         adaround: after calibration (and bias correction), learn each weight's rounding direction layer by layer
             (:func:`lightning_quant.algorithms.adaround`, Nagel et al. 2020) on the same batches; before
             ``fast_finetune`` when both are on. Worth it at 4-6 bit weights.
+        replace_relu6: swap every ``nn.ReLU6`` for ``nn.ReLU`` on a copy of the model first
+            (:func:`lightning_quant.algorithms.relu6_to_relu`): cross-layer equalization can then pair the layers
+            around them (MobileNetV2 per-tensor needs it) and the DPU runs ReLU natively. It changes the float
+            function where activations exceed 6; measure the float model with the same swap if that matters.
 
     Raises:
         ValueError: unknown target, empty calibration data, batches the model cannot take, or (with
@@ -78,11 +83,14 @@ def quantize(
         NotCalibratedError: (with ``bias_correction``/``adaround``/``fast_finetune``) calibration reached no quantizer.
     """
     scheme = scheme or scheme_for_target(target, QuantMode.PTQ)
-    if cross_layer_equalization:
-        from lightning_quant.algorithms.cle import equalize
+    if cross_layer_equalization or replace_relu6:
+        from lightning_quant.algorithms.cle import equalize, relu6_to_relu
 
         model = copy.deepcopy(model)
-        equalize(model)
+        if replace_relu6:
+            relu6_to_relu(model)
+        if cross_layer_equalization:
+            equalize(model)
     qmodel = prepare(model, scheme, mode=QuantMode.PTQ, exclude=exclude)
     calibrate(qmodel, calibration_data, transform_fn=transform_fn, num_batches=num_batches, progress=progress)
     refine_calibrated(

@@ -160,6 +160,7 @@ def _build_callback(cfg: DictConfig, dm: pl.LightningDataModule, mode: str | Non
         target=q.target,
         scheme=scheme_for_target(q.target, mode, **overrides) if overrides else None,
         cross_layer_equalization=q.get("cross_layer_equalization", False),
+        replace_relu6=q.get("replace_relu6", False),
         bias_correction=q.get("bias_correction", False) and mode == "ptq",
         fast_finetune=q.get("fast_finetune", False) and mode == "ptq",
         adaround=q.get("adaround", False) and mode == "ptq",

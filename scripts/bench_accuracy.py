@@ -6,11 +6,12 @@ seed, top-1 on the full evaluation split (CIFAR-10 test, Imagenette val) unless 
 
 * schemes: ``int8_pc`` (x86_vnni: int8 per-channel weights, uint8 activations), ``int8_pt`` (the same, per-tensor
   weights), ``pow2`` (the Vitis AI DPU scheme), ``w4a8`` / ``w6a8`` (4/6-bit per-channel weights, 8-bit activations);
-* algorithms: ``cle`` (cross-layer equalization), ``bc`` (bias correction), ``adaround``, ``ff`` (fast finetune).
+* algorithms: ``relu`` (ReLU6 -> ReLU, so CLE pairs MobileNet layers), ``cle`` (cross-layer equalization), ``bc``
+  (bias correction), ``adaround``, ``ff`` (fast finetune). Drops are against the unmodified float model.
 
 Usage:
     PYTHONPATH=. python scripts/bench_accuracy.py --models resnet20                 # CIFAR-10, the default methods
-    PYTHONPATH=. python scripts/bench_accuracy.py --models mobilenet_v2 --methods int8_pt int8_pt+cle+bc
+    PYTHONPATH=. python scripts/bench_accuracy.py --models mobilenet_v2 --methods int8_pt int8_pt+relu+cle+bc
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ from lightning_quant.models import top1_accuracy
 
 MODELS = ("resnet20", "resnet56", "mobilenet_v2", "resnet50")
 DEFAULT_METHODS = ("int8_pc", "int8_pt", "pow2", "w6a8", "w4a8", "w4a8+adaround")
-ALGORITHMS = {"cle": "cross_layer_equalization", "bc": "bias_correction", "adaround": "adaround", "ff": "fast_finetune"}
+ALGORITHMS = {
+    "relu": "replace_relu6",
+    "cle": "cross_layer_equalization",
+    "bc": "bias_correction",
+    "adaround": "adaround",
+    "ff": "fast_finetune",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -12,7 +12,7 @@ Example:
 from lightning_quant.algorithms.adaquant import FastFinetuneReport, LayerTuning, fast_finetune
 from lightning_quant.algorithms.adaround import AdaRoundReport, adaround
 from lightning_quant.algorithms.bias_correction import BiasCorrectionReport, correct_bias
-from lightning_quant.algorithms.cle import CLEReport, equalization_pairs, equalize
+from lightning_quant.algorithms.cle import CLEReport, equalization_pairs, equalize, relu6_to_relu
 from lightning_quant.algorithms.entropy import EntropyObserver
 from lightning_quant.algorithms.histogram import HistogramObserver
 from lightning_quant.algorithms.mse import MSEObserver
@@ -36,5 +36,6 @@ __all__ = [
     "equalization_pairs",
     "equalize",
     "fast_finetune",
+    "relu6_to_relu",
     "sensitivity_analysis",
 ]

@@ -40,7 +40,7 @@ from torch import fx, nn
 from lightning_quant.capture.bn_fold import fold_bn_into
 from lightning_quant.capture.trace import capture
 
-__all__ = ["CLEReport", "equalization_pairs", "equalize"]
+__all__ = ["CLEReport", "equalization_pairs", "equalize", "relu6_to_relu"]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -239,6 +239,24 @@ def _select(model: nn.Module, pairs: list[_Pair], replace_relu6: bool, report: C
             pair.act = "relu"
         kept.append(pair)
     return kept
+
+
+def relu6_to_relu(model: nn.Module) -> list[str]:
+    """Swap every ``nn.ReLU6`` module of ``model`` for ``nn.ReLU`` in place; returns the swapped names.
+
+    ReLU6 does not commute with per-channel scaling (so CLE skips pairs through it) and the DPU prefers ReLU.
+    The function changes only where an activation exceeds 6.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU6(), nn.Conv2d(8, 4, 1), nn.ReLU6())
+        >>> relu6_to_relu(model), type(model[1]).__name__
+        (['1', '3'], 'ReLU')
+    """
+    names = [name for name, module in model.named_modules() if type(module) is nn.ReLU6]
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, nn.ReLU(inplace=False))
+    return names
 
 
 @torch.no_grad()

@@ -77,6 +77,8 @@ class QuantCallback(Callback):
             (AdaQuant, Vitis AI's ``--fast_finetune``; :func:`lightning_quant.algorithms.fast_finetune`).
         adaround: (PTQ) after calibration, learn each weight's rounding direction layer by layer
             (:func:`lightning_quant.algorithms.adaround`); runs before ``fast_finetune`` when both are on.
+        replace_relu6: swap every ``nn.ReLU6`` of the network for ``nn.ReLU`` in ``setup()`` (before equalization),
+            so CLE can pair the layers around them and the DPU runs them natively; changes the function above 6.
 
     Raises:
         ValueError: unknown mode/target/source, negative ``calibration_batches``, ``calibration_source='calibration'``
@@ -103,6 +105,7 @@ class QuantCallback(Callback):
         bias_correction: bool = False,
         fast_finetune: bool = False,
         adaround: bool = False,
+        replace_relu6: bool = False,
     ) -> None:
         super().__init__()
         self.mode: QuantMode = _coerce_enum(QuantMode, mode, "mode")  # type: ignore[assignment]
@@ -128,6 +131,7 @@ class QuantCallback(Callback):
         self.report = report
         self.progress = progress
         self.cross_layer_equalization = bool(cross_layer_equalization)
+        self.replace_relu6 = bool(replace_relu6)
         if self.mode is QuantMode.QAT and (bias_correction or fast_finetune or adaround):
             raise ValueError(
                 "bias_correction / fast_finetune / adaround refine a PTQ calibration; QAT trains the weights itself. "
@@ -275,6 +279,11 @@ class QuantCallback(Callback):
         network = getattr(pl_module, name)
         if self._is_prepared(network):
             return
+        if self.replace_relu6:
+            from lightning_quant.algorithms.cle import relu6_to_relu
+
+            swapped = relu6_to_relu(network)
+            rank_zero_info(f"lightning_quant: {len(swapped)} ReLU6 modules replaced by ReLU")
         if self.cross_layer_equalization:
             from lightning_quant.algorithms.cle import equalize
 
@@ -369,6 +378,7 @@ class QuantCallback(Callback):
             "exclude": list(self.exclude),
             "module_name": self.module_name,
             "cross_layer_equalization": self.cross_layer_equalization,
+            "replace_relu6": self.replace_relu6,
             "bias_correction": self.bias_correction,
             "fast_finetune": self.fast_finetune,
             "adaround": self.adaround,

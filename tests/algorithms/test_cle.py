@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_quant import quantize
-from lightning_quant.algorithms import equalization_pairs, equalize
+from lightning_quant.algorithms import equalization_pairs, equalize, relu6_to_relu
 from lightning_quant.capture.bn_fold import fold_bn_into
 from tests.helpers.models import TinyConvBN, random_images, warm_bn
 
@@ -138,6 +138,41 @@ def test_quantize_with_cross_layer_equalization():
     with torch.no_grad():
         x = data[0][0]
         assert _rel_err(qmodel(x), model(x)) < 0.2
+
+
+def _relu6_net() -> nn.Module:
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU6(),
+        nn.Conv2d(8, 4, 1),
+    )  # fmt: skip
+    return _randomize_bn(model)
+
+
+def test_relu6_to_relu_swaps_only_relu6_modules():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU6(), nn.Sequential(nn.ReLU6(), nn.ReLU()), nn.Hardtanh(0, 6))
+    assert relu6_to_relu(model) == ["1", "2.0"]
+    assert [type(m).__name__ for m in (model[1], model[2][0], model[2][1], model[3])] == [
+        "ReLU", "ReLU", "ReLU", "Hardtanh",
+    ]  # fmt: skip
+    assert relu6_to_relu(model) == []  # idempotent
+
+
+def test_quantize_replace_relu6_lets_cle_pair_the_layers():
+    torch.manual_seed(0)
+    model = _relu6_net()
+    data = [torch.randn(4, 3, 12, 12) for _ in range(2)]
+    qmodel = quantize(model, data, progress=False, cross_layer_equalization=True, replace_relu6=True)
+    assert not any(isinstance(m, nn.ReLU6) for m in qmodel.modules())
+    assert any(isinstance(m, nn.ReLU6) for m in model.modules())  # the input model is untouched
+    plain = quantize(model, data, progress=False, cross_layer_equalization=True)
+    folded = fold_bn_into(model[0], model[1]).weight
+    assert torch.allclose(plain.get_submodule("0").weight, folded)  # ReLU6 pairs skipped: weights as folded
+    assert not torch.allclose(qmodel.get_submodule("0").weight, folded)  # swapped: the pair was equalized
+    swapped = copy.deepcopy(model)
+    relu6_to_relu(swapped)
+    assert equalize(copy.deepcopy(swapped)).pairs == [("0", "3"), ("3", "6")]
+    assert equalize(copy.deepcopy(model)).pairs == []
 
 
 def test_validation_errors():

@@ -140,13 +140,14 @@ def test_scheme_overrides_and_cle_from_the_config(tmp_path):
         "quant.scheme.activation_percentile=99.9",
         "quant.scheme.weight_bits=6",
         "quant.cross_layer_equalization=true",
+        "quant.replace_relu6=true",
     )
     metrics = train(cfg)
     state = torch.load(tmp_path / "run" / "quant_state.ckpt", map_location="cpu", weights_only=False)
     saved = next(v for k, v in state["callbacks"].items() if k.startswith("QuantCallback"))
     assert saved["scheme"]["activation"]["observer"] == "percentile"
     assert saved["scheme"]["activation"]["percentile"] == 99.9 and saved["scheme"]["weight"]["bits"] == 6
-    assert saved["cross_layer_equalization"] is True
+    assert saved["cross_layer_equalization"] is True and saved["replace_relu6"] is True
     assert metrics["int8_top1"] > 40.0
 
 
