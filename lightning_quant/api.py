@@ -25,7 +25,28 @@ from lightning_quant.calibration import calibrate
 from lightning_quant.config import QuantMode, QuantScheme, Target, scheme_for_target
 from lightning_quant.quantizers.prepare import prepare
 
-__all__ = ["quantize"]
+__all__ = ["float_model_for_quantization", "quantize"]
+
+
+def float_model_for_quantization(
+    model: nn.Module, *, cross_layer_equalization: bool = False, replace_relu6: bool = False
+) -> nn.Module:
+    """The float network :func:`quantize` inserts quantizers into: ``model`` itself, or a copy with its ReLU6
+    modules swapped for ReLU and/or its layer pairs equalized (the input model is never modified).
+
+    Raises:
+        ValueError: (with ``cross_layer_equalization``) a BatchNorm in training mode or a model torch.fx cannot trace.
+    """
+    if not (cross_layer_equalization or replace_relu6):
+        return model
+    from lightning_quant.algorithms.cle import equalize, relu6_to_relu
+
+    model = copy.deepcopy(model)
+    if replace_relu6:
+        relu6_to_relu(model)
+    if cross_layer_equalization:
+        equalize(model)
+    return model
 
 
 def quantize(
@@ -83,14 +104,9 @@ def quantize(
         NotCalibratedError: (with ``bias_correction``/``adaround``/``fast_finetune``) calibration reached no quantizer.
     """
     scheme = scheme or scheme_for_target(target, QuantMode.PTQ)
-    if cross_layer_equalization or replace_relu6:
-        from lightning_quant.algorithms.cle import equalize, relu6_to_relu
-
-        model = copy.deepcopy(model)
-        if replace_relu6:
-            relu6_to_relu(model)
-        if cross_layer_equalization:
-            equalize(model)
+    model = float_model_for_quantization(
+        model, cross_layer_equalization=cross_layer_equalization, replace_relu6=replace_relu6
+    )
     qmodel = prepare(model, scheme, mode=QuantMode.PTQ, exclude=exclude)
     calibrate(qmodel, calibration_data, transform_fn=transform_fn, num_batches=num_batches, progress=progress)
     refine_calibrated(

@@ -35,8 +35,9 @@ from torch.utils.data import DataLoader
 
 from lightning_quant.callbacks.quant_callback import QuantCallback
 from lightning_quant.checkpoint import callback_state, read_checkpoint
-from lightning_quant.config import QATSchedule, scheme_for_target
+from lightning_quant.config import QATSchedule, QuantScheme, scheme_for_target
 from lightning_quant.report import quantization_report
+from lightning_quant.run_accuracy_control import accuracy_control_enabled, choose_float_layers, report_metrics
 from lightning_quant.run_report import model_sizes, summary_table, write_run_report
 
 __all__ = ["CONFIG_DIR", "MODES", "RECIPES_DIR", "compose_config", "main", "summary_table", "train"]
@@ -151,14 +152,20 @@ def _calibration_data(cfg: DictConfig, dm: pl.LightningDataModule) -> DataLoader
     return DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
 
 
-def _build_callback(cfg: DictConfig, dm: pl.LightningDataModule, mode: str | None = None) -> QuantCallback:
+def _scheme(cfg: DictConfig, mode: str) -> QuantScheme:
+    overrides = {k: v for k, v in (cfg.quant.get("scheme") or {}).items() if v is not None}
+    return scheme_for_target(cfg.quant.target, mode, **overrides)
+
+
+def _build_callback(
+    cfg: DictConfig, dm: pl.LightningDataModule, mode: str | None = None, exclude: Sequence[str] | None = None
+) -> QuantCallback:
     q = cfg.quant
     mode = mode or ("qat" if cfg.mode == "qat" else "ptq")
-    overrides = {k: v for k, v in (q.get("scheme") or {}).items() if v is not None}
     return QuantCallback(
         mode=mode,
         target=q.target,
-        scheme=scheme_for_target(q.target, mode, **overrides) if overrides else None,
+        scheme=_scheme(cfg, mode),
         cross_layer_equalization=q.get("cross_layer_equalization", False),
         replace_relu6=q.get("replace_relu6", False),
         bias_correction=q.get("bias_correction", False) and mode == "ptq",
@@ -168,7 +175,7 @@ def _build_callback(cfg: DictConfig, dm: pl.LightningDataModule, mode: str | Non
         calibration_data=_calibration_data(cfg, dm),
         calibration_source=q.calibration_source,
         qat_schedule=QATSchedule(**OmegaConf.to_container(q.qat_schedule)),  # type: ignore[arg-type]
-        exclude=list(q.exclude),
+        exclude=list(q.exclude) if exclude is None else list(exclude),
         report=q.report,
         progress=q.progress,
     )
@@ -251,9 +258,16 @@ def _run_float(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -
 
 
 def _calibrate(cfg: DictConfig, model: pl.LightningModule, dm: Any, state_path: Path) -> _RunResult:
-    callback = _build_callback(cfg, dm)
+    metrics: dict[str, Any] = {}
+    exclude = None
+    if accuracy_control_enabled(cfg):  # pick the float layers first; they are stored in the state file's exclude
+        calibration = _calibration_data(cfg, dm)
+        chosen = choose_float_layers(cfg, model, dm, scheme=_scheme(cfg, "ptq"), calibration_data=calibration)
+        metrics["accuracy_control"] = report_metrics(chosen)
+        exclude = [*cfg.quant.exclude, *chosen.kept_float]
+    callback = _build_callback(cfg, dm, exclude=exclude)
     trainer = _build_trainer(cfg, [callback])
-    metrics: dict[str, Any] = _evaluate(trainer, model, dm, "int8")
+    metrics.update(_evaluate(trainer, model, dm, "int8"))
     metrics["calibration_seconds"] = callback.calibration_seconds
     state_path.parent.mkdir(parents=True, exist_ok=True)
     trainer.save_checkpoint(state_path)
@@ -277,8 +291,10 @@ def _run_calib(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -
 
 def _run_test(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -> _RunResult:
     state = Path(cfg.state_file).expanduser().resolve()
-    written_mode = callback_state(read_checkpoint(state))["mode"]  # clear errors for a damaged or foreign file
-    callback = _build_callback(cfg, dm, mode=written_mode)
+    written = callback_state(read_checkpoint(state))  # clear errors for a damaged or foreign file
+    # with accuracy control, the float layers chosen at calibration are part of the state file's exclude list
+    exclude = written.get("exclude") if accuracy_control_enabled(cfg) else None
+    callback = _build_callback(cfg, dm, mode=written["mode"], exclude=exclude)
     metrics = _evaluate(_build_trainer(cfg, [callback]), model, dm, "int8", ckpt_path=state)
     metrics["state_file"] = str(state)
     return metrics, callback

@@ -75,6 +75,23 @@ def accuracy_rows(metrics: dict[str, Any], delta_label: str = "delta") -> list[s
     return lines
 
 
+def accuracy_control_line(control: dict[str, Any]) -> str:
+    """One line on what accuracy control chose (``metrics["accuracy_control"]``).
+
+    Example:
+        >>> accuracy_control_line({"kept_float": ["fc"], "quantized_layers": 20, "metric_float": 90.0,
+        ...                        "metric_final": 89.7, "max_accuracy_drop": 0.5, "met": True})
+        'accuracy control: 1 of 20 layers kept in float (fc); tuning top-1 90.00 -> 89.70, bound 0.5 points: met'
+    """
+    names = ", ".join(control["kept_float"][:6]) + (", ..." if len(control["kept_float"]) > 6 else "")
+    return (
+        f"accuracy control: {len(control['kept_float'])} of {control['quantized_layers']} layers kept in float"
+        + (f" ({names})" if names else "")
+        + f"; tuning top-1 {control['metric_float']:.2f} -> {control['metric_final']:.2f}, bound "
+        f"{control['max_accuracy_drop']:g} points: {'met' if control['met'] else 'NOT met'}"
+    )
+
+
 def summary_table(metrics: dict[str, Any]) -> str:
     """A one-screen text table of the float and INT8 accuracy (and artefacts) of one run (the app prints it).
 
@@ -96,6 +113,9 @@ def summary_table(metrics: dict[str, Any]) -> str:
             f"| {fmt} artefact ({art['bytes'] / 1e6:.2f} MB), on {art['verify_images']} val images | {art['top1']:.2f} "
             f"(int8 model on them: {art['model_top1']:.2f}) | |"
         )
+    control = metrics.get("accuracy_control")
+    if control:
+        lines.append(accuracy_control_line(control))
     sizes = metrics.get("sizes")
     if sizes:
         lines.append(
@@ -115,6 +135,8 @@ def report_markdown(metrics: dict[str, Any], report: QuantReport | None, plot_na
         "",
     ]
     lines += accuracy_rows(metrics, delta_label="delta (points)")
+    if metrics.get("accuracy_control"):
+        lines += ["", accuracy_control_line(metrics["accuracy_control"]).capitalize() + "."]
     sizes = metrics.get("sizes") or {}
     if sizes:
         fp, q = sizes["float_bytes"], sizes["quantized_bytes"]

@@ -1,5 +1,6 @@
 """PTQ algorithms: histogram range estimators (``percentile``, ``mse``, ``entropy``), CLE, bias correction,
-AdaRound (learned weight rounding), fast finetuning (AdaQuant) and sensitivity analysis.
+AdaRound (learned weight rounding), fast finetuning (AdaQuant), sensitivity analysis and accuracy-controlled
+mixed precision.
 
 The estimators register themselves as observers, so a spec selects them by name:
 
@@ -9,6 +10,7 @@ Example:
     'mse'
 """
 
+from lightning_quant.algorithms.accuracy_control import AccuracyControlReport, quantize_with_accuracy_control
 from lightning_quant.algorithms.adaquant import FastFinetuneReport, LayerTuning, fast_finetune
 from lightning_quant.algorithms.adaround import AdaRoundReport, adaround
 from lightning_quant.algorithms.bias_correction import BiasCorrectionReport, correct_bias
@@ -20,6 +22,7 @@ from lightning_quant.algorithms.percentile import PercentileObserver
 from lightning_quant.algorithms.sensitivity import QuantizerSensitivity, SensitivityReport, sensitivity_analysis
 
 __all__ = [
+    "AccuracyControlReport",
     "AdaRoundReport",
     "BiasCorrectionReport",
     "CLEReport",
@@ -37,5 +40,6 @@ __all__ = [
     "equalize",
     "fast_finetune",
     "relu6_to_relu",
+    "quantize_with_accuracy_control",
     "sensitivity_analysis",
 ]

@@ -131,7 +131,8 @@ def _kind(name: str) -> str:
 
 
 @contextlib.contextmanager
-def _restored_switches(quantizers: list[FakeQuantize]) -> Iterator[None]:
+def restored_switches(quantizers: list[FakeQuantize]) -> Iterator[None]:
+    """Observers off inside the block; every fake-quant/observer switch restored on exit (errors included)."""
     saved = [(fq.fake_quant_enabled.clone(), fq.observer_enabled.clone()) for fq in quantizers]
     try:
         for fq in quantizers:
@@ -144,7 +145,8 @@ def _restored_switches(quantizers: list[FakeQuantize]) -> Iterator[None]:
 
 
 @torch.no_grad()
-def _outputs(model: nn.Module, inputs: list[Any]) -> list[torch.Tensor]:
+def model_outputs(model: nn.Module, inputs: list[Any]) -> list[torch.Tensor]:
+    """The model's float32 output tensor for each input (a clear error when the output is not a tensor)."""
     outs = []
     for x in inputs:
         out = call_model(model, x)
@@ -157,7 +159,8 @@ def _outputs(model: nn.Module, inputs: list[Any]) -> list[torch.Tensor]:
     return outs
 
 
-def _sqnr(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
+def outputs_sqnr(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
+    """SQNR in dB of ``outputs`` against ``reference`` over all batches together."""
     return float(sqnr_db(torch.cat([r.flatten() for r in reference]), torch.cat([o.flatten() for o in outputs])))
 
 
@@ -214,19 +217,19 @@ def sensitivity_analysis(
 
     notes = []
     try:
-        with _restored_switches(quantizers):
+        with restored_switches(quantizers):
             switch(lambda i: False)
-            reference = _outputs(qmodel, inputs)
+            reference = model_outputs(qmodel, inputs)
             metric_float = metric_fn(qmodel) if metric_fn else None
             switch(lambda i: True)
-            all_on = _sqnr(reference, _outputs(qmodel, inputs))
+            all_on = outputs_sqnr(reference, model_outputs(qmodel, inputs))
             metric_all_on = metric_fn(qmodel) if metric_fn else None
             rows = []
             for k, (name, _) in enumerate(tqdm(named, desc="Sensitivity", disable=not progress, leave=False)):
                 switch(lambda i, k=k: i == k)
-                alone = _sqnr(reference, _outputs(qmodel, inputs))
+                alone = outputs_sqnr(reference, model_outputs(qmodel, inputs))
                 switch(lambda i, k=k: i != k)
-                without = _sqnr(reference, _outputs(qmodel, inputs))
+                without = outputs_sqnr(reference, model_outputs(qmodel, inputs))
                 rows.append(QuantizerSensitivity(name, _kind(name), alone, without))
             rows.sort(key=lambda r: r.alone_sqnr_db)
             if metric_fn:

@@ -16,6 +16,7 @@ from lightning_quant.data.imagenette import (
     IMAGENETTE_WNIDS,
     ImagenetteDataModule,
     calibration_subset,
+    held_out_subset,
     imagenette_datasets,
     imagenette_transform,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "ImagenetteDataModule",
     "calibration_subset",
     "extract_archive",
+    "held_out_subset",
     "imagenette_datasets",
     "imagenette_transform",
     "CIFAR10_CLASSES",

@@ -214,6 +214,32 @@ def calibration_subset(dataset: Dataset, size: int, seed: int = 0) -> Subset:
     return Subset(dataset, indices)
 
 
+def held_out_subset(dataset: Dataset, size: int, *, calibration_size: int, seed: int = 0) -> Subset:
+    """``size`` items disjoint from ``calibration_subset(dataset, calibration_size, seed)``: the next ``size``
+    positions of the same seeded permutation (for tuning decisions such as accuracy control, never evaluation).
+
+    Example:
+        >>> ds = torch.utils.data.TensorDataset(torch.arange(100))
+        >>> held = held_out_subset(ds, 20, calibration_size=50, seed=0)
+        >>> len(held), set(held.indices) & set(calibration_subset(ds, 50, seed=0).indices)
+        (20, set())
+
+    Raises:
+        ValueError: ``size`` < 1, or the two subsets together larger than the dataset.
+    """
+    _check_positive_int("tuning_size", size)
+    _check_positive_int("calibration_size", calibration_size)
+    n = len(dataset)  # type: ignore[arg-type]
+    if calibration_size + size > n:
+        raise ValueError(
+            f"tuning_size={size} + calibration_size={calibration_size} exceed the training split ({n} images); "
+            f"use at most {n - calibration_size} held-out images."
+        )
+    generator = torch.Generator().manual_seed(int(seed))
+    indices = torch.randperm(n, generator=generator)[calibration_size : calibration_size + size].tolist()
+    return Subset(dataset, indices)
+
+
 class ImagenetteDataModule(pl.LightningDataModule):
     """Imagenette train/val loaders plus a calibration loader drawn from the train split.
 

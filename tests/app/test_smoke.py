@@ -160,3 +160,41 @@ def test_vitis_fast_finetune_and_bias_correction_flags(tmp_path):
     saved = next(v for k, v in state["callbacks"].items() if k.startswith("QuantCallback"))
     assert saved["fast_finetune"] is True and saved["bias_correction"] is True
     assert metrics["int8_top1"] > 30.0
+
+
+def test_accuracy_control_keeps_layers_float_and_mode_test_reads_them_back(tmp_path):
+    common = (
+        "quant.scheme.weight_bits=3",  # 3-bit weights lose points on any data: some layers must go back to float
+        "quant.accuracy_control.max_accuracy_drop=6",
+        "quant.accuracy_control.tuning_size=64",
+        "quant.progress=false",
+    )
+    metrics = train(tiny_config("resnet20_ptq_cifar10", tmp_path, *common))
+    control = metrics["accuracy_control"]
+    assert control["kept_float"] and control["met"] and control["quantized_layers"] == 20
+    assert control["metric_float"] - control["metric_final"] <= 6
+    state = torch.load(tmp_path / "run" / "quant_state.ckpt", map_location="cpu", weights_only=False)
+    saved = next(v for k, v in state["callbacks"].items() if k.startswith("QuantCallback"))
+    assert saved["exclude"] == control["kept_float"]  # the state file carries the choice
+    assert "accuracy control: " in (tmp_path / "run" / "report.md").read_text().lower()
+    again = train(
+        tiny_config(
+            "resnet20_ptq_cifar10",
+            tmp_path,
+            *common,
+            "mode=test",
+            f"state_file={tmp_path / 'run' / 'quant_state.ckpt'}",
+        )
+    )
+    assert again["int8_top1"] == metrics["int8_top1"]
+
+
+def test_accuracy_control_tuning_set_must_fit_beside_the_calibration_images(tmp_path):
+    cfg = tiny_config(
+        "resnet20_ptq_cifar10",
+        tmp_path,
+        "quant.accuracy_control.max_accuracy_drop=1",
+        "quant.accuracy_control.tuning_size=60000",
+    )
+    with pytest.raises(ValueError, match=r"tuning_size=60000 \+ calibration_size=16 exceed the training split"):
+        train(cfg)

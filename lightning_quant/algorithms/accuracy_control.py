@@ -1,0 +1,266 @@
+"""Accuracy-controlled PTQ: keep the most sensitive layers in float until the metric drop is at most a bound.
+
+Like NNCF's ``quantize_with_accuracy_control``: quantize everything, and when the metric (e.g. top-1 on a held-out
+set; higher is better) drops by more than ``max_accuracy_drop`` points, give layers back to float, most sensitive
+first, until it does not.
+
+How layers are chosen:
+
+1. every quantized conv/linear layer is a candidate; its *group* is every quantizer that disappears when the layer
+   is excluded (its weight and bias quantizers, and activation quantizers that only it needed); when several
+   layers go back to float together, so do the activation quantizers only they needed;
+2. candidates are ranked by the model-output SQNR (on ``ranking_batches`` batches) with their group switched off:
+   the more a layer recovers, the earlier it goes back to float;
+3. the smallest prefix of the ranking that meets the bound is found by bisection on the metric (about
+   ``log2(layers)`` evaluations; bisection assumes that more float layers never hurt the metric); at least one
+   layer stays quantized;
+4. the result is quantized again with those layers in ``exclude``, so every consumer (``convert()``, the ONNX,
+   TorchScript and XModel exporters, state files) keeps them in float, and its metric is measured once more.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    >>> data = [torch.randn(4, 3, 12, 12) for _ in range(2)]
+    >>> def metric(m):  # higher is better: negative output error against the float model
+    ...     with torch.no_grad():
+    ...         return -100 * float((m(data[0]) - model(data[0])).abs().mean())
+    >>> qmodel, report = quantize_with_accuracy_control(model, data, metric, max_accuracy_drop=50.0, progress=False)
+    >>> report.kept_float, report.met  # within the bound already: nothing goes back to float
+    ([], True)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from lightning_quant.algorithms.layerwise import bounded_inputs, check_positive
+from lightning_quant.algorithms.sensitivity import model_outputs, outputs_sqnr, restored_switches
+from lightning_quant.config import QuantMode, QuantScheme, Target, scheme_for_target
+from lightning_quant.quantizers.prepare import iter_quantizers, prepare, prepare_info
+
+__all__ = ["AccuracyControlReport", "quantize_with_accuracy_control"]
+
+
+@dataclass
+class AccuracyControlReport:
+    """What accuracy control measured and chose; ``kept_float`` are the layers left in float, most sensitive first.
+
+    ``ranking`` lists every candidate layer with the output SQNR (dB) when only it is in float; ``evaluations``
+    every metric evaluation of the search as ``(layers in float, metric)``.
+    """
+
+    max_accuracy_drop: float
+    metric_float: float
+    metric_quantized: float
+    metric_final: float
+    kept_float: list[str] = field(default_factory=list)
+    ranking: list[tuple[str, float]] = field(default_factory=list)
+    evaluations: list[tuple[int, float]] = field(default_factory=list)
+    quantized_layers: int = 0
+    seconds: float = 0.0
+
+    @property
+    def drop(self) -> float:
+        """Metric drop of the returned model (float minus final)."""
+        return self.metric_float - self.metric_final
+
+    @property
+    def met(self) -> bool:
+        return self.drop <= self.max_accuracy_drop + 1e-9
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "drop": self.drop, "met": self.met}
+
+    def __str__(self) -> str:
+        status = "met" if self.met else "NOT met"
+        lines = [
+            f"accuracy control: metric float {self.metric_float:.4g}, all quantized {self.metric_quantized:.4g}, "
+            f"returned {self.metric_final:.4g} (drop {self.drop:.4g} <= {self.max_accuracy_drop:.4g}: {status})",
+            f"{len(self.kept_float)} of {self.quantized_layers} layers kept in float: "
+            + (", ".join(self.kept_float) if self.kept_float else "none"),
+            f"{len(self.evaluations)} metric evaluations in the search; {self.seconds:.1f} s in all",
+        ]
+        return "\n".join(lines)
+
+
+def _check_drop(max_accuracy_drop: Any) -> float:
+    if isinstance(max_accuracy_drop, bool) or not isinstance(max_accuracy_drop, (int, float)):
+        raise ValueError(f"max_accuracy_drop={max_accuracy_drop!r} must be a number >= 0 (in the metric's units).")
+    if not math.isfinite(max_accuracy_drop) or max_accuracy_drop < 0:
+        raise ValueError(
+            f"max_accuracy_drop={max_accuracy_drop!r} must be a finite number >= 0, e.g. 0.5 for half a point of top-1 "
+            "when the metric is in percent."
+        )
+    return float(max_accuracy_drop)
+
+
+def _metric(metric_fn: Callable[[nn.Module], float], model: nn.Module) -> float:
+    was_training = model.training
+    model.eval()
+    try:
+        value = metric_fn(model)
+    finally:
+        model.train(was_training)
+    try:
+        number = float(value)  # plain numbers, 0-d tensors, numpy scalars
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise ValueError(f"metric_fn must return a finite number (higher is better), got {value!r}.")
+    return number
+
+
+def _quantizers_removed(base: nn.Module, qmodel: nn.Module, scheme: QuantScheme, exclude: Iterable[str]) -> set[str]:
+    """Names of the quantizers of ``qmodel`` that a preparation of ``base`` with ``exclude`` does not have."""
+    kept = prepare(base, scheme, mode=QuantMode.PTQ, exclude=tuple(exclude))
+    return {name for name, _ in iter_quantizers(qmodel)} - {name for name, _ in iter_quantizers(kept)}
+
+
+def _rank(qmodel: nn.Module, groups: dict[str, set[str]], inputs: list[Any], progress: bool) -> list[tuple[str, float]]:
+    quantizers = dict(iter_quantizers(qmodel))
+    with restored_switches(list(quantizers.values())):
+        for fq in quantizers.values():
+            fq.enable_fake_quant(False)
+        reference = model_outputs(qmodel, inputs)
+        scores = []
+        for layer, group in tqdm(groups.items(), desc="Ranking layers", disable=not progress, leave=False):
+            for name, fq in quantizers.items():
+                fq.enable_fake_quant(name not in group)
+            scores.append((layer, outputs_sqnr(reference, model_outputs(qmodel, inputs))))
+    scores.sort(key=lambda item: -item[1])
+    return scores
+
+
+def _metric_without(qmodel: nn.Module, off: set[str], metric_fn: Callable[[nn.Module], float]) -> float:
+    """The metric with the quantizers named in ``off`` switched off (restored afterwards)."""
+    quantizers = dict(iter_quantizers(qmodel))
+    with restored_switches(list(quantizers.values())):
+        for name, fq in quantizers.items():
+            fq.enable_fake_quant(name not in off)
+        return _metric(metric_fn, qmodel)
+
+
+def _smallest_prefix(largest: int, metric_of: Callable[[int], float], floor: float, report, bar) -> int | None:
+    """Fewest leading ranked layers in float (1..``largest``) whose metric is >= ``floor``; None if none is."""
+
+    def evaluate(k: int) -> float:
+        value = metric_of(k)
+        report.evaluations.append((k, value))
+        bar.update()
+        return value
+
+    if largest < 1 or evaluate(largest) < floor:
+        return None
+    lo, hi = 1, largest
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if evaluate(mid) >= floor:
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+def quantize_with_accuracy_control(
+    model: nn.Module,
+    calibration_data: Iterable[Any],
+    metric_fn: Callable[[nn.Module], float],
+    *,
+    max_accuracy_drop: float,
+    transform_fn: Callable[[Any], Any] | None = None,
+    target: Target | str = Target.X86,
+    scheme: QuantScheme | None = None,
+    exclude: Iterable[str] = (),
+    ranking_batches: int = 2,
+    progress: bool = True,
+    **quantize_options: Any,
+) -> tuple[nn.Module, AccuracyControlReport]:
+    """PTQ with a bound on the metric drop: the most sensitive layers stay in float (see the module docstring).
+
+    Args:
+        model: float model in eval mode.
+        calibration_data: batches for calibration (and for the SQNR ranking), as for :func:`~lightning_quant.quantize`.
+        metric_fn: ``metric_fn(model) -> float``, higher is better (e.g. top-1 in percent on a held-out subset of
+            the *training* data; selecting layers on the evaluation split makes its numbers optimistic). Called on
+            the float model, the quantized model and about ``log2(layers) + 2`` times more.
+        max_accuracy_drop: largest allowed ``metric(float) - metric(quantized)``, in the metric's units.
+        transform_fn: maps one item of ``calibration_data`` to the model input.
+        target: ``x86``, ``tensorrt`` or ``dpu`` (picks the default scheme).
+        scheme: explicit scheme; overrides ``target``'s defaults.
+        exclude: layers the user keeps in float anyway (glob patterns); the chosen layers are added to them.
+        ranking_batches: calibration batches used to rank layers by output SQNR.
+        progress: progress bars for calibration, ranking and the search.
+        **quantize_options: passed to :func:`~lightning_quant.quantize` (``num_batches``,
+            ``cross_layer_equalization``, ``bias_correction``, ``adaround``, ``fast_finetune``, ``replace_relu6``).
+
+    Returns:
+        ``(qmodel, report)``: the quantized model with ``report.kept_float`` in float, and an
+        :class:`AccuracyControlReport` (``report.met`` is False when even all-float layers miss the bound; the
+        activation quantizers between float layers that nothing else needs are then the remaining error).
+
+    Raises:
+        ValueError: ``max_accuracy_drop`` negative or not a number, ``ranking_batches`` < 1, an option
+            :func:`~lightning_quant.quantize` does not take, ``metric_fn`` returning something other than a
+            finite number, or a bound only met with every layer in float; plus what :func:`~lightning_quant.quantize`
+            raises.
+    """
+    from lightning_quant.api import float_model_for_quantization, quantize
+
+    max_accuracy_drop = _check_drop(max_accuracy_drop)
+    check_positive("ranking_batches", ranking_batches)
+    known = {"num_batches", "cross_layer_equalization", "bias_correction", "adaround", "fast_finetune", "replace_relu6"}
+    unknown = sorted(set(quantize_options) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}; quantize_with_accuracy_control passes on "
+                         f"{', '.join(sorted(known))}.")  # fmt: skip
+    start = time.perf_counter()
+    scheme = scheme or scheme_for_target(target, QuantMode.PTQ)
+    exclude = tuple(exclude)
+    common = dict(transform_fn=transform_fn, scheme=scheme, progress=progress, **quantize_options)
+    qmodel = quantize(model, calibration_data, exclude=exclude, **common)
+    metric_float = _metric(metric_fn, model)
+    metric_q = _metric(metric_fn, qmodel)
+    report = AccuracyControlReport(max_accuracy_drop, metric_float, metric_q, metric_q)
+    report.quantized_layers = len(prepare_info(qmodel).quantized_layers)
+    if metric_float - metric_q <= max_accuracy_drop:
+        report.seconds = time.perf_counter() - start
+        return qmodel, report
+    base = float_model_for_quantization(
+        model,
+        cross_layer_equalization=quantize_options.get("cross_layer_equalization", False),
+        replace_relu6=quantize_options.get("replace_relu6", False),
+    )
+    layers = prepare_info(qmodel).quantized_layers
+    groups = {layer: _quantizers_removed(base, qmodel, scheme, (*exclude, layer)) for layer in layers}
+    inputs = bounded_inputs(calibration_data, transform_fn, ranking_batches, qmodel, "quantize_with_accuracy_control")
+    report.ranking = _rank(qmodel, groups, inputs, progress)
+    order = [layer for layer, _ in report.ranking]
+
+    def metric_of(k: int) -> float:  # exactly what re-quantizing with the first k layers excluded removes
+        return _metric_without(qmodel, _quantizers_removed(base, qmodel, scheme, (*exclude, *order[:k])), metric_fn)
+
+    largest = len(order) - 1  # at least one layer stays quantized
+    with tqdm(total=1 + math.ceil(math.log2(max(largest, 1))), desc="Accuracy control", disable=not progress,
+              leave=False) as bar:  # fmt: skip
+        count = _smallest_prefix(largest, metric_of, metric_float - max_accuracy_drop, report, bar)
+    if count is None:
+        raise ValueError(
+            f"max_accuracy_drop={max_accuracy_drop:g} is not met even with {largest} of the {len(order)} quantized "
+            f"layers in float (float {metric_float:.4g}, all quantized {metric_q:.4g}, search (layers in float, "
+            f"metric) {report.evaluations}). Allow a larger drop, use a more accurate scheme (per-channel weights, "
+            "bias_correction, adaround), or check that metric_fn measures the model it is given."
+        )
+    report.kept_float = order[:count]
+    qmodel = quantize(model, calibration_data, exclude=(*exclude, *report.kept_float), **common)
+    report.metric_final = _metric(metric_fn, qmodel)
+    report.seconds = time.perf_counter() - start
+    return qmodel, report

@@ -1,0 +1,142 @@
+"""Accuracy control: the most sensitive layers go back to float until the metric bound holds, and stay float."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_quant import convert, quantize
+from lightning_quant.algorithms import quantize_with_accuracy_control
+from lightning_quant.config import Granularity, scheme_for_target
+from lightning_quant.quantizers.prepare import iter_quantizers, prepare_info
+
+SCHEME = scheme_for_target("tensorrt", weight_bits=4, weight_granularity=Granularity.PER_TENSOR)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 10),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        model[2].weight[0, 0, 0, 0] = 40.0 * model[2].weight.abs().max()  # one outlier: 4-bit per-tensor ruins it
+    return model
+
+
+def _data(n: int = 3, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(16, 3, 8, 8, generator=g) for _ in range(n)]
+
+
+HELD_OUT = _data(2, seed=7)
+
+
+def _metric_for(model: nn.Module):
+    """Higher is better: 100 minus the relative output error (percent) against the float model on held-out data."""
+    with torch.no_grad():
+        reference = torch.cat([model(x) for x in HELD_OUT])
+
+    def metric(m: nn.Module) -> float:
+        with torch.no_grad():
+            out = torch.cat([m(x) for x in HELD_OUT])
+        return 100.0 - 100.0 * float((out - reference).norm() / reference.norm())
+
+    return metric
+
+
+def _run(model, bound, **kwargs):
+    return quantize_with_accuracy_control(
+        model, _data(), _metric_for(model), max_accuracy_drop=bound, scheme=SCHEME, progress=False, **kwargs
+    )
+
+
+def test_most_sensitive_layer_goes_back_to_float_and_stays_there():
+    model = _model()
+    metric = _metric_for(model)
+    all_quantized = metric(quantize(model, _data(), scheme=SCHEME, progress=False))
+    bound = (100.0 - all_quantized) / 2
+    qmodel, report = _run(model, bound)
+    assert report.ranking[0][0] == "2"  # the outlier layer recovers the most
+    assert report.kept_float[0] == "2" and len(report.kept_float) < 4
+    assert report.met and report.drop <= bound and report.metric_final == pytest.approx(metric(qmodel))
+    assert report.metric_quantized == pytest.approx(all_quantized)
+    assert type(qmodel.get_submodule("2")) is nn.Conv2d  # excluded: a plain float conv, no fake-quant
+    assert "2" in prepare_info(qmodel).float_layers
+    assert not any(name.startswith("2.") for name, _ in iter_quantizers(qmodel))
+    converted = convert(qmodel)  # convert() re-enables fake-quant: the float layer must stay float
+    assert metric(converted) == pytest.approx(report.metric_final, abs=1e-4)
+    assert "layers kept in float: 2" in str(report) and report.to_dict()["met"] is True
+
+
+def test_bisection_finds_the_same_prefix_as_a_linear_search():
+    model = _model()
+    metric = _metric_for(model)
+    bound = 12.0  # 4-bit per-tensor: about 63 with every layer quantized, 86 with the outlier layer in float
+    _, report = _run(model, bound)
+    assert len(report.kept_float) >= 2
+    ranking = [layer for layer, _ in report.ranking]
+    floor = report.metric_float - bound
+    linear = next(
+        k
+        for k in range(1, len(ranking) + 1)
+        if metric(quantize(model, _data(), scheme=SCHEME, exclude=ranking[:k], progress=False)) >= floor
+    )
+    assert len(report.kept_float) == linear
+    assert len(report.evaluations) <= 1 + math.ceil(math.log2(len(ranking)))
+
+
+def test_no_search_when_the_bound_already_holds_and_determinism():
+    model = _model()
+    qmodel, report = _run(model, 100.0)
+    assert report.kept_float == [] and report.ranking == [] and report.evaluations == []
+    assert report.metric_final == report.metric_quantized and report.quantized_layers == 4
+    _, first = _run(model, 12.0)
+    _, second = _run(model, 12.0)
+    assert first.kept_float == second.kept_float and first.ranking == second.ranking
+
+
+def test_user_exclude_is_kept_and_options_pass_through():
+    model = _model()
+    qmodel, report = _run(model, 20.0, exclude=["7"], bias_correction=True)
+    assert type(qmodel.get_submodule("7")) is nn.Linear
+    assert "7" not in [layer for layer, _ in report.ranking]
+    assert report.quantized_layers == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_accuracy_drop": -1.0}, r"max_accuracy_drop=-1.0 must be a finite number >= 0"),
+        ({"max_accuracy_drop": float("nan")}, r"max_accuracy_drop=nan must be a finite number >= 0"),
+        ({"max_accuracy_drop": True}, r"max_accuracy_drop=True must be a number >= 0"),
+        ({"max_accuracy_drop": "1"}, r"max_accuracy_drop='1' must be a number >= 0"),
+        ({"max_accuracy_drop": 1.0, "ranking_batches": 0}, r"ranking_batches=0 must be an integer >= 1"),
+        ({"max_accuracy_drop": 1.0, "adaroud": True}, r"unknown option\(s\) adaroud; .* passes on .*adaround"),
+    ],
+)
+def test_bad_options(kwargs, match):
+    model = _model()
+    with pytest.raises(ValueError, match=match):
+        quantize_with_accuracy_control(model, _data(), _metric_for(model), scheme=SCHEME, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("value", [float("nan"), "high", None, True])
+def test_metric_must_be_a_finite_number(value):
+    with pytest.raises(ValueError, match="metric_fn must return a finite number"):
+        quantize_with_accuracy_control(_model(), _data(), lambda m: value, max_accuracy_drop=1.0, progress=False)
+
+
+def test_bound_that_needs_every_layer_in_float_is_an_error():
+    model = _model()
+    calls = iter(range(1000))
+
+    def never_good_enough(m: nn.Module) -> float:
+        return 100.0 if next(calls) == 0 else 0.0  # float scores 100, anything quantized 0
+
+    expected = r"not met even with 3 of the 4 quantized layers in float .*Allow a larger drop"
+    with pytest.raises(ValueError, match=expected):
+        quantize_with_accuracy_control(model, _data(), never_good_enough, max_accuracy_drop=1.0, progress=False)
