@@ -16,10 +16,12 @@ from lightning_quant.export import (
     export_xmodel,
     verify_export,
 )
-from lightning_quant.quantizers import convert, prepare
+from lightning_quant.algorithms.accuracy_control import AccuracyControlReport, quantize_with_accuracy_control
+from lightning_quant.quantizers import convert, prepare, quantize_dynamic
 from lightning_quant.report import QuantReport, quantization_report
 
 __all__ = [
+    "AccuracyControlReport",
     "CheckpointMismatchError",
     "ExportVerificationError",
     "NotCalibratedError",
@@ -38,6 +40,8 @@ __all__ = [
     "prepare",
     "quantization_report",
     "quantize",
+    "quantize_dynamic",
+    "quantize_with_accuracy_control",
     "scheme_for_target",
     "verify_export",
 ]

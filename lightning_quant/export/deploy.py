@@ -26,11 +26,12 @@ from torch import nn
 from lightning_quant.config import QuantSpec, RoundingMode
 from lightning_quant.export import qdq_ops  # noqa: F401  (registers torch.ops.lightning_quant.*)
 from lightning_quant.quantizers.fake_quant import FakeQuantize
+from lightning_quant.quantizers.dynamic import DynamicQuantLinear, dynamic_fake_quantize
 from lightning_quant.quantizers.functional import fake_quantize
 from lightning_quant.quantizers.modules import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
 from lightning_quant.quantizers.prepare import convert
 
-__all__ = ["DeployLayer", "DeployQuantize", "deploy_model"]
+__all__ = ["DeployDynamicLinear", "DeployLayer", "DeployQuantize", "deploy_model"]
 
 _ONNX_RANGES = {(0, 255), (-128, 127)}
 
@@ -152,6 +153,33 @@ class DeployLayer(nn.Module):
         return f"{self.name!r}, int8 weight {tuple(self.weight_int8.shape)}"
 
 
+class DeployDynamicLinear(nn.Module):
+    """A dynamically quantized Linear with its int8 weight stored transposed (``(in, out)``, MatMulInteger's B).
+
+    Computes what onnxruntime computes: the input quantized to uint8 with its own range, integer products, then
+    ``input_scale * weight_scale``, plus the float bias.
+    """
+
+    def __init__(self, layer: DynamicQuantLinear, onnx_ops: bool) -> None:
+        super().__init__()
+        self.name = layer.name
+        self.onnx_ops = onnx_ops
+        with torch.no_grad():
+            self.register_buffer("weight_t_int8", layer.weight_int8().t().contiguous())
+            self.register_buffer("weight_scale", layer.weight_scale.detach().float().clone())
+            bias = layer.bias.detach().clone() if layer.bias is not None else torch.zeros(layer.out_features)
+            self.register_buffer("bias", bias.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.onnx_ops:
+            return torch.ops.lightning_quant.dynamic_linear(x, self.weight_t_int8, self.weight_scale, self.bias)
+        w = self.weight_t_int8.float() * self.weight_scale
+        return torch.matmul(dynamic_fake_quantize(x), w) + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.name!r}, dynamic, int8 weight {tuple(self.weight_t_int8.shape)} (in, out)"
+
+
 def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -176,6 +204,8 @@ def deploy_model(qmodel: nn.Module, *, onnx_ops: bool = False) -> nn.Module:
     for name, module in list(frozen.named_modules()):
         if isinstance(module, (QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear)):
             _replace(frozen, name, DeployLayer(module, onnx_ops))
+        elif isinstance(module, DynamicQuantLinear):
+            _replace(frozen, name, DeployDynamicLinear(module, onnx_ops))
     for name, module in list(frozen.named_modules()):
         if isinstance(module, FakeQuantize):
             _replace(frozen, name, DeployQuantize(module, onnx_ops))

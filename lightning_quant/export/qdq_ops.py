@@ -1,4 +1,5 @@
-"""Custom torch ops that stand for ONNX QuantizeLinear/DequantizeLinear, with their ONNX translations.
+"""Custom torch ops that stand for ONNX QuantizeLinear/DequantizeLinear (and the dynamically quantized linear's
+DynamicQuantizeLinear/MatMulInteger), with their ONNX translations.
 
 In PyTorch they compute exactly what the deployed kernels compute; ``torch.onnx.export(dynamo=True)`` maps them
 one-to-one onto QDQ nodes through :func:`onnx_translations` (a narrow-range activation, e.g. int8 [-127, 127], gets a
@@ -47,6 +48,25 @@ def _dq_channel_fake(q: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.T
     return torch.empty(q.shape, dtype=torch.float32, device=q.device)
 
 
+@torch.library.custom_op("lightning_quant::dynamic_linear", mutates_args=())
+def dynamic_linear(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Dynamically quantized linear, as onnxruntime computes it: uint8 input codes from the input's own range
+    (``DynamicQuantizeLinear``), exact integer products with ``weight_t`` (int8, ``(in, out)``), then scaled."""
+    low = torch.clamp(x.min().float(), max=0.0)
+    high = torch.clamp(x.max().float(), min=0.0)
+    scale = (high - low) / 255.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero_point = torch.clamp(torch.round(-low / scale), 0, 255)
+    q = torch.clamp(torch.round(x / scale) + zero_point, 0, 255)
+    acc = torch.matmul((q - zero_point).double(), weight_t.double())  # exact, like MatMulInteger's int32 sums
+    return (acc.float() * (scale * weight_scale) + bias).to(x.dtype)
+
+
+@dynamic_linear.register_fake
+def _dynamic_linear_fake(x, weight_t, weight_scale, bias):
+    return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
+
+
 def onnx_translations() -> dict:
     """``custom_translation_table`` for ``torch.onnx.export`` (imports onnx/onnxscript, optional dependencies)."""
     import onnx
@@ -66,7 +86,13 @@ def onnx_translations() -> dict:
     def dq_channel_onnx(q, scale, axis: int):
         return op.DequantizeLinear(q, scale, axis=axis)
 
+    def dynamic_linear_onnx(x, weight_t, weight_scale, bias):
+        xq, x_scale, x_zero_point = op.DynamicQuantizeLinear(x)
+        acc = op.MatMulInteger(xq, weight_t, x_zero_point)
+        return op.Add(op.Mul(op.Cast(acc, to=onnx.TensorProto.FLOAT), op.Mul(x_scale, weight_scale)), bias)
+
     return {
+        torch.ops.lightning_quant.dynamic_linear.default: dynamic_linear_onnx,
         torch.ops.lightning_quant.qdq_tensor.default: qdq_tensor_onnx,
         torch.ops.lightning_quant.dq_channel.default: dq_channel_onnx,
     }

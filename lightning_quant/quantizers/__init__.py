@@ -1,5 +1,6 @@
 """Quantizers: pure functions, observers, fake-quant modules, quantized layers and prepare()/convert()."""
 
+from lightning_quant.quantizers.dynamic import DynamicQuantLinear, quantize_dynamic
 from lightning_quant.quantizers.fake_quant import FakeQuantize
 from lightning_quant.quantizers.observers import Observer, observer_names, register_observer
 from lightning_quant.quantizers.prepare import (
@@ -15,6 +16,7 @@ from lightning_quant.quantizers.prepare import (
 )
 
 __all__ = [
+    "DynamicQuantLinear",
     "FakeQuantize",
     "Observer",
     "PrepareInfo",
@@ -24,6 +26,7 @@ __all__ = [
     "observer_names",
     "prepare",
     "prepare_info",
+    "quantize_dynamic",
     "register_observer",
     "require_calibrated",
     "set_fake_quant",

@@ -25,6 +25,12 @@ OFFLINE = {
     "mobilenetv2_ptq_imagenette_tensorrt": [],
     "resnet50_ptq_imagenette": [],
     "mobilenetv2_qat_imagenette": ["trainer.max_epochs=1", "trainer.limit_train_batches=1"],
+    "mobilenetv2_ptq_imagenette_per_tensor": [],
+    "mobilenetv2_ptq_imagenette_accuracy_control": [  # 8 tuning images: one flip is 12.5 points
+        "quant.accuracy_control.tuning_size=8",
+        "quant.accuracy_control.max_accuracy_drop=50",
+    ],
+    "resnet20_ptq_cifar10_w4a8": [],
 }
 
 
