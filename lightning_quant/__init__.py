@@ -5,6 +5,7 @@ Example:
     >>> callback = QuantCallback(mode="ptq", target="x86", calibration_batches=16)
 """
 
+from lightning_quant.algorithms.accuracy_control import AccuracyControlReport, quantize_with_accuracy_control
 from lightning_quant.api import quantize
 from lightning_quant.callbacks.quant_callback import QuantCallback
 from lightning_quant.config import QATSchedule, QuantMode, QuantScheme, QuantSpec, Target, scheme_for_target
@@ -16,7 +17,6 @@ from lightning_quant.export import (
     export_xmodel,
     verify_export,
 )
-from lightning_quant.algorithms.accuracy_control import AccuracyControlReport, quantize_with_accuracy_control
 from lightning_quant.quantizers import convert, prepare, quantize_dynamic
 from lightning_quant.report import QuantReport, quantization_report
 

@@ -25,8 +25,8 @@ from torch import nn
 
 from lightning_quant.config import QuantSpec, RoundingMode
 from lightning_quant.export import qdq_ops  # noqa: F401  (registers torch.ops.lightning_quant.*)
-from lightning_quant.quantizers.fake_quant import FakeQuantize
 from lightning_quant.quantizers.dynamic import DynamicQuantLinear, dynamic_fake_quantize
+from lightning_quant.quantizers.fake_quant import FakeQuantize
 from lightning_quant.quantizers.functional import fake_quantize
 from lightning_quant.quantizers.modules import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
 from lightning_quant.quantizers.prepare import convert

@@ -49,7 +49,9 @@ def _dq_channel_fake(q: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.T
 
 
 @torch.library.custom_op("lightning_quant::dynamic_linear", mutates_args=())
-def dynamic_linear(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def dynamic_linear(
+    x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
     """Dynamically quantized linear, as onnxruntime computes it: uint8 input codes from the input's own range
     (``DynamicQuantizeLinear``), exact integer products with ``weight_t`` (int8, ``(in, out)``), then scaled."""
     low = torch.clamp(x.min().float(), max=0.0)
