@@ -89,11 +89,6 @@ def _check_config(cfg: DictConfig) -> None:
             f"export.formats has xmodel but quant={cfg.quant.target}: Vitis AI XModels hold the DPU scheme only; use "
             "quant=dpu (or a *_dpu recipe), or drop xmodel from export.formats."
         )
-    if cfg.deploy and cfg.quant.target == "dpu" and "onnx" in formats and cfg.mode not in ("float", "calib"):
-        raise ValueError(
-            "deploy=true with quant.target=dpu: ONNX export of DPU models (round half up) is not supported yet; set "
-            "export.formats=[torchscript] or deploy=false."
-        )
     if cfg.mode == "test" and not Path(cfg.state_file).is_file():
         raise FileNotFoundError(
             f"mode=test: state file {cfg.state_file!r} does not exist. Run mode=calib first with the same recipe "
@@ -326,7 +321,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         80.2
 
     Raises:
-        ValueError: unknown mode or export format, ONNX export requested for DPU, a required data path unset,
+        ValueError: unknown mode or export format, xmodel export for a non-DPU target, a required data path unset,
             or ``paths.output_dir`` unresolvable outside a Hydra run.
         FileNotFoundError: ``mode=test`` without the state file (run ``mode=calib`` first), or missing data/weights.
         lightning_quant.models.WeightsUnavailableError: online-only weights while offline (names the offline recipe).

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_quant.config import QuantSpec, RoundingMode
+from lightning_quant.config import QuantSpec, RoundingMode, ScaleType
 from lightning_quant.export import qdq_ops  # noqa: F401  (registers torch.ops.lightning_quant.*)
 from lightning_quant.quantizers.dynamic import DynamicQuantLinear, dynamic_fake_quantize
 from lightning_quant.quantizers.fake_quant import FakeQuantize
@@ -31,7 +31,7 @@ from lightning_quant.quantizers.functional import fake_quantize
 from lightning_quant.quantizers.modules import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
 from lightning_quant.quantizers.prepare import convert
 
-__all__ = ["DeployDynamicLinear", "DeployLayer", "DeployQuantize", "deploy_model"]
+__all__ = ["DeployDynamicLinear", "DeployLayer", "DeployQuantize", "deploy_model", "rounds_unlike_onnx"]
 
 _ONNX_RANGES = {(0, 255), (-128, 127)}
 
@@ -45,10 +45,10 @@ def _check_onnx_activation(spec: QuantSpec, name: str) -> None:
             "activations only (weights may use 2-8 bits). Quantize activations with bits=8, keep this layer float "
             "(exclude=...), or export TorchScript, which supports every bit width."
         )
-    if spec.rounding is not RoundingMode.HALF_EVEN:
+    if spec.rounding is not RoundingMode.HALF_EVEN and spec.scale_type is not ScaleType.POWER_OF_TWO:
         raise ValueError(
             f"quantizer {name!r} rounds {spec.rounding.value}, but ONNX QuantizeLinear rounds half to even; use "
-            "rounding='half_even' for ONNX targets (the DPU target exports through export_xmodel)."
+            "rounding='half_even' for ONNX targets (power-of-two DPU schemes export with QuantizeLinear's rounding)."
         )
 
 
@@ -178,6 +178,13 @@ class DeployDynamicLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.name!r}, dynamic, int8 weight {tuple(self.weight_t_int8.shape)} (in, out)"
+
+
+def rounds_unlike_onnx(deployed: nn.Module) -> list[str]:
+    """Names of activation quantizers whose rounding QuantizeLinear cannot reproduce at exact ties (DPU half up)."""
+    return [
+        m.name for m in deployed.modules() if isinstance(m, DeployQuantize) and m.spec.rounding is not RoundingMode.HALF_EVEN
+    ]
 
 
 def _replace(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lightning_quant.export._atomic import atomic_path, check_output_path
-from lightning_quant.export.deploy import deploy_model
+from lightning_quant.export.deploy import deploy_model, rounds_unlike_onnx
 from lightning_quant.export.onnx_passes import (
     add_weight_zero_points,
     quantize_biases,
@@ -186,7 +186,8 @@ def export_onnx(
 
     Raises:
         NotCalibratedError: the model was not calibrated.
-        ValueError: bad path, opset < 18, or a scheme ONNX QDQ cannot express (non-8-bit, DPU rounding).
+        ValueError: bad path, opset < 18, or a scheme ONNX QDQ cannot express (non-8-bit activations, rounding other
+            than half to even with non-power-of-two scales).
         RuntimeError: ``torch.export`` cannot capture the model (data-dependent Python control flow).
         ExportVerificationError: ``verify`` found the file disagrees with the model.
     """
@@ -201,6 +202,14 @@ def export_onnx(
             "(ReduceMean/Relu adapters fail); use opset=18 (the default), which every onnxruntime >= 1.14 runs."
         )
     deployed = deploy_model(qmodel, onnx_ops=True)
+    half_up = rounds_unlike_onnx(deployed)
+    if half_up:
+        warnings.warn(
+            f"{len(half_up)} activation quantizer(s) round half up (the DPU scheme); ONNX QuantizeLinear rounds exact "
+            "ties half to even, so the file can differ from the model by one code at ties (as Vitis AI's own ONNX "
+            "export does). The verification gate measures the agreement; export_xmodel keeps the DPU rounding.",
+            stacklevel=2,
+        )
     args, kwargs = _as_args(example_input)
     proto = _torch_export_to_onnx(deployed, args, kwargs, opset, dynamic_batch)
     requantize_after_shape_ops(proto)

@@ -32,12 +32,6 @@ def test_test_mode_with_truncated_state_file_says_so(tmp_path):
                               f"paths.output_dir={tmp_path / 'run'}", "data.num_workers=0"]))  # fmt: skip
 
 
-def test_dpu_onnx_export_refused(tmp_path):
-    cfg = compose_config(["recipe=resnet20_ptq_cifar10_dpu", "deploy=true", "export.formats=[onnx,torchscript]"])
-    with pytest.raises(ValueError, match=r"not supported yet; set export.formats=\[torchscript\] or deploy=false"):
-        train(cfg)
-
-
 def test_unknown_export_format():
     with pytest.raises(ValueError, match="export.formats has"):
         train(compose_config(["export.formats=[tflite]"]))

@@ -87,8 +87,16 @@ def test_low_bit_weights_export_as_int8_codes(weight_bits, calib_batches, tmp_pa
     assert len(codes) == 3 and all(c.dtype.name == "int8" and abs(c).max() <= limit for c in codes)
 
 
-def test_dpu_target_to_onnx_raises(calib_batches, tmp_path):
-    qmodel = quantize(warm_bn(TinyConvBN()), calib_batches[:2], target="dpu", progress=False)
-    with pytest.raises(ValueError, match=r"rounds half_up, but ONNX QuantizeLinear rounds half to even.*export_xmodel"):
+def test_half_up_rounding_without_power_of_two_scales_to_onnx_raises(calib_batches, tmp_path):
+    scheme = scheme_for_target("x86", activation_rounding="half_up")  # float scales: QuantizeLinear cannot follow
+    qmodel = quantize(warm_bn(TinyConvBN()), calib_batches[:2], scheme=scheme, progress=False)
+    with pytest.raises(ValueError, match=r"rounds half_up, but ONNX QuantizeLinear rounds half to even.*power-of-two"):
         export_onnx(qmodel, tmp_path / "m.onnx", X)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dpu_target_to_onnx_warns_about_ties_and_exports(calib_batches, tmp_path):
+    qmodel = quantize(warm_bn(TinyConvBN()), calib_batches[:2], target="dpu", progress=False)
+    with pytest.warns(UserWarning, match="round half up .*The verification gate measures the agreement"):
+        export_onnx(qmodel, tmp_path / "m.onnx", X)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
