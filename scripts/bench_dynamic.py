@@ -65,7 +65,8 @@ def sqnr(reference: np.ndarray, approx: np.ndarray) -> float:
 
 
 def ort_dynamic(fp32: Path, path: Path) -> Path:
-    from onnxruntime.quantization import QuantType, quantize_dynamic as ort_quantize_dynamic
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
     ort_quantize_dynamic(str(fp32), str(path), per_channel=True, weight_type=QuantType.QInt8)
     return path

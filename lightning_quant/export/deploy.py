@@ -182,9 +182,8 @@ class DeployDynamicLinear(nn.Module):
 
 def rounds_unlike_onnx(deployed: nn.Module) -> list[str]:
     """Names of activation quantizers whose rounding QuantizeLinear cannot reproduce at exact ties (DPU half up)."""
-    return [
-        m.name for m in deployed.modules() if isinstance(m, DeployQuantize) and m.spec.rounding is not RoundingMode.HALF_EVEN
-    ]
+    quantizers = [m for m in deployed.modules() if isinstance(m, DeployQuantize)]
+    return [m.name for m in quantizers if m.spec.rounding is not RoundingMode.HALF_EVEN]
 
 
 def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
