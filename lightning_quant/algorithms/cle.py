@@ -1,6 +1,7 @@
 """Cross-layer equalization (CLE) with bias absorption (Nagel et al. 2019, "Data-Free Quantization").
 
-For consecutive layers ``conv1 -> [BatchNorm] -> (ReLU | nothing) -> conv2`` found on the torch.fx graph, output
+For consecutive layers ``conv1 -> [BatchNorm] -> (ReLU | nothing) -> [max pooling] -> conv2`` found on the torch.fx
+graph (max pooling commutes with positive per-channel scales, so LeNet/VGG-style pairs count too), output
 channel ``i`` of ``conv1`` is divided by ``s_i = sqrt(r1_i * r2_i) / r2_i`` and input channel ``i`` of ``conv2`` is
 multiplied by it (``r1_i``, ``r2_i``: largest ``|w|`` of the channel), which makes both ranges ``sqrt(r1_i r2_i)``:
 ReLU commutes with positive scaling, so the float function is unchanged while per-channel weight ranges get
@@ -46,6 +47,8 @@ _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _RELU_FUNCS = {F.relu, torch.relu}
 _RELU6_FUNCS = {F.relu6}
+_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_MAX_POOL_FUNCS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool1d, torch.max_pool2d, torch.max_pool3d}
 
 
 @dataclass
@@ -93,14 +96,26 @@ def _single_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
+def _is_max_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return isinstance(_module(gm, node), _MAX_POOLS) or (node.op == "call_function" and node.target in _MAX_POOL_FUNCS)
+
+
+def _skip_max_pools(gm: fx.GraphModule, node: fx.Node | None) -> fx.Node | None:
+    """Max pooling commutes with a positive per-channel scale (and with ReLU): step over it."""
+    while node is not None and _is_max_pool(gm, node):
+        node = _single_user(node)
+    return node
+
+
 def _pair_from(gm: fx.GraphModule, node: fx.Node, calls: dict[str, int]) -> _Pair | None:
-    """Follow ``node`` (a conv) through an optional BN and activation to the next conv."""
+    """Follow ``node`` (a conv) through an optional BN, activation and max pooling to the next conv."""
     nxt, bn1, act, act_target = _single_user(node), None, "none", None
     if nxt is not None and isinstance(_module(gm, nxt), _BNS):
         bn1, nxt = nxt.target, _single_user(nxt)
+    nxt = _skip_max_pools(gm, nxt)
     if nxt is not None and _activation(gm, nxt) is not None:
         act, act_target = _activation(gm, nxt), (nxt.target if nxt.op == "call_module" else None)
-        nxt = _single_user(nxt)
+        nxt = _skip_max_pools(gm, _single_user(nxt))
     if nxt is None or type(_module(gm, nxt)) not in _LAYERS:
         return None
     if any(calls.get(t, 0) > 1 for t in (node.target, nxt.target, bn1, act_target) if t is not None):

@@ -175,6 +175,23 @@ def test_quantize_replace_relu6_lets_cle_pair_the_layers():
     assert equalize(copy.deepcopy(model)).pairs == []
 
 
+def test_pairs_through_max_pooling_keep_the_function():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.MaxPool2d(2), nn.ReLU(),
+        nn.Conv2d(16, 8, 1),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        model[0].weight[2] *= 30.0  # one channel far wider than the rest
+    x = torch.randn(4, 3, 32, 32)
+    before = model(x)
+    report = equalize(model)
+    assert report.pairs == [("0", "3"), ("3", "6")]
+    assert torch.allclose(model(x), before, rtol=1e-4, atol=1e-5)
+    ranges = model[0].weight.abs().amax(dim=(1, 2, 3))
+    assert ranges.max() / ranges.min() < 30.0  # the wide channel was brought in
+
+
 def test_validation_errors():
     model = _dw_separable()
     with pytest.raises(ValueError, match="iterations=0 must be an integer >= 1"):

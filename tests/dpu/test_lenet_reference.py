@@ -71,3 +71,24 @@ def test_graph_mirrors_the_vitis_op_sequence(lenet_export):
     ours = [op.type for op in load_xmodel(path).op_node if op.type not in skip]
     ref = [op.type for op in load_xmodel(reference_dir() / "LeNet_int.xmodel").op_node if op.type not in skip]
     assert ours == ref
+
+
+def test_with_cross_layer_equalization_conv_weights_come_within_one_code():
+    """Vitis AI equalizes conv1 -> ReLU -> MaxPool -> conv2 by default; with our CLE the codes land next to its."""
+    import torch
+
+    from lightning_quant import quantize
+    from tests.dpu.conftest import _batches
+    from tests.dpu.models import reference_lenet
+
+    qmodel = quantize(reference_lenet(), _batches((3, 32, 32), seed=1), target="dpu", progress=False,
+                      cross_layer_equalization=True)  # fmt: skip
+    ref = _ops(reference_dir() / "LeNet_int.xmodel")
+    for layer, limit in (("conv1", 0.1), ("conv2", 0.1)):
+        module = getattr(qmodel, layer)
+        fp = _fp(ref, f"LeNet__{layer}_weight")
+        assert round(-np.log2(float(module.weight_fake_quant.scale))) == fp == 8  # 9 without CLE for conv1
+        with torch.no_grad():
+            ours = module.weight_fake_quant(module.weight).permute(0, 2, 3, 1).numpy()  # OIHW -> OHWI
+        codes = np.abs(ours - _data(ref[f"LeNet__{layer}_weight"])) * 2**fp
+        assert codes.max() <= 1.0 and np.mean(codes > 0.5) < limit, layer  # measured: 21/450 and 87/2400 differ
