@@ -143,3 +143,33 @@ def test_dpu_avgpool_is_the_scaled_average():
     torch.testing.assert_close(DPUAvgPool2d(3, 3)(y), torch.nn.functional.avg_pool2d(y, 3) * 9 * 7 / 64)
     with pytest.raises(ValueError, match="input size must be a multiple of the output size"):
         DPUAvgPool2d(output_size=4)(torch.randn(1, 1, 6, 6))
+
+
+def test_best_fix_pos_matches_the_direct_search_with_each_rounding():
+    """The fast search (round half to even, error in code units) picks what fix_quantize's own error picks."""
+    from lightning_quant.config import RoundingMode
+    from lightning_quant.quantizers.dpu import (
+        CANDIDATES,
+        MAX_FIX_POS,
+        best_fix_pos,
+        fix_quantize,
+        overflow_safe_fix_pos,
+    )
+
+    def direct(x, rounding):
+        start = overflow_safe_fix_pos(x.min(), x.max())
+        errors = [
+            (fix_quantize(x, p, rounding) - x).double().pow(2).sum().item()
+            for p in range(start, min(start + CANDIDATES, MAX_FIX_POS + 1))
+        ]
+        return start + errors.index(min(errors))
+
+    g = torch.Generator().manual_seed(0)
+    for i in range(400):
+        x = torch.randn(int(torch.randint(1, 200, (1,), generator=g)), generator=g) * (i % 7 + 0.01)
+        if i % 3 == 1:
+            x = torch.round(x * 64) / 64  # on a finer power-of-two grid: many exact ties
+        if i % 3 == 2:
+            x = torch.cat([torch.relu(x), torch.tensor([30.0])])  # one outlier worth clipping
+        for rounding in (RoundingMode.HALF_UP, RoundingMode.HALF_AWAY, RoundingMode.HALF_EVEN):
+            assert best_fix_pos(x, rounding=rounding) == direct(x, rounding), (i, rounding)
