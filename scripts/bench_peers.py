@@ -14,6 +14,9 @@ Protocol (the same for every method, not tuned per tool):
 Methods: ``ours`` (the model's best default recipe: ``x86`` target, 7-bit per-channel weights, uint8 activations,
 min/max ranges; ResNet50 99.9th-percentile activation ranges as ``recipes/recipe/resnet50_ptq_imagenette.yaml``),
 ``ours_per_tensor`` (same with per-tensor weights), ``ours_pow2`` (power-of-two scales, symmetric int8 activations),
+``ours_per_tensor_cle`` (8-bit per-tensor weights with the data-free recipe: ReLU6 -> ReLU, cross-layer
+equalization, bias correction; ``recipes/recipe/mobilenetv2_ptq_imagenette_per_tensor.yaml``), ``ours_dpu`` (the Vitis
+AI DPU scheme, power-of-two per-tensor, with the same three algorithms, as Vitis AI applies CLE and bias correction),
 ``nncf`` (``nncf.quantize`` defaults), ``pt2e`` (``torch.export`` + ``prepare_pt2e`` with torchao's
 ``X86InductorQuantizer`` default config + ``convert_pt2e``), ``mct`` (``mct.ptq.pytorch_post_training_quantization``
 defaults), ``ort`` (float ONNX -> ``quant_pre_process`` -> ``quantize_static``: QDQ, per-channel, QUInt8 activations,
@@ -76,7 +79,9 @@ MODELS: dict[str, dict[str, Any]] = {
     "resnet20": {"data": "cifar10", "recipe": "resnet20_ptq_cifar10", "act": {}},
     "resnet56": {"data": "cifar10", "recipe": "resnet20_ptq_cifar10 settings (no resnet56 recipe)", "act": {}},
 }
-METHODS = ("ours", "ours_per_tensor", "ours_pow2", "nncf", "pt2e", "mct", "ort")
+METHODS = ("ours", "ours_per_tensor", "ours_pow2", "ours_per_tensor_cle", "ours_dpu", "nncf", "pt2e", "mct", "ort")
+# the data-free recipe of the ours_per_tensor_cle and ours_dpu variants
+DATA_FREE = {"replace_relu6": True, "cross_layer_equalization": True, "bias_correction": True}
 PEERS = {"nncf": "nncf", "pt2e": "torchao", "mct": "model_compression_toolkit", "ort": "onnxruntime.quantization"}
 PIP_NAMES = {"nncf": "nncf", "pt2e": "torchao", "mct": "model-compression-toolkit", "ort": "onnxruntime"}
 VERSIONED = ("lightning-quant", "torch", "torchvision", "onnx", "onnxruntime", "nncf", "torchao")
@@ -348,6 +353,10 @@ def run_float(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
 def ours_scheme(name: str, variant: str) -> Any:
     from lightning_quant import scheme_for_target
 
+    if variant == "ours_dpu":
+        return scheme_for_target("dpu")
+    if variant == "ours_per_tensor_cle":
+        return scheme_for_target("x86_vnni", weight_granularity="per_tensor", **MODELS[name]["act"])
     overrides = dict(MODELS[name]["act"])
     if variant == "ours_per_tensor":
         overrides["weight_granularity"] = "per_tensor"
@@ -369,7 +378,10 @@ def run_ours(name: str, data: Data, opts: dict[str, Any], variant: str = "ours")
         + (f" {a.percentile}" if a.observer == "percentile" else "")
     )
     with calibration_cost(result):
-        qmodel = quantize(model, data.calib, scheme=scheme, progress=False)
+        options = DATA_FREE if variant in ("ours_per_tensor_cle", "ours_dpu") else {}
+        qmodel = quantize(model, data.calib, scheme=scheme, progress=False, **options)
+    if options:
+        result["notes"].append("ReLU6 -> ReLU, CLE, bias correction")
     result |= evaluate(qmodel, data)
     path = Path(opts["workdir"]) / f"{name}_{variant}.onnx"
     attempt(result, "export_onnx", lambda: onnx_cost(export_onnx(qmodel, path, data.example(8)), data, opts))
@@ -382,6 +394,14 @@ def run_ours_per_tensor(name: str, data: Data, opts: dict[str, Any]) -> dict[str
 
 def run_ours_pow2(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
     return run_ours(name, data, opts, "ours_pow2")
+
+
+def run_ours_per_tensor_cle(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
+    return run_ours(name, data, opts, "ours_per_tensor_cle")
+
+
+def run_ours_dpu(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
+    return run_ours(name, data, opts, "ours_dpu")
 
 
 def run_nncf(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
@@ -486,6 +506,8 @@ RUNNERS: dict[str, Callable[[str, Data, dict[str, Any]], dict[str, Any]]] = {
     "ours": run_ours,
     "ours_per_tensor": run_ours_per_tensor,
     "ours_pow2": run_ours_pow2,
+    "ours_per_tensor_cle": run_ours_per_tensor_cle,
+    "ours_dpu": run_ours_dpu,
     "nncf": run_nncf,
     "pt2e": run_pt2e,
     "mct": run_mct,
@@ -594,7 +616,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-ONNX_FILES = {"float": "fp32", "ours": "ours", "ours_per_tensor": "ours_per_tensor", "ours_pow2": "ours_pow2"}
+ONNX_FILES = {"float": "fp32", "ours": "ours", "ours_per_tensor": "ours_per_tensor", "ours_pow2": "ours_pow2",
+              "ours_per_tensor_cle": "ours_per_tensor_cle", "ours_dpu": "ours_dpu"}  # fmt: skip
 ONNX_FILES |= {"nncf": "nncf", "mct": "mct", "ort": "ort_int8"}  # <workdir>/<model>_<this>.onnx, as the runners write
 
 

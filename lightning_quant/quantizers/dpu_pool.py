@@ -120,7 +120,10 @@ class DPUAvgPool2d(nn.Module):
         # int(): under torch.jit.trace sizes are tensors; the DPU's window (and its reciprocal) is fixed per input size
         kernel, stride, padding = self.window(int(x.shape[-2]), int(x.shape[-1]))
         factor, shift = avgpool_multiplier(*kernel)
-        total = F.avg_pool2d(x, kernel, stride, padding, divisor_override=1)
+        if kernel == (int(x.shape[-2]), int(x.shape[-1])) and padding == (0, 0):
+            total = x.sum(dim=(-2, -1), keepdim=True)  # ReduceSum in ONNX
+        else:  # torch.onnx drops divisor_override (AveragePool has no such attribute): scale the mean back up
+            total = F.avg_pool2d(x, kernel, stride, padding, count_include_pad=True) * float(kernel[0] * kernel[1])
         return total * (factor / 2**shift)
 
     def extra_repr(self) -> str:

@@ -61,3 +61,26 @@ def test_lenet_exports_like_vitis_ai_onnx(tmp_path, lenet_export):
         want = qmodel(batch).numpy()
     assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.99
     assert np.abs(got - want).max() <= 0.1 * np.abs(want).max()  # ties one code apart at most, not a different model
+
+
+@pytest.mark.parametrize("pool", ["global", "window"])
+def test_dpu_average_pooling_exports_its_multiply(tmp_path, pool):
+    """Before: torch.onnx dropped avg_pool2d's divisor_override, so the file divided by the window twice."""
+    from torch import nn
+
+    from lightning_quant import quantize
+
+    torch.manual_seed(0)
+    pooling = nn.AdaptiveAvgPool2d(1) if pool == "global" else nn.AvgPool2d(2)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), pooling, nn.Flatten(), nn.LazyLinear(4))
+    model(torch.zeros(1, 3, 8, 8))
+    data = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    qmodel = quantize(model.eval(), data, target="dpu", progress=False)
+    x = torch.randn(16, 3, 8, 8)
+    with pytest.warns(UserWarning, match="round half up"):
+        path = export_onnx(qmodel, tmp_path / "pool.onnx", x)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = qmodel(x).numpy()
+    assert np.abs(got - want).max() <= 0.1 * np.abs(want).max()
