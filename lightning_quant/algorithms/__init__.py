@@ -19,7 +19,12 @@ from lightning_quant.algorithms.entropy import EntropyObserver
 from lightning_quant.algorithms.histogram import HistogramObserver
 from lightning_quant.algorithms.mse import MSEObserver
 from lightning_quant.algorithms.percentile import PercentileObserver
-from lightning_quant.algorithms.sensitivity import QuantizerSensitivity, SensitivityReport, sensitivity_analysis
+from lightning_quant.algorithms.sensitivity import (
+    QuantizerSensitivity,
+    SensitivityReport,
+    plot_quantizer_histograms,
+    sensitivity_analysis,
+)
 
 __all__ = [
     "AccuracyControlReport",
@@ -40,6 +45,7 @@ __all__ = [
     "equalize",
     "fast_finetune",
     "relu6_to_relu",
+    "plot_quantizer_histograms",
     "quantize_with_accuracy_control",
     "sensitivity_analysis",
 ]

@@ -8,7 +8,9 @@ For every quantizer of a calibrated model two numbers are measured on the same b
   float (or at higher precision) would recover. With ``metric_fn``, the metric in that state is measured too,
   for the ``metric_top`` quantizers with the lowest ``alone_sqnr_db`` (each costs one evaluation).
 
-The model is left exactly as it was (fake-quant switches restored). ``report.plot(path)`` writes a bar chart.
+The model is left exactly as it was (fake-quant switches restored). ``report.plot(path)`` writes a bar chart;
+:func:`plot_quantizer_histograms` draws the value histograms of chosen quantizers (e.g. the most sensitive) with
+their clipping range, which shows whether outliers or a too-wide range are to blame.
 
 Example:
     >>> import torch
@@ -43,7 +45,7 @@ from lightning_quant.quantizers.fake_quant import FakeQuantize
 from lightning_quant.quantizers.functional import sqnr_db
 from lightning_quant.quantizers.prepare import iter_quantizers
 
-__all__ = ["QuantizerSensitivity", "SensitivityReport", "sensitivity_analysis"]
+__all__ = ["QuantizerSensitivity", "SensitivityReport", "plot_quantizer_histograms", "sensitivity_analysis"]
 
 
 @dataclass
@@ -241,3 +243,91 @@ def sensitivity_analysis(
     finally:
         qmodel.train(was_training)
     return SensitivityReport(rows, all_on, metric_all_on, metric_float, notes)
+
+
+def _clip_range(fq: FakeQuantize) -> tuple[float, float]:
+    """The float range the quantizer represents (the widest channel's, for per-channel quantizers)."""
+    qmin, qmax = fq.spec.quant_range()
+    scale, zero_point = fq.scale.detach().float().flatten(), fq.zero_point.detach().float().flatten()
+    return float(((qmin - zero_point) * scale).min()), float(((qmax - zero_point) * scale).max())
+
+
+def plot_quantizer_histograms(
+    qmodel: nn.Module,
+    data: Iterable[Any],
+    path: str | Path,
+    names: Iterable[str],
+    *,
+    transform_fn: Callable[[Any], Any] | None = None,
+    num_batches: int = 1,
+    bins: int = 100,
+    max_values: int = 1_000_000,
+) -> Path:
+    """PNG grid of histograms of the float values each named quantizer sees, with its clipping range (red).
+
+    Weights and activations alike: the values are captured at the quantizer's input on ``num_batches`` batches
+    (at most ``max_values`` per quantizer, evenly subsampled). Log-scaled counts show the tails.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from torch import nn
+        >>> from lightning_quant import quantize
+        >>> data = [torch.randn(4, 3, 12, 12) for _ in range(2)]
+        >>> qmodel = quantize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval(), data, progress=False)
+        >>> report = sensitivity_analysis(qmodel, data, progress=False)
+        >>> names = [row.name for row in report.most_sensitive(2)]
+        >>> plot_quantizer_histograms(qmodel, data, tempfile.mkdtemp() + "/hist.png", names).suffix
+        '.png'
+
+    Raises:
+        ValueError: an unknown quantizer name (the message lists some known ones), no names, or empty data.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    check_positive("num_batches", num_batches)
+    quantizers = dict(iter_quantizers(qmodel))
+    names = list(names)
+    unknown = [n for n in names if n not in quantizers]
+    if not names or unknown:
+        known = ", ".join(list(quantizers)[:4])
+        raise ValueError(f"plot_quantizer_histograms: unknown quantizer(s) {unknown} (known: {known}, ...); pass "
+                         "names from iter_quantizers(qmodel) or a SensitivityReport's rows.")  # fmt: skip
+    inputs = bounded_inputs(data, transform_fn, num_batches, qmodel, "plot_quantizer_histograms")
+    captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            values = args[0].detach().float().flatten()
+            step = max(1, values.numel() * num_batches // max_values)
+            captured[name].append(values[::step].cpu())
+
+        return record
+
+    handles = [quantizers[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        model_outputs(qmodel.eval(), inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        values = torch.cat(captured[name]).numpy()
+        low, high = _clip_range(quantizers[name])
+        ax.hist(values, bins=bins, color="tab:blue" if _kind(name) == "weight" else "tab:orange", log=True)
+        for bound in (low, high):
+            ax.axvline(bound, color="tab:red", linestyle="--", linewidth=1)
+        clipped = float(((values < low) | (values > high)).mean())
+        ax.set_title(f"{name}\nrange [{low:.3g}, {high:.3g}], clipped {clipped:.2%}", fontsize=8)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -80,3 +80,34 @@ def test_clear_errors():
         sensitivity_analysis(qmodel, batches(), num_batches=0, progress=False)
     with pytest.raises(ValueError, match="empty"):
         sensitivity_analysis(qmodel, [], progress=False)
+
+
+def test_histograms_are_written_with_each_clip_range_and_bad_names_refused(qmodel, tmp_path, monkeypatch):
+    from lightning_quant.algorithms import plot_quantizer_histograms
+    from lightning_quant.algorithms import sensitivity as module
+
+    names = [name for name, _ in iter_quantizers(qmodel)][:2]
+    seen = {}
+    original = module._clip_range
+
+    def spy(fq):
+        seen[fq.name or len(seen)] = original(fq)
+        return original(fq)
+
+    monkeypatch.setattr(module, "_clip_range", spy)
+    path = plot_quantizer_histograms(qmodel, batches(), tmp_path / "h" / "hist.png", names, num_batches=2)
+    assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(seen) == 2 and all(low < high for low, high in seen.values())
+    with pytest.raises(ValueError, match=r"unknown quantizer\(s\) \['nope'\] \(known: "):
+        plot_quantizer_histograms(qmodel, batches(), tmp_path / "x.png", ["nope"])
+    with pytest.raises(ValueError, match=r"unknown quantizer\(s\) \[\]"):
+        plot_quantizer_histograms(qmodel, batches(), tmp_path / "x.png", [])
+
+
+def test_clip_range_of_a_per_channel_weight_is_the_widest_channel(qmodel):
+    from lightning_quant.algorithms.sensitivity import _clip_range
+
+    fq = next(fq for name, fq in iter_quantizers(qmodel) if name.endswith("weight_fake_quant"))
+    low, high = _clip_range(fq)
+    qmin, qmax = fq.spec.quant_range()
+    assert high == pytest.approx(float(fq.scale.max()) * qmax) and low == pytest.approx(float(fq.scale.max()) * qmin)
