@@ -17,6 +17,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit-batches", type=int, default=None, help="smoke runs only: evaluate fewer batches")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_accuracy.json")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --out; measure only the rest")
     return parser.parse_args(argv)
 
 
@@ -117,14 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods:
         parse_method(method)  # fail before any evaluation
     torch.set_num_threads(args.threads)
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = resumed_rows(args)
+    done = {(r["model"], r["method"]) for r in rows}
     for name in args.models:
         model, dm = load(name, args)
-        float_top1 = top1_accuracy(model, dm.val_dataloader(), num_batches=args.limit_batches, progress=False)
-        rows.append({"model": name, "method": "float", "top1": float_top1["top1"], "images": float_top1["images"]})
-        save(args, argv, rows, complete=False)
+        if (name, "float") not in done:
+            result = top1_accuracy(model, dm.val_dataloader(), num_batches=args.limit_batches, progress=False)
+            rows.append({"model": name, "method": "float", "top1": result["top1"], "images": result["images"]})
+            save(args, argv, rows, complete=False)
+        float_top1 = next(r for r in rows if r["model"] == name and r["method"] == "float")
         print(f"[bench] {name} float {float_top1['top1']:.2f}", file=sys.stderr, flush=True)
-        for method in args.methods:
+        for method in (m for m in args.methods if (name, m) not in done):
             row = {"model": name, **run_method(model, dm, method, args)}
             row["drop"] = row["top1"] - float_top1["top1"]
             rows.append(row)
@@ -133,6 +138,18 @@ def main(argv: list[str] | None = None) -> int:
     print(save(args, argv, rows, complete=True))
     print(f"wrote {args.out}")
     return 0
+
+
+def resumed_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """With ``--resume``: the rows of ``--out`` measured under the same protocol (else a clear error)."""
+    if not args.resume or not args.out.is_file():
+        return []
+    previous = json.loads(args.out.read_text())
+    keys = ("calibration_size", "seed", "batch_size", "limit_batches")
+    changed = [k for k in keys if previous["settings"].get(k) != getattr(args, k)]
+    if changed:
+        raise SystemExit(f"--resume: {args.out} was measured with other {', '.join(changed)}; use another --out.")
+    return list(previous["rows"])
 
 
 def save(args: argparse.Namespace, argv: list[str] | None, rows: list[dict[str, Any]], *, complete: bool) -> str:
