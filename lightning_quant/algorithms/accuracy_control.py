@@ -204,8 +204,8 @@ def quantize_with_accuracy_control(
 
     Returns:
         ``(qmodel, report)``: the quantized model with ``report.kept_float`` in float, and an
-        :class:`AccuracyControlReport` (``report.met`` is False when even all-float layers miss the bound; the
-        activation quantizers between float layers that nothing else needs are then the remaining error).
+        :class:`AccuracyControlReport` (``report.met`` is False in the rare case where the re-quantized model
+        misses the bound the search met, e.g. because bias correction then corrects other layers).
 
     Raises:
         ValueError: ``max_accuracy_drop`` negative or not a number, ``ranking_batches`` < 1, an option
