@@ -154,7 +154,7 @@ def test_nothing_to_quantize(model):
 
 
 def test_exclude_everything_is_nothing_to_quantize(tiny, image_batches):
-    with pytest.raises(NothingToQuantizeError, match=r"conv1: excluded by the user.*check `exclude=` patterns"):
+    with pytest.raises(NothingToQuantizeError, match=r"conv1: excluded \(exclude=.*check `exclude=` patterns"):
         quantize(tiny, image_batches, exclude=["*"], progress=False)
 
 

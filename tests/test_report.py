@@ -147,7 +147,10 @@ def test_table_lists_untraced_module_level_and_float_layers():
     assert "not captured as a graph" in table
     assert any(line.strip().startswith("<model>: data-dependent Python control flow") for line in lines)
     assert any(line.strip().startswith("block: data-dependent Python control flow") for line in lines)
-    assert "kept in float:" in table and "  head.2: excluded by the user (exclude=...)" in lines
+    assert (
+        "kept in float:" in table
+        and "  head.2: excluded (exclude=...: a user pattern or an accuracy-control choice)" in lines
+    )
     assert "quantized on their own (graph capture failed around them): block.conv" in lines
     assert report.metrics()["quant/float_layers"] == 1.0
 

@@ -111,7 +111,7 @@ def _swap_weight_layers(gm: fx.GraphModule, path: str, scheme: QuantScheme, mode
         name = _join(path, node.target)
         if type(module) in QUANTIZABLE_LAYERS:
             if _excluded(name, exclude):
-                info.float_layers[name] = "excluded by the user (exclude=...)"
+                info.float_layers[name] = "excluded (exclude=...: a user pattern or an accuracy-control choice)"
                 continue
             _set_submodule(gm, node.target, quantized_layer_from_float(module, scheme, name))
             info.quantized_layers.append(name)
@@ -175,7 +175,7 @@ def _prepare_tree(module: nn.Module, path: str, scheme, mode, exclude, info) -> 
     """Trace ``module``; when that fails, recurse into children; quantize leaf conv/linear on their own."""
     if type(module) in QUANTIZABLE_LAYERS:
         if _excluded(path, exclude):
-            info.float_layers[path] = "excluded by the user (exclude=...)"
+            info.float_layers[path] = "excluded (exclude=...: a user pattern or an accuracy-control choice)"
             return module
         info.quantized_layers.append(path)
         info.module_level.append(path)
