@@ -119,3 +119,31 @@ def test_data_and_model_errors():
     qat = prepare(model, scheme_for_target("x86", QuantMode.QAT), mode="qat")
     with pytest.raises(ValueError, match=r"works on PTQ models.*QuantConvBn.*convert\(model\) first"):
         correct_bias(qat, data, progress=False)
+
+
+def _biases(qmodel: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in qmodel.named_parameters() if n.endswith("bias")}
+
+
+@pytest.mark.parametrize("target", ["x86", "dpu"])
+@pytest.mark.parametrize("net", [tiny_convbn, mobilenet_like])
+def test_one_pass_equals_one_pass_per_layer(net, target):
+    """The joined single pass must give the biases the per-layer passes give (the reference implementation)."""
+    data = calib_data()
+    scheme = scheme_for_target(target, weight_bits=4) if target == "x86" else scheme_for_target("dpu")
+    base = quantize(net().eval(), data, scheme=scheme, progress=False)
+    fast, slow = copy.deepcopy(base), copy.deepcopy(base)
+    fast_report = correct_bias(fast, data, progress=False)
+    slow_report = correct_bias(slow, data, progress=False, one_pass=False)
+    assert fast_report.layers == slow_report.layers and fast_report.created_bias == slow_report.created_bias
+    a, b = _biases(fast), _biases(slow)
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_batches_that_cannot_be_joined_take_the_per_layer_path():
+    data = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 20, 20)]  # different sizes: no torch.cat
+    qmodel = quantize4(tiny_convbn(), data)
+    report = correct_bias(qmodel, data, progress=False)
+    assert report.batches == 2 and report.layers
