@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from lightning_quant.capture.bn_fold import fold_bn_into
+from lightning_quant.capture.bn_fold import fold_bn_into, set_submodule
 from lightning_quant.capture.trace import capture
 
 __all__ = ["CLEReport", "equalization_pairs", "equalize", "relu6_to_relu"]
@@ -248,8 +248,7 @@ def _select(model: nn.Module, pairs: list[_Pair], replace_relu6: bool, report: C
             report.skipped[name] = f"ReLU6 between the layers does not commute with scaling ({how})"
             continue
         if pair.act == "relu6_module":
-            parent, _, attr = pair.act_target.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, nn.ReLU())
+            set_submodule(model, pair.act_target, nn.ReLU())
             report.replaced_relu6.append(pair.act_target)
             pair.act = "relu"
         kept.append(pair)
@@ -269,8 +268,7 @@ def relu6_to_relu(model: nn.Module) -> list[str]:
     """
     names = [name for name, module in model.named_modules() if type(module) is nn.ReLU6]
     for name in names:
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, nn.ReLU(inplace=False))
+        set_submodule(model, name, nn.ReLU(inplace=False))
     return names
 
 

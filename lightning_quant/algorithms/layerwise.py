@@ -268,10 +268,7 @@ def layer_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias:
 
 def quantized_bias(layer: nn.Module) -> torch.Tensor | None:
     """``layer``'s bias as the deployed layer sees it (through its bias fake-quant when it has one), or None."""
-    bias = layer.bias
-    if bias is not None and layer.bias_fake_quant is not None:
-        bias = layer.bias_fake_quant(bias)
-    return bias
+    return layer._quant_bias()  # the fake-quant layers' own rule, so tuning and inference cannot disagree
 
 
 @torch.no_grad()

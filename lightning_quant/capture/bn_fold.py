@@ -17,7 +17,7 @@ import copy
 import torch
 from torch import fx, nn
 
-__all__ = ["FOLDABLE_PAIRS", "fold_batchnorm", "fold_bn_into", "foldable_pairs"]
+__all__ = ["FOLDABLE_PAIRS", "fold_batchnorm", "fold_bn_into", "foldable_pairs", "set_submodule"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -93,7 +93,7 @@ def fold_batchnorm(gm: fx.GraphModule) -> list[str]:
     folded = []
     for layer_node, bn_node in foldable_pairs(gm):
         fused = fold_bn_into(gm.get_submodule(layer_node.target), gm.get_submodule(bn_node.target))
-        _set_submodule(gm, layer_node.target, fused)
+        set_submodule(gm, layer_node.target, fused)
         bn_node.replace_all_uses_with(layer_node)
         gm.graph.erase_node(bn_node)
         folded.append(bn_node.target)
@@ -102,6 +102,13 @@ def fold_batchnorm(gm: fx.GraphModule) -> list[str]:
     return folded
 
 
-def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``target`` of ``root`` (ModuleDict entries included).
+
+    Example:
+        >>> model = nn.Sequential(nn.Sequential(nn.ReLU()))
+        >>> set_submodule(model, "0.0", nn.Identity()); type(model[0][0]).__name__
+        'Identity'
+    """
     parent_name, _, attr = target.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, attr, module)

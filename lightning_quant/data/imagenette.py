@@ -194,6 +194,11 @@ def imagenette_datasets(
     return datasets
 
 
+def _seeded_permutation(n: int, seed: int) -> torch.Tensor:
+    """The permutation of ``range(n)`` both subsets are cut from (the same seed gives the same order)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+
+
 def calibration_subset(dataset: Dataset, size: int, seed: int = 0) -> Subset:
     """A reproducible random subset of ``size`` items (the same ``seed`` gives the same items, in the same order).
 
@@ -209,9 +214,7 @@ def calibration_subset(dataset: Dataset, size: int, seed: int = 0) -> Subset:
     n = len(dataset)  # type: ignore[arg-type]
     if size > n:
         raise ValueError(f"calibration_size={size} is larger than the training split ({n} images); use at most {n}.")
-    generator = torch.Generator().manual_seed(int(seed))
-    indices = torch.randperm(n, generator=generator)[:size].tolist()
-    return Subset(dataset, indices)
+    return Subset(dataset, _seeded_permutation(n, seed)[:size].tolist())
 
 
 def held_out_subset(dataset: Dataset, size: int, *, calibration_size: int, seed: int = 0) -> Subset:
@@ -235,9 +238,7 @@ def held_out_subset(dataset: Dataset, size: int, *, calibration_size: int, seed:
             f"tuning_size={size} + calibration_size={calibration_size} exceed the training split ({n} images); "
             f"use at most {n - calibration_size} held-out images."
         )
-    generator = torch.Generator().manual_seed(int(seed))
-    indices = torch.randperm(n, generator=generator)[calibration_size : calibration_size + size].tolist()
-    return Subset(dataset, indices)
+    return Subset(dataset, _seeded_permutation(n, seed)[calibration_size : calibration_size + size].tolist())
 
 
 class ImagenetteDataModule(pl.LightningDataModule):

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_quant.capture.bn_fold import set_submodule
 from lightning_quant.config import QuantSpec, RoundingMode, ScaleType
 from lightning_quant.export import qdq_ops  # noqa: F401  (registers torch.ops.lightning_quant.*)
 from lightning_quant.quantizers.dynamic import DynamicQuantLinear, dynamic_fake_quantize
@@ -186,15 +187,6 @@ def rounds_unlike_onnx(deployed: nn.Module) -> list[str]:
     return [m.name for m in quantizers if m.spec.rounding is not RoundingMode.HALF_EVEN]
 
 
-def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    if isinstance(parent, nn.ModuleDict):
-        parent[attr] = module
-    else:
-        setattr(parent, attr, module)
-
-
 def deploy_model(qmodel: nn.Module, *, onnx_ops: bool = False) -> nn.Module:
     """Deployable copy of a calibrated/QAT model (BatchNorm folded, int8 weights, frozen activation qparams).
 
@@ -209,10 +201,10 @@ def deploy_model(qmodel: nn.Module, *, onnx_ops: bool = False) -> nn.Module:
     frozen = convert(qmodel)
     for name, module in list(frozen.named_modules()):
         if isinstance(module, (QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear)):
-            _replace(frozen, name, DeployLayer(module, onnx_ops))
+            set_submodule(frozen, name, DeployLayer(module, onnx_ops))
         elif isinstance(module, DynamicQuantLinear):
-            _replace(frozen, name, DeployDynamicLinear(module, onnx_ops))
+            set_submodule(frozen, name, DeployDynamicLinear(module, onnx_ops))
     for name, module in list(frozen.named_modules()):
         if isinstance(module, FakeQuantize):
-            _replace(frozen, name, DeployQuantize(module, onnx_ops))
+            set_submodule(frozen, name, DeployQuantize(module, onnx_ops))
     return frozen.eval().requires_grad_(False)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from lightning_quant.quantizers.dynamic import dynamic_qparams
+
 __all__ = ["onnx_translations"]
 
 
@@ -54,11 +56,7 @@ def dynamic_linear(
 ) -> torch.Tensor:
     """Dynamically quantized linear, as onnxruntime computes it: uint8 input codes from the input's own range
     (``DynamicQuantizeLinear``), exact integer products with ``weight_t`` (int8, ``(in, out)``), then scaled."""
-    low = torch.clamp(x.min().float(), max=0.0)
-    high = torch.clamp(x.max().float(), min=0.0)
-    scale = (high - low) / 255.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero_point = torch.clamp(torch.round(-low / scale), 0, 255)
+    scale, zero_point = dynamic_qparams(x)
     q = torch.clamp(torch.round(x / scale) + zero_point, 0, 255)
     acc = torch.matmul((q - zero_point).double(), weight_t.double())  # exact, like MatMulInteger's int32 sums
     return (acc.float() * (scale * weight_scale) + bias).to(x.dtype)

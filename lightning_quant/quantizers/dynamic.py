@@ -26,16 +26,17 @@ Example:
 from __future__ import annotations
 
 import copy
-import fnmatch
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_quant.capture.bn_fold import set_submodule
 from lightning_quant.config import Granularity, QuantMode, QuantSpec, Target, scheme_for_target
 from lightning_quant.errors import NothingToQuantizeError
 from lightning_quant.quantizers.functional import fake_quantize, qparams_from_range
+from lightning_quant.quantizers.prepare import is_excluded
 
 __all__ = ["DynamicQuantLinear", "dynamic_fake_quantize", "dynamic_qparams", "quantize_dynamic"]
 
@@ -103,10 +104,6 @@ class DynamicQuantLinear(nn.Module):
         return f"{self.name!r}, in={self.in_features}, out={self.out_features}, int{self.spec.bits} weights, dynamic"
 
 
-def _excluded(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
 def quantize_dynamic(
     model: nn.Module,
     target: Target | str = Target.X86,
@@ -133,8 +130,8 @@ def quantize_dynamic(
     spec = scheme.weight if weight_bits is None else scheme_for_target(target, weight_bits=weight_bits).weight
     patterns = tuple(exclude)
     qmodel = copy.deepcopy(model)
-    names = [n for n, m in qmodel.named_modules() if type(m) is nn.Linear and n and not _excluded(n, patterns)]
-    if type(qmodel) is nn.Linear and not _excluded("", patterns):
+    names = [n for n, m in qmodel.named_modules() if type(m) is nn.Linear and n and not is_excluded(n, patterns)]
+    if type(qmodel) is nn.Linear and not is_excluded("", patterns):
         return DynamicQuantLinear(qmodel, spec, "")
     if not names:
         raise NothingToQuantizeError(
@@ -143,7 +140,5 @@ def quantize_dynamic(
             + "; it quantizes nn.Linear only (use quantize() with calibration data for convolutions)."
         )
     for name in names:
-        parent, _, attr = name.rpartition(".")
-        owner = qmodel.get_submodule(parent) if parent else qmodel
-        setattr(owner, attr, DynamicQuantLinear(owner.get_submodule(attr), spec, name))
+        set_submodule(qmodel, name, DynamicQuantLinear(qmodel.get_submodule(name), spec, name))
     return qmodel.eval()

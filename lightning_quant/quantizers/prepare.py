@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 from torch import fx, nn
 
-from lightning_quant.capture.bn_fold import fold_batchnorm, foldable_pairs
+from lightning_quant.capture.bn_fold import fold_batchnorm, foldable_pairs, set_submodule
 from lightning_quant.capture.patterns import activation_quant_points
 from lightning_quant.capture.trace import capture
 from lightning_quant.config import QuantMode, QuantScheme, Target, _coerce_enum
@@ -46,6 +46,7 @@ __all__ = [
     "PrepareInfo",
     "convert",
     "freeze_bn",
+    "is_excluded",
     "iter_quantizers",
     "prepare",
     "prepare_info",
@@ -77,13 +78,9 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _excluded(name: str, patterns: Iterable[str]) -> bool:
+def is_excluded(name: str, patterns: Iterable[str]) -> bool:
+    """True when layer ``name`` matches one of the ``exclude=`` glob patterns."""
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
-    parent, _, attr = target.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attr, module)
 
 
 def _swap_weight_layers(gm: fx.GraphModule, path: str, scheme: QuantScheme, mode: QuantMode, exclude, info) -> None:
@@ -91,10 +88,10 @@ def _swap_weight_layers(gm: fx.GraphModule, path: str, scheme: QuantScheme, mode
     if mode is QuantMode.QAT:
         for layer_node, bn_node in foldable_pairs(gm):
             name = _join(path, layer_node.target)
-            if _excluded(name, exclude):
+            if is_excluded(name, exclude):
                 continue
             fused = QuantConvBn(gm.get_submodule(layer_node.target), gm.get_submodule(bn_node.target), scheme, name)
-            _set_submodule(gm, layer_node.target, fused)
+            set_submodule(gm, layer_node.target, fused)
             bn_node.replace_all_uses_with(layer_node)
             gm.graph.erase_node(bn_node)
             # the BN now lives in the fused module only; a stale top-level reference would survive convert()
@@ -110,10 +107,10 @@ def _swap_weight_layers(gm: fx.GraphModule, path: str, scheme: QuantScheme, mode
         module = gm.get_submodule(node.target)
         name = _join(path, node.target)
         if type(module) in QUANTIZABLE_LAYERS:
-            if _excluded(name, exclude):
+            if is_excluded(name, exclude):
                 info.float_layers[name] = "excluded (exclude=...: a user pattern or an accuracy-control choice)"
                 continue
-            _set_submodule(gm, node.target, quantized_layer_from_float(module, scheme, name))
+            set_submodule(gm, node.target, quantized_layer_from_float(module, scheme, name))
             info.quantized_layers.append(name)
             done.add(node.target)
 
@@ -174,7 +171,7 @@ def _prepare_graph(gm: fx.GraphModule, path: str, scheme, mode, exclude, info) -
 def _prepare_tree(module: nn.Module, path: str, scheme, mode, exclude, info) -> nn.Module:
     """Trace ``module``; when that fails, recurse into children; quantize leaf conv/linear on their own."""
     if type(module) in QUANTIZABLE_LAYERS:
-        if _excluded(path, exclude):
+        if is_excluded(path, exclude):
             info.float_layers[path] = "excluded (exclude=...: a user pattern or an accuracy-control choice)"
             return module
         info.quantized_layers.append(path)
@@ -294,7 +291,7 @@ def convert(model: nn.Module) -> nn.Module:
     frozen = copy.deepcopy(model)
     for name, module in list(frozen.named_modules()):
         if isinstance(module, QuantConvBn):
-            _set_submodule(frozen, name, module.to_folded())
+            set_submodule(frozen, name, module.to_folded())
     set_observers(frozen, False)
     set_fake_quant(frozen, True)
     if _INFO_ATTR in model.__dict__:
