@@ -43,8 +43,8 @@ def _tuning_loader(cfg: DictConfig, dm: Any) -> DataLoader:
             f"({type(dm).__name__} has none); use one of the project's datamodules or drop max_accuracy_drop."
         )
     subset = held_out_subset(
-        calibration.dataset, cfg.quant.accuracy_control.tuning_size, calibration_size=len(calibration), seed=cfg.seed
-    )
+        calibration.dataset, cfg.quant.accuracy_control.tuning_size, calibration_size=len(calibration), seed=dm.seed
+    )  # the datamodule's own seed: the permutation its calibration subset was drawn from
     return DataLoader(subset, batch_size=cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
 
 

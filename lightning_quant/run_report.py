@@ -136,7 +136,8 @@ def report_markdown(metrics: dict[str, Any], report: QuantReport | None, plot_na
     ]
     lines += accuracy_rows(metrics, delta_label="delta (points)")
     if metrics.get("accuracy_control"):
-        lines += ["", accuracy_control_line(metrics["accuracy_control"]).capitalize() + "."]
+        line = accuracy_control_line(metrics["accuracy_control"])
+        lines += ["", line[0].upper() + line[1:] + "."]  # not str.capitalize(): it lowercases "NOT met"
     sizes = metrics.get("sizes") or {}
     if sizes:
         fp, q = sizes["float_bytes"], sizes["quantized_bytes"]

@@ -61,3 +61,11 @@ def test_float_only_run_has_no_plot(tmp_path):
 def test_plain_float_model_has_equal_sizes():
     net = nn.Sequential(nn.Linear(4, 2))
     assert model_sizes(net) == {"float_bytes": 40, "quantized_bytes": 40}
+
+
+def test_accuracy_control_line_keeps_its_case_in_markdown():
+    control = {"kept_float": ["Layer1.Conv"], "quantized_layers": 20, "metric_float": 90.0, "metric_final": 88.0,
+               "max_accuracy_drop": 0.5, "met": False}  # fmt: skip
+    text = report_markdown({"name": "r", "mode": "ptq", "target": "x86", "accuracy_control": control}, None)
+    assert "Accuracy control: 1 of 20 layers kept in float (Layer1.Conv); " in text
+    assert "bound 0.5 points: NOT met." in text
