@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_quant.algorithms.post_calibration import REFINEMENT_STEPS, record_refinements
 from lightning_quant.callbacks.checkpoint_guard import check_quant_state_keys
 from lightning_quant.config import QuantMode, QuantScheme
 from lightning_quant.errors import CheckpointMismatchError
@@ -115,4 +116,5 @@ def load_quantized_checkpoint(module: nn.Module, path: str | Path) -> nn.Module:
         handle.remove()
     set_observers(prepared, False)
     set_fake_quant(prepared, True)
+    record_refinements(prepared, [step for step in REFINEMENT_STEPS if state.get(step)])
     return module.eval()

@@ -7,7 +7,9 @@ seed, top-1 on the full evaluation split (CIFAR-10 test, Imagenette val) unless 
 * schemes: ``int8_pc`` (x86_vnni: int8 per-channel weights, uint8 activations), ``int8_pt`` (the same, per-tensor
   weights), ``pow2`` (the Vitis AI DPU scheme), ``w4a8`` / ``w6a8`` (4/6-bit per-channel weights, 8-bit activations);
 * algorithms: ``relu`` (ReLU6 -> ReLU, so CLE pairs MobileNet layers), ``cle`` (cross-layer equalization), ``bc``
-  (bias correction), ``adaround``, ``ff`` (fast finetune). Drops are against the unmodified float model.
+  (bias correction), ``adaround``, ``ff`` (fast finetune);
+* activation range estimators (default min/max): ``mse`` (MSE-optimal clipping), ``pct`` (99.99th percentile),
+  ``kl`` (entropy / KL). Drops are against the unmodified float model.
 
 Usage:
     PYTHONPATH=. python scripts/bench_accuracy.py --models resnet20                 # CIFAR-10, the default methods
@@ -30,7 +32,8 @@ from lightning_quant import quantize, scheme_for_target
 from lightning_quant.config import Granularity
 from lightning_quant.models import top1_accuracy
 
-MODELS = ("resnet20", "resnet56", "mobilenet_v2", "resnet50")
+CIFAR_MODELS = ("resnet20", "resnet56")
+MODELS = (*CIFAR_MODELS, "mobilenet_v2", "resnet50")
 DEFAULT_METHODS = ("int8_pc", "int8_pt", "pow2", "w6a8", "w4a8", "w4a8+adaround")
 ALGORITHMS = {
     "relu": "replace_relu6",
@@ -39,6 +42,7 @@ ALGORITHMS = {
     "adaround": "adaround",
     "ff": "fast_finetune",
 }
+ESTIMATORS = {"mse": "mse", "pct": "percentile", "kl": "entropy"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,31 +59,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def scheme_for(name: str) -> tuple[Any, str]:
-    """The QuantScheme of a scheme name, and the target it deploys on."""
+def scheme_for(name: str, **overrides: Any) -> tuple[Any, str]:
+    """The QuantScheme of a scheme name (plus ``scheme_for_target`` overrides), and the target it deploys on."""
     if name == "int8_pc":
-        return scheme_for_target("x86_vnni"), "x86_vnni"
+        return scheme_for_target("x86_vnni", **overrides), "x86_vnni"
     if name == "int8_pt":
-        return scheme_for_target("x86_vnni", weight_granularity=Granularity.PER_TENSOR), "x86_vnni"
+        return scheme_for_target("x86_vnni", weight_granularity=Granularity.PER_TENSOR, **overrides), "x86_vnni"
     if name == "pow2":
-        return scheme_for_target("dpu"), "dpu"
+        return scheme_for_target("dpu", **overrides), "dpu"
     if name in ("w4a8", "w6a8"):
-        return scheme_for_target("x86_vnni", weight_bits=int(name[1])), "x86_vnni"
+        return scheme_for_target("x86_vnni", weight_bits=int(name[1]), **overrides), "x86_vnni"
     raise ValueError(f"unknown scheme {name!r}; use int8_pc, int8_pt, pow2, w4a8 or w6a8.")
 
 
-def parse_method(method: str) -> tuple[str, dict[str, bool]]:
-    scheme, *algorithms = method.split("+")
-    unknown = [a for a in algorithms if a not in ALGORITHMS]
+def parse_method(method: str) -> tuple[str, dict[str, str], dict[str, bool]]:
+    """``(scheme name, scheme overrides, quantize() flags)`` of ``<scheme>[+<token>...]``."""
+    scheme, *tokens = method.split("+")
+    unknown = [t for t in tokens if t not in ALGORITHMS and t not in ESTIMATORS]
     if unknown:
-        raise ValueError(f"unknown algorithm {unknown[0]!r} in {method!r}; use {', '.join(ALGORITHMS)}.")
-    scheme_for(scheme)
-    return scheme, {ALGORITHMS[a]: True for a in algorithms}
+        known = ", ".join([*ALGORITHMS, *ESTIMATORS])
+        raise ValueError(f"unknown algorithm {unknown[0]!r} in {method!r}; use {known}.")
+    estimators = [ESTIMATORS[t] for t in tokens if t in ESTIMATORS]
+    if len(estimators) > 1:
+        choices = ", ".join(ESTIMATORS)
+        raise ValueError(f"{method!r} names {len(estimators)} activation estimators; pick one of {choices}.")
+    overrides = {"activation_observer": estimators[0]} if estimators else {}
+    scheme_for(scheme, **overrides)
+    return scheme, overrides, {ALGORITHMS[t]: True for t in tokens if t in ALGORITHMS}
 
 
 def load(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
     common = dict(batch_size=args.batch_size, calibration_size=args.calibration_size, seed=args.seed, num_workers=2)
-    if name.startswith("resnet") and name[6:].isdigit() and int(name[6:]) < 100:
+    if name in CIFAR_MODELS:
         from lightning_quant.data.cifar10 import CIFAR10DataModule
         from lightning_quant.models.cifar_resnet import cifar_resnet
 
@@ -94,8 +105,8 @@ def load(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
 
 
 def run_method(model: torch.nn.Module, dm: Any, method: str, args: argparse.Namespace) -> dict[str, Any]:
-    scheme_name, flags = parse_method(method)
-    scheme, target = scheme_for(scheme_name)
+    scheme_name, overrides, flags = parse_method(method)
+    scheme, target = scheme_for(scheme_name, **overrides)
     start = time.perf_counter()
     qmodel = quantize(model, dm.calibration_dataloader(), scheme=scheme, progress=False, **flags)
     seconds = time.perf_counter() - start

@@ -21,8 +21,11 @@ import torch
 from torch import nn
 
 from lightning_quant.config import Target
+from lightning_quant.quantizers.prepare import prepare_info
 
-__all__ = ["refine_calibrated"]
+__all__ = ["REFINEMENT_STEPS", "record_refinements", "refine_calibrated"]
+
+REFINEMENT_STEPS = ("bias_correction", "adaround", "fast_finetune")  # the flags that name a step (QuantCallback's too)
 
 
 def refine_calibrated(
@@ -50,7 +53,19 @@ def refine_calibrated(
     # Lightning calls the callback inside ``torch.inference_mode()`` (validate/test); fast finetune needs autograd and
     # tensors it can save for backward, so leave inference mode for the refinement.
     with torch.inference_mode(False):
-        return _refine(qmodel, calibration_data, bias_correction, adaround, fast_finetune, target, tune)
+        steps = _refine(qmodel, calibration_data, bias_correction, adaround, fast_finetune, target, tune)
+    record_refinements(qmodel, steps)
+    return steps
+
+
+def record_refinements(qmodel: nn.Module, steps: Iterable[str]) -> None:
+    """Note ``steps`` in the model's :class:`~lightning_quant.quantizers.prepare.PrepareInfo` (exporters read it,
+    e.g. ``quant_info.json``'s ``bias_corrected``); a model ``prepare()`` did not produce is left as it is."""
+    try:
+        info = prepare_info(qmodel)
+    except ValueError:
+        return
+    info.refinements.extend(s for s in steps if s not in info.refinements)
 
 
 def _refine(

@@ -125,7 +125,9 @@ def quant_info(qmodel: nn.Module, graph_name: str | None = None) -> dict[str, An
             output[f"{prefix}::{name.rpartition('.')[2]}"] = [[fq.spec.bits, fix_pos_from_scale(fq.scale)]]
     from lightning_quant import __version__
 
-    return {"param": param, "output": output, "input": {}, "fast_finetuned": False, "bias_corrected": False,
+    steps = prepare_info(qmodel).refinements
+    tuned, corrected = "fast_finetune" in steps, "bias_correction" in steps
+    return {"param": param, "output": output, "input": {}, "fast_finetuned": tuned, "bias_corrected": corrected,
             "version": f"lightning_quant {__version__}", "graph_md5": ""}  # fmt: skip
 
 

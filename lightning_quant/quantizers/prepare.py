@@ -72,6 +72,7 @@ class PrepareInfo:
     traced: list[str] = field(default_factory=list)
     folded_bn: list[str] = field(default_factory=list)
     module_level: list[str] = field(default_factory=list)
+    refinements: list[str] = field(default_factory=list)  # post-calibration steps that ran (refine_calibrated)
 
 
 def _join(prefix: str, name: str) -> str:

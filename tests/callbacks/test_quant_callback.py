@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_quant import QATSchedule, QuantCallback
+from lightning_quant.checkpoint import load_quantized_checkpoint
 from lightning_quant.quantizers import iter_quantizers, prepare_info
 from lightning_quant.quantizers.modules import QuantConvBn
 from tests.helpers.models import (
@@ -293,6 +294,12 @@ def test_post_calibration_refinements_run_in_a_trainer(tmp_path):
     )
     assert not torch.equal(corrected.model.conv2.bias, plain.model.conv2.bias)  # corrected after calibration
     assert callback.state_dict()["bias_correction"] is True
+    assert prepare_info(corrected.model).refinements == ["bias_correction"]
+    trainer = make_trainer(tmp_path, callback)
+    trainer.validate(corrected, datamodule=TinyDataModule())
+    trainer.save_checkpoint(tmp_path / "corrected.ckpt")
+    reloaded = load_quantized_checkpoint(lit(), tmp_path / "corrected.ckpt")
+    assert prepare_info(reloaded.model).refinements == ["bias_correction"]  # e.g. quant_info.json's bias_corrected
 
 
 @pytest.mark.parametrize(

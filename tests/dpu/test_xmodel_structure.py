@@ -8,9 +8,14 @@ import re
 import numpy as np
 import torch
 
+from lightning_quant import export_xmodel, quantize
+from lightning_quant.algorithms.post_calibration import record_refinements
+from lightning_quant.export.xmodel import quant_info
 from lightning_quant.export.xmodel_interpreter import attr_value, load_xmodel
 from lightning_quant.quantizers.dpu_shifts import check_dpu_shifts
+from lightning_quant.quantizers.prepare import prepare_info
 from tests.dpu.models import reference_dir
+from tests.helpers.models import TinyConvBN, warm_bn
 
 
 def _ref_graph():
@@ -117,3 +122,17 @@ def test_quant_info_layout_matches_vitis(exported):
     assert all(line.match(s) for s in text.splitlines() if "::" in s)
     assert text.startswith('{\n  "param":\n  {\n') and text.endswith('"\n}') and ref_text.endswith('"\n}')
     assert ours["graph_md5"] == __import__("hashlib").md5(path.read_bytes()).hexdigest()
+
+
+def test_quant_info_records_bias_correction(tmp_path):
+    """``bias_corrected`` / ``fast_finetuned`` say what ran, as Vitis AI's file does (and survive a state reload)."""
+    data = [torch.rand(4, 3, 16, 16) for _ in range(2)]
+    plain = quantize(warm_bn(TinyConvBN()), data, target="dpu", progress=False)
+    corrected = quantize(warm_bn(TinyConvBN()), data, target="dpu", bias_correction=True, progress=False)
+    assert (quant_info(plain)["bias_corrected"], quant_info(corrected)["bias_corrected"]) == (False, True)
+    assert quant_info(corrected)["fast_finetuned"] is False
+    export_xmodel(corrected, tmp_path / "m.xmodel", data[0][:1])
+    assert json.loads((tmp_path / "quant_info.json").read_text())["bias_corrected"] is True
+    record_refinements(plain, ["fast_finetune", "fast_finetune"])
+    assert quant_info(plain)["fast_finetuned"] is True
+    assert prepare_info(plain).refinements == ["dpu_shifts", "fast_finetune"]
