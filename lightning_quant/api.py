@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from torch import nn
@@ -64,6 +64,7 @@ def quantize(
     fast_finetune: bool = False,
     adaround: bool = False,
     replace_relu6: bool = False,
+    layer_weight_bits: Mapping[str, int] | None = None,
 ) -> nn.Module:
     """Post-training quantization: prepare a copy of ``model``, calibrate it, return the fake-quant model.
 
@@ -96,6 +97,8 @@ def quantize(
             (:func:`lightning_quant.algorithms.relu6_to_relu`): cross-layer equalization can then pair the layers
             around them (MobileNetV2 per-tensor needs it) and the DPU runs ReLU natively. It changes the float
             function where activations exceed 6; measure the float model with the same swap if that matters.
+        layer_weight_bits: ``{glob pattern: bits}``: other weight widths for matching layers, e.g.
+            ``{"conv1": 8}`` in a W4A8 model (see :func:`~lightning_quant.quantizers.prepare`).
 
     Raises:
         ValueError: unknown target, empty calibration data, batches the model cannot take, or (with
@@ -107,7 +110,7 @@ def quantize(
     model = float_model_for_quantization(
         model, cross_layer_equalization=cross_layer_equalization, replace_relu6=replace_relu6
     )
-    qmodel = prepare(model, scheme, mode=QuantMode.PTQ, exclude=exclude)
+    qmodel = prepare(model, scheme, mode=QuantMode.PTQ, exclude=exclude, layer_weight_bits=layer_weight_bits)
     calibrate(qmodel, calibration_data, transform_fn=transform_fn, num_batches=num_batches, progress=progress)
     refine_calibrated(
         qmodel,

@@ -153,7 +153,11 @@ def _scheme(cfg: DictConfig, mode: str) -> QuantScheme:
 
 
 def _build_callback(
-    cfg: DictConfig, dm: pl.LightningDataModule, mode: str | None = None, exclude: Sequence[str] | None = None
+    cfg: DictConfig,
+    dm: pl.LightningDataModule,
+    mode: str | None = None,
+    exclude: Sequence[str] | None = None,
+    layer_weight_bits: dict[str, int] | None = None,
 ) -> QuantCallback:
     q = cfg.quant
     mode = mode or ("qat" if cfg.mode == "qat" else "ptq")
@@ -171,6 +175,7 @@ def _build_callback(
         calibration_source=q.calibration_source,
         qat_schedule=QATSchedule(**OmegaConf.to_container(q.qat_schedule)),  # type: ignore[arg-type]
         exclude=list(q.exclude) if exclude is None else list(exclude),
+        layer_weight_bits=dict(q.get("layer_weight_bits") or {}) if layer_weight_bits is None else layer_weight_bits,
         report=q.report,
         progress=q.progress,
     )
@@ -254,13 +259,15 @@ def _run_float(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -
 
 def _calibrate(cfg: DictConfig, model: pl.LightningModule, dm: Any, state_path: Path) -> _RunResult:
     metrics: dict[str, Any] = {}
-    exclude = None
-    if accuracy_control_enabled(cfg):  # pick the float layers first; they are stored in the state file's exclude
+    exclude, layer_bits = None, None
+    if accuracy_control_enabled(cfg):  # choose layers first; the state file's exclude / layer_weight_bits keep them
         calibration = _calibration_data(cfg, dm)
         chosen = choose_float_layers(cfg, model, dm, scheme=_scheme(cfg, "ptq"), calibration_data=calibration)
         metrics["accuracy_control"] = report_metrics(chosen)
         exclude = [*cfg.quant.exclude, *chosen.kept_float]
-    callback = _build_callback(cfg, dm, exclude=exclude)
+        bits = {**(cfg.quant.get("layer_weight_bits") or {})}
+        layer_bits = {**bits, **dict.fromkeys(chosen.higher_bits, chosen.fallback_weight_bits)}
+    callback = _build_callback(cfg, dm, exclude=exclude, layer_weight_bits=layer_bits)
     trainer = _build_trainer(cfg, [callback])
     metrics.update(_evaluate(trainer, model, dm, "int8"))
     metrics["calibration_seconds"] = callback.calibration_seconds
@@ -287,9 +294,10 @@ def _run_calib(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -
 def _run_test(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -> _RunResult:
     state = Path(cfg.state_file).expanduser().resolve()
     written = callback_state(read_checkpoint(state))  # clear errors for a damaged or foreign file
-    # with accuracy control, the float layers chosen at calibration are part of the state file's exclude list
-    exclude = written.get("exclude") if accuracy_control_enabled(cfg) else None
-    callback = _build_callback(cfg, dm, mode=written["mode"], exclude=exclude)
+    # with accuracy control, the layers chosen at calibration are in the state file's exclude / layer_weight_bits
+    exclude, bits = (written.get("exclude"), written.get("layer_weight_bits")) if accuracy_control_enabled(cfg) else (
+        None, None)  # fmt: skip
+    callback = _build_callback(cfg, dm, mode=written["mode"], exclude=exclude, layer_weight_bits=bits)
     metrics = _evaluate(_build_trainer(cfg, [callback]), model, dm, "int8", ckpt_path=state)
     metrics["state_file"] = str(state)
     return metrics, callback

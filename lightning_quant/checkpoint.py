@@ -102,12 +102,16 @@ def load_quantized_checkpoint(module: nn.Module, path: str | Path) -> nn.Module:
         target=state["target"],
         scheme=QuantScheme.from_dict(state["scheme"]),
         exclude=state.get("exclude", ()),
+        layer_weight_bits=state.get("layer_weight_bits"),
         module_name=state.get("module_name"),
         report=False,
     )
     name = callback._resolve_name(module)
     network = getattr(module, name)
-    prepared = prepare(network, callback.scheme, mode=QuantMode(state["mode"]), exclude=callback.exclude, inplace=True)
+    prepared = prepare(
+        network, callback.scheme, mode=QuantMode(state["mode"]), exclude=callback.exclude, inplace=True,
+        layer_weight_bits=callback.layer_weight_bits,
+    )  # fmt: skip
     setattr(module, name, prepared)
     handle = module.register_load_state_dict_pre_hook(check_quant_state_keys)
     try:

@@ -2,7 +2,8 @@
 
 The drop is measured on a held-out subset of the *training* split (``quant.accuracy_control.tuning_size`` images,
 disjoint from the calibration images), never on the evaluation split the run reports, so the reported INT8
-accuracy stays an honest estimate. The chosen layers join ``quant.exclude`` for the calibration that follows and
+accuracy stays an honest estimate. The chosen layers join ``quant.exclude`` (or, with
+``quant.accuracy_control.fallback_weight_bits``, ``quant.layer_weight_bits``) for the calibration that follows and
 are stored in the state file, which ``mode=test`` reads back.
 
 Example:
@@ -78,6 +79,8 @@ def choose_float_layers(
         max_accuracy_drop=float(q.accuracy_control.max_accuracy_drop),
         scheme=scheme,
         exclude=list(q.exclude),
+        layer_weight_bits=dict(q.get("layer_weight_bits") or {}),
+        fallback_weight_bits=q.accuracy_control.get("fallback_weight_bits"),
         num_batches=q.calibration_batches,
         progress=progress,
         cross_layer_equalization=q.get("cross_layer_equalization", False),

@@ -83,9 +83,12 @@ def accuracy_control_line(control: dict[str, Any]) -> str:
         ...                        "metric_final": 89.7, "max_accuracy_drop": 0.5, "met": True})
         'accuracy control: 1 of 20 layers kept in float (fc); tuning top-1 90.00 -> 89.70, bound 0.5 points: met'
     """
-    names = ", ".join(control["kept_float"][:6]) + (", ..." if len(control["kept_float"]) > 6 else "")
+    bits = control.get("fallback_weight_bits")
+    chosen, where = (control["kept_float"], "kept in float") if bits is None else (
+        control["higher_bits"], f"given {bits}-bit weights")  # fmt: skip
+    names = ", ".join(chosen[:6]) + (", ..." if len(chosen) > 6 else "")
     return (
-        f"accuracy control: {len(control['kept_float'])} of {control['quantized_layers']} layers kept in float"
+        f"accuracy control: {len(chosen)} of {control['quantized_layers']} layers {where}"
         + (f" ({names})" if names else "")
         + f"; tuning top-1 {control['metric_float']:.2f} -> {control['metric_final']:.2f}, bound "
         f"{control['max_accuracy_drop']:g} points: {'met' if control['met'] else 'NOT met'}"

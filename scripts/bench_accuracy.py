@@ -8,8 +8,8 @@ seed, top-1 on the full evaluation split (CIFAR-10 test, Imagenette val) unless 
   weights), ``pow2`` (the Vitis AI DPU scheme), ``w4a8`` / ``w6a8`` (4/6-bit per-channel weights, 8-bit activations);
 * algorithms: ``relu`` (ReLU6 -> ReLU, so CLE pairs MobileNet layers), ``cle`` (cross-layer equalization), ``bc``
   (bias correction), ``adaround``, ``ff`` (fast finetune);
-* activation range estimators (default min/max): ``mse`` (MSE-optimal clipping), ``pct`` (99.99th percentile),
-  ``kl`` (entropy / KL). Drops are against the unmodified float model.
+* activation range estimators (default min/max): ``mse`` (MSE-optimal clipping), ``pct`` (99.99th percentile;
+  ``pct99.9`` names another), ``kl`` (entropy / KL). Drops are against the unmodified float model.
 
 Usage:
     PYTHONPATH=. python scripts/bench_accuracy.py --models resnet20                 # CIFAR-10, the default methods
@@ -72,19 +72,22 @@ def scheme_for(name: str, **overrides: Any) -> tuple[Any, str]:
     raise ValueError(f"unknown scheme {name!r}; use int8_pc, int8_pt, pow2, w4a8 or w6a8.")
 
 
-def parse_method(method: str) -> tuple[str, dict[str, str], dict[str, bool]]:
+def parse_method(method: str) -> tuple[str, dict[str, Any], dict[str, bool]]:
     """``(scheme name, scheme overrides, quantize() flags)`` of ``<scheme>[+<token>...]``."""
     scheme, *tokens = method.split("+")
-    unknown = [t for t in tokens if t not in ALGORITHMS and t not in ESTIMATORS]
-    if unknown:
-        known = ", ".join([*ALGORITHMS, *ESTIMATORS])
-        raise ValueError(f"unknown algorithm {unknown[0]!r} in {method!r}; use {known}.")
-    estimators = [ESTIMATORS[t] for t in tokens if t in ESTIMATORS]
-    if len(estimators) > 1:
-        choices = ", ".join(ESTIMATORS)
-        raise ValueError(f"{method!r} names {len(estimators)} activation estimators; pick one of {choices}.")
-    overrides = {"activation_observer": estimators[0]} if estimators else {}
-    scheme_for(scheme, **overrides)
+    overrides: dict[str, Any] = {}
+    for token in (t for t in tokens if t not in ALGORITHMS):
+        name, value = ("pct", token[3:]) if token.startswith("pct") and token[3:] else (token, None)
+        if name not in ESTIMATORS or (value is not None and not value.replace(".", "", 1).isdigit()):
+            known = ", ".join([*ALGORITHMS, *ESTIMATORS, "pct<percentile>"])
+            raise ValueError(f"unknown algorithm {token!r} in {method!r}; use {known}.")
+        if overrides:
+            choices = ", ".join(ESTIMATORS)
+            raise ValueError(f"{method!r} names more than one activation estimator; pick one of {choices}.")
+        overrides["activation_observer"] = ESTIMATORS[name]
+        if value is not None:
+            overrides["activation_percentile"] = float(value)
+    scheme_for(scheme, **overrides)  # QuantSpec validates the percentile
     return scheme, overrides, {ALGORITHMS[t]: True for t in tokens if t in ALGORITHMS}
 
 

@@ -17,6 +17,11 @@ How layers are chosen:
 4. the result is quantized again with those layers in ``exclude``, so every consumer (``convert()``, the ONNX,
    TorchScript and XModel exporters, state files) keeps them in float, and its metric is measured once more.
 
+With ``fallback_weight_bits`` (e.g. 8 in a W4A8 model) the chosen layers keep quantized weights at that width
+instead of going to float: a layer's group is then its weight quantizer alone (recomputed at the higher width,
+activations untouched), any number of layers may move up, and the result is quantized again with
+``layer_weight_bits`` (mixed precision that every exporter writes).
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -33,9 +38,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -45,6 +52,7 @@ from tqdm.auto import tqdm
 from lightning_quant.algorithms.layerwise import bounded_inputs, check_positive
 from lightning_quant.algorithms.sensitivity import model_outputs, outputs_sqnr, restored_switches
 from lightning_quant.config import QuantMode, QuantScheme, Target, scheme_for_target
+from lightning_quant.quantizers.fake_quant import FakeQuantize
 from lightning_quant.quantizers.prepare import iter_quantizers, prepare, prepare_info
 
 __all__ = ["AccuracyControlReport", "quantize_with_accuracy_control"]
@@ -63,6 +71,8 @@ class AccuracyControlReport:
     metric_quantized: float
     metric_final: float
     kept_float: list[str] = field(default_factory=list)
+    fallback_weight_bits: int | None = None
+    higher_bits: list[str] = field(default_factory=list)  # with fallback_weight_bits: the layers moved up
     ranking: list[tuple[str, float]] = field(default_factory=list)
     evaluations: list[tuple[int, float]] = field(default_factory=list)
     quantized_layers: int = 0
@@ -82,11 +92,15 @@ class AccuracyControlReport:
 
     def __str__(self) -> str:
         status = "met" if self.met else "NOT met"
+        chosen, where = (
+            (self.kept_float, "kept in float")
+            if self.fallback_weight_bits is None
+            else (self.higher_bits, f"given {self.fallback_weight_bits}-bit weights")
+        )
         lines = [
             f"accuracy control: metric float {self.metric_float:.4g}, all quantized {self.metric_quantized:.4g}, "
             f"returned {self.metric_final:.4g} (drop {self.drop:.4g} <= {self.max_accuracy_drop:.4g}: {status})",
-            f"{len(self.kept_float)} of {self.quantized_layers} layers kept in float: "
-            + (", ".join(self.kept_float) if self.kept_float else "none"),
+            f"{len(chosen)} of {self.quantized_layers} layers {where}: " + (", ".join(chosen) if chosen else "none"),
             f"{len(self.evaluations)} metric evaluations in the search; {self.seconds:.1f} s in all",
         ]
         return "\n".join(lines)
@@ -140,6 +154,53 @@ def _rank(qmodel: nn.Module, groups: dict[str, set[str]], inputs: list[Any], pro
     return scores
 
 
+@contextlib.contextmanager
+def _weights_at(qmodel: nn.Module, names: Iterable[str], bits: int) -> Iterator[None]:
+    """Inside the block, layers ``names`` quantize their weights with ``bits`` (quantizers restored on exit)."""
+    saved = {}
+    try:
+        for name in names:
+            layer = qmodel.get_submodule(name)
+            old = saved[name] = layer.weight_fake_quant
+            spec = dataclasses.replace(old.spec, bits=bits)
+            fresh = FakeQuantize(spec, old.scale.numel() if spec.per_channel else None, name=old.name)
+            fresh.to(old.scale.device)(layer.weight.detach())  # weight ranges depend on the weight alone
+            fresh.disable_observer()
+            layer.weight_fake_quant = fresh
+        yield
+    finally:
+        for name, old in saved.items():
+            qmodel.get_submodule(name).weight_fake_quant = old
+
+
+def _rank_bits(qmodel: nn.Module, layers: list[str], bits: int, inputs: list[Any], progress: bool):
+    quantizers = [fq for _, fq in iter_quantizers(qmodel)]
+    with restored_switches(quantizers):
+        for fq in quantizers:
+            fq.enable_fake_quant(False)
+        reference = model_outputs(qmodel, inputs)
+        for fq in quantizers:
+            fq.enable_fake_quant(True)
+        scores = []
+        for layer in tqdm(layers, desc="Ranking layers", disable=not progress, leave=False):
+            with _weights_at(qmodel, [layer], bits):
+                scores.append((layer, outputs_sqnr(reference, model_outputs(qmodel, inputs))))
+    scores.sort(key=lambda item: -item[1])
+    return scores
+
+
+def _check_fallback_bits(bits: Any, scheme: QuantScheme) -> None:
+    if bits is None:
+        return
+    if scheme.target is Target.DPU:
+        raise ValueError("fallback_weight_bits: the DPU runs 8-bit weights only; leave it None (float fallback).")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not scheme.weight.bits < bits <= 8:
+        raise ValueError(
+            f"fallback_weight_bits={bits!r} must be an integer above the scheme's {scheme.weight.bits}-bit weights "
+            "and at most 8 (e.g. 8 in a W4A8 model), or None to keep sensitive layers in float."
+        )
+
+
 def _metric_without(qmodel: nn.Module, off: set[str], metric_fn: Callable[[nn.Module], float]) -> float:
     """The metric with the quantizers named in ``off`` switched off (restored afterwards)."""
     quantizers = dict(iter_quantizers(qmodel))
@@ -181,6 +242,7 @@ def quantize_with_accuracy_control(
     scheme: QuantScheme | None = None,
     exclude: Iterable[str] = (),
     ranking_batches: int = 2,
+    fallback_weight_bits: int | None = None,
     progress: bool = True,
     **quantize_options: Any,
 ) -> tuple[nn.Module, AccuracyControlReport]:
@@ -198,6 +260,9 @@ def quantize_with_accuracy_control(
         scheme: explicit scheme; overrides ``target``'s defaults.
         exclude: layers the user keeps in float anyway (glob patterns); the chosen layers are added to them.
         ranking_batches: calibration batches used to rank layers by output SQNR.
+        fallback_weight_bits: give sensitive layers weights of this width (above the scheme's, at most 8)
+            instead of keeping them in float; the choice is in ``report.higher_bits`` and the returned model's
+            ``prepare_info(qmodel).weight_bits``.
         progress: progress bars for calibration, ranking and the search.
         **quantize_options: passed to :func:`~lightning_quant.quantize` (``num_batches``,
             ``cross_layer_equalization``, ``bias_correction``, ``adaround``, ``fast_finetune``, ``replace_relu6``).
@@ -217,13 +282,15 @@ def quantize_with_accuracy_control(
 
     max_accuracy_drop = _check_drop(max_accuracy_drop)
     check_positive("ranking_batches", ranking_batches)
-    known = {"num_batches", "cross_layer_equalization", "bias_correction", "adaround", "fast_finetune", "replace_relu6"}
+    known = {"num_batches", "cross_layer_equalization", "bias_correction", "adaround", "fast_finetune", "replace_relu6",
+             "layer_weight_bits"}  # fmt: skip
     unknown = sorted(set(quantize_options) - known)
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)}; quantize_with_accuracy_control passes on "
                          f"{', '.join(sorted(known))}.")  # fmt: skip
     start = time.perf_counter()
     scheme = scheme or scheme_for_target(target, QuantMode.PTQ)
+    _check_fallback_bits(fallback_weight_bits, scheme)
     exclude = tuple(exclude)
     common = dict(transform_fn=transform_fn, scheme=scheme, progress=progress, **quantize_options)
     qmodel = quantize(model, calibration_data, exclude=exclude, **common)
@@ -231,9 +298,13 @@ def quantize_with_accuracy_control(
     metric_q = _metric(metric_fn, qmodel)
     report = AccuracyControlReport(max_accuracy_drop, metric_float, metric_q, metric_q)
     report.quantized_layers = len(prepare_info(qmodel).quantized_layers)
+    report.fallback_weight_bits = fallback_weight_bits
+    report.seconds = time.perf_counter() - start  # the search adds its own time
     if metric_float - metric_q <= max_accuracy_drop:
         report.seconds = time.perf_counter() - start
         return qmodel, report
+    if fallback_weight_bits is not None:
+        return _higher_bits_search(model, calibration_data, metric_fn, qmodel, report, common, exclude, ranking_batches)
     base = float_model_for_quantization(
         model,
         cross_layer_equalization=quantize_options.get("cross_layer_equalization", False),
@@ -263,4 +334,48 @@ def quantize_with_accuracy_control(
     qmodel = quantize(model, calibration_data, exclude=(*exclude, *report.kept_float), **common)
     report.metric_final = _metric(metric_fn, qmodel)
     report.seconds = time.perf_counter() - start
+    return qmodel, report
+
+
+def _higher_bits_search(
+    model: nn.Module,
+    calibration_data: Iterable[Any],
+    metric_fn: Callable[[nn.Module], float],
+    qmodel: nn.Module,
+    report: AccuracyControlReport,
+    common: dict[str, Any],
+    exclude: tuple[str, ...],
+    ranking_batches: int,
+) -> tuple[nn.Module, AccuracyControlReport]:
+    """The ``fallback_weight_bits`` search: rank, bisect and re-quantize with ``layer_weight_bits``."""
+    from lightning_quant.api import quantize
+
+    start = time.perf_counter()
+    bits, progress = report.fallback_weight_bits, common["progress"]
+    assert bits is not None
+    layers = [name for name in prepare_info(qmodel).quantized_layers if name not in prepare_info(qmodel).weight_bits]
+    inputs = bounded_inputs(calibration_data, common["transform_fn"], ranking_batches, qmodel, "accuracy control")
+    report.ranking = _rank_bits(qmodel, layers, bits, inputs, progress)
+    order = [layer for layer, _ in report.ranking]
+
+    def metric_of(k: int) -> float:
+        with _weights_at(qmodel, order[:k], bits):
+            return _metric(metric_fn, qmodel)
+
+    with tqdm(total=1 + math.ceil(math.log2(max(len(order), 1))), desc="Accuracy control", disable=not progress,
+              leave=False) as bar:  # fmt: skip
+        count = _smallest_prefix(len(order), metric_of, report.metric_float - report.max_accuracy_drop, report, bar)
+    if count is None:
+        raise ValueError(
+            f"max_accuracy_drop={report.max_accuracy_drop:g} is not met even with all {len(order)} layers at "
+            f"{bits}-bit weights (float {report.metric_float:.4g}, search (layers moved up, metric) "
+            f"{report.evaluations}). Leave fallback_weight_bits=None to keep sensitive layers in float instead, or "
+            "allow a larger drop."
+        )
+    report.higher_bits = order[:count]
+    layer_bits = {**common.get("layer_weight_bits", {}), **dict.fromkeys(report.higher_bits, bits)}
+    options = {k: v for k, v in common.items() if k != "layer_weight_bits"}
+    qmodel = quantize(model, calibration_data, exclude=exclude, layer_weight_bits=layer_bits, **options)
+    report.metric_final = _metric(metric_fn, qmodel)
+    report.seconds += time.perf_counter() - start
     return qmodel, report

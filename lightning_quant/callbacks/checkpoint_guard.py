@@ -94,7 +94,7 @@ def require_matching_config(current: dict[str, Any], saved: dict[str, Any]) -> N
     Raises:
         CheckpointMismatchError: mode, target or scheme differ.
     """
-    for key in ("mode", "target", "scheme", "exclude", "replace_relu6"):
+    for key in ("mode", "target", "scheme", "exclude", "layer_weight_bits", "replace_relu6"):
         if key in saved and saved[key] != current[key]:
             raise CheckpointMismatchError(
                 f"the checkpoint was written with QuantCallback {key}={saved[key]!r}, this run uses {current[key]!r}; "

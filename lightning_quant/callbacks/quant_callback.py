@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -64,6 +64,8 @@ class QuantCallback(Callback):
         transform_fn: maps one batch to the network input (default: first element of ``(x, y)`` pairs).
         qat_schedule: when observers and BatchNorm statistics freeze during QAT.
         exclude: glob patterns of layer names kept in float.
+        layer_weight_bits: ``{glob pattern: bits}`` weight widths of matching layers (mixed precision; see
+            :func:`~lightning_quant.quantizers.prepare`); stored in checkpoints like ``exclude``.
         module_name: attribute of the LightningModule holding the network (default: ``model``, ``net``,
             ``network``, ``backbone``, or the only child module).
         report: print the quantization report and log its metrics.
@@ -106,6 +108,7 @@ class QuantCallback(Callback):
         fast_finetune: bool = False,
         adaround: bool = False,
         replace_relu6: bool = False,
+        layer_weight_bits: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.mode: QuantMode = _coerce_enum(QuantMode, mode, "mode")  # type: ignore[assignment]
@@ -127,6 +130,7 @@ class QuantCallback(Callback):
         self.transform_fn = transform_fn or default_transform
         self.qat_schedule = qat_schedule or QATSchedule()
         self.exclude = tuple(exclude)
+        self.layer_weight_bits = dict(layer_weight_bits or {})
         self.module_name = module_name
         self.report = report
         self.progress = progress
@@ -289,7 +293,10 @@ class QuantCallback(Callback):
 
             cle = equalize(network)
             rank_zero_info(f"lightning_quant: cross-layer equalization of {len(cle.pairs)} layer pairs")
-        prepared = prepare(network, self.scheme, mode=self.mode, exclude=self.exclude, inplace=True)
+        prepared = prepare(
+            network, self.scheme, mode=self.mode, exclude=self.exclude, inplace=True,
+            layer_weight_bits=self.layer_weight_bits,
+        )  # fmt: skip
         setattr(pl_module, name, prepared)
         pl_module.register_load_state_dict_pre_hook(check_quant_state_keys)
         if self.mode is QuantMode.QAT:
@@ -376,6 +383,7 @@ class QuantCallback(Callback):
             "target": self.target.value,
             "scheme": self.scheme.to_dict(),
             "exclude": list(self.exclude),
+            "layer_weight_bits": dict(self.layer_weight_bits),
             "module_name": self.module_name,
             "cross_layer_equalization": self.cross_layer_equalization,
             "replace_relu6": self.replace_relu6,

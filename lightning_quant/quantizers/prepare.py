@@ -17,8 +17,9 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch.nn.functional as F
@@ -73,6 +74,18 @@ class PrepareInfo:
     folded_bn: list[str] = field(default_factory=list)
     module_level: list[str] = field(default_factory=list)
     refinements: list[str] = field(default_factory=list)  # post-calibration steps that ran (refine_calibrated)
+    layer_weight_bits: dict[str, int] = field(default_factory=dict)  # the prepare() argument: pattern -> bits
+    weight_bits: dict[str, int] = field(default_factory=dict)  # layers whose weights use other bits than the scheme
+
+    def layer_scheme(self, name: str) -> QuantScheme:
+        """The scheme of layer ``name``: ``scheme`` with the weight bits of the first matching
+        ``layer_weight_bits`` pattern, if any (recorded in ``weight_bits``)."""
+        for pattern, bits in self.layer_weight_bits.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                if bits != self.scheme.weight.bits:
+                    self.weight_bits[name] = bits
+                return dataclasses.replace(self.scheme, weight=dataclasses.replace(self.scheme.weight, bits=bits))
+        return self.scheme
 
 
 def _join(prefix: str, name: str) -> str:
@@ -91,7 +104,8 @@ def _swap_weight_layers(gm: fx.GraphModule, path: str, scheme: QuantScheme, mode
             name = _join(path, layer_node.target)
             if is_excluded(name, exclude):
                 continue
-            fused = QuantConvBn(gm.get_submodule(layer_node.target), gm.get_submodule(bn_node.target), scheme, name)
+            conv, bn = gm.get_submodule(layer_node.target), gm.get_submodule(bn_node.target)
+            fused = QuantConvBn(conv, bn, info.layer_scheme(name), name)
             set_submodule(gm, layer_node.target, fused)
             bn_node.replace_all_uses_with(layer_node)
             gm.graph.erase_node(bn_node)
@@ -111,7 +125,7 @@ def _swap_weight_layers(gm: fx.GraphModule, path: str, scheme: QuantScheme, mode
             if is_excluded(name, exclude):
                 info.float_layers[name] = "excluded (exclude=...: a user pattern or an accuracy-control choice)"
                 continue
-            set_submodule(gm, node.target, quantized_layer_from_float(module, scheme, name))
+            set_submodule(gm, node.target, quantized_layer_from_float(module, info.layer_scheme(name), name))
             info.quantized_layers.append(name)
             done.add(node.target)
 
@@ -177,7 +191,7 @@ def _prepare_tree(module: nn.Module, path: str, scheme, mode, exclude, info) -> 
             return module
         info.quantized_layers.append(path)
         info.module_level.append(path)
-        return quantized_layer_from_float(module, scheme, path, quantize_input=True)
+        return quantized_layer_from_float(module, info.layer_scheme(path), path, quantize_input=True)
     if not any(True for _ in module.children()):
         return module
     gm, reason = capture(module)
@@ -199,6 +213,7 @@ def prepare(
     mode: QuantMode | str = QuantMode.PTQ,
     exclude: Iterable[str] = (),
     inplace: bool = False,
+    layer_weight_bits: Mapping[str, int] | None = None,
 ) -> nn.Module:
     """Insert weight and activation fake-quant into ``model`` (BatchNorm folded for PTQ, kept for QAT).
 
@@ -211,15 +226,20 @@ def prepare(
         mode: ``ptq`` or ``qat``.
         exclude: glob patterns of layer names to keep in float (``"classifier.*"``).
         inplace: modify ``model`` instead of a deep copy.
+        layer_weight_bits: ``{glob pattern: bits}``: weight bit width of the matching layers (first match wins),
+            e.g. ``{"features.0.*": 8}`` keeps the stem at 8 bits in a W4A8 model (mixed precision; accuracy control
+            chooses these with ``fallback_weight_bits``). Every pattern must match a quantized layer.
 
     Raises:
         NothingToQuantizeError: the model has no Conv1d/2d/3d or Linear layer that can be quantized.
-        ValueError: unknown mode.
+        ValueError: unknown mode; a ``layer_weight_bits`` pattern that matches no quantized layer, bits outside
+            2..8, or any other width than 8 for the DPU scheme.
     """
     mode = _coerce_enum(QuantMode, mode, "mode")  # type: ignore[assignment]
     exclude = tuple(exclude)
+    bits_by_pattern = _check_layer_weight_bits(layer_weight_bits, scheme, model)
     model = model if inplace else copy.deepcopy(model)
-    info = PrepareInfo(scheme=scheme, mode=mode)
+    info = PrepareInfo(scheme=scheme, mode=mode, layer_weight_bits=bits_by_pattern)
     prepared = _prepare_tree(model, "", scheme, mode, exclude, info)
     if not info.quantized_layers:
         found = ", ".join(f"{k}: {v}" for k, v in list(info.float_layers.items())[:5]) or "no Conv/Linear layers"
@@ -229,6 +249,27 @@ def prepare(
         )
     prepared.__dict__[_INFO_ATTR] = info
     return prepared
+
+
+def _check_layer_weight_bits(
+    layer_weight_bits: Mapping[str, int] | None, scheme: QuantScheme, model: nn.Module
+) -> dict[str, int]:
+    """Validate ``prepare(layer_weight_bits=...)`` before the model is touched."""
+    bits_by_pattern = dict(layer_weight_bits or {})
+    layers = [name for name, m in model.named_modules() if type(m) in QUANTIZABLE_LAYERS]
+    for pattern, bits in bits_by_pattern.items():
+        dataclasses.replace(scheme.weight, bits=bits)  # QuantSpec names a bad width
+        if scheme.target is Target.DPU and bits != 8:
+            raise ValueError(
+                f"layer_weight_bits={{{pattern!r}: {bits}}}: the DPU runs 8-bit weights only; drop the override or "
+                "quantize for another target."
+            )
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in layers):
+            raise ValueError(
+                f"layer_weight_bits pattern {pattern!r} matches no Conv/Linear layer; layer names look like "
+                f"{', '.join(layers[:3])} (dotted module paths, glob patterns allowed)."
+            )
+    return bits_by_pattern
 
 
 def prepare_info(model: nn.Module) -> PrepareInfo:

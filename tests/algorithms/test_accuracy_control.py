@@ -140,3 +140,44 @@ def test_bound_that_needs_every_layer_in_float_is_an_error():
     expected = r"not met even with 3 of the 4 quantized layers in float .*Allow a larger drop"
     with pytest.raises(ValueError, match=expected):
         quantize_with_accuracy_control(model, _data(), never_good_enough, max_accuracy_drop=1.0, progress=False)
+
+
+def test_fallback_weight_bits_moves_sensitive_layers_to_8_bit_weights():
+    model = _model()
+    metric = _metric_for(model)
+    bound = 12.0
+    qmodel, report = _run(model, bound, fallback_weight_bits=8)
+    assert report.kept_float == [] and report.higher_bits[0] == "2" and report.fallback_weight_bits == 8
+    assert report.met and report.metric_final == pytest.approx(metric(qmodel))
+    assert prepare_info(qmodel).weight_bits == dict.fromkeys(report.higher_bits, 8)
+    bits = {name: fq.spec.bits for name, fq in iter_quantizers(qmodel) if name.endswith("weight_fake_quant")}
+    assert bits == {f"{n}.weight_fake_quant": 8 if n in report.higher_bits else 4 for n in ("0", "2", "4", "7")}
+    # the search's in-place switch is exactly what re-quantizing with layer_weight_bits gives
+    k = len(report.higher_bits)
+    assert dict(report.evaluations)[k] == pytest.approx(report.metric_final, abs=1e-4)
+    assert f"{k} of 4 layers given 8-bit weights: 2" in str(report)
+    assert report.to_dict()["higher_bits"] == report.higher_bits
+
+
+def test_fallback_weight_bits_bad_values():
+    model = _model()
+    for bits, match in [(4, "above the scheme's 4-bit weights"), (9, "at most 8"), (True, "must be an integer")]:
+        with pytest.raises(ValueError, match=match):
+            _run(model, 1.0, fallback_weight_bits=bits)
+    with pytest.raises(ValueError, match="DPU runs 8-bit weights only"):
+        quantize_with_accuracy_control(
+            model, _data(), _metric_for(model), max_accuracy_drop=1.0, target="dpu", fallback_weight_bits=8
+        )
+
+
+def test_layer_weight_bits_mixed_precision_quantize():
+    model = _model()
+    qmodel = quantize(model, _data(), scheme=SCHEME, layer_weight_bits={"2": 8, "[04]": 6}, progress=False)
+    bits = {name: fq.spec.bits for name, fq in iter_quantizers(qmodel) if name.endswith("weight_fake_quant")}
+    assert bits == {"0.weight_fake_quant": 6, "2.weight_fake_quant": 8, "4.weight_fake_quant": 6,
+                    "7.weight_fake_quant": 4}  # fmt: skip
+    assert prepare_info(qmodel).weight_bits == {"0": 6, "2": 8, "4": 6}
+    metric = _metric_for(model)
+    assert metric(qmodel) > metric(quantize(model, _data(), scheme=SCHEME, progress=False)) + 5
+    with pytest.raises(ValueError, match=r"pattern 'conv\*' matches no Conv/Linear layer; .* 0, 2, 4"):
+        quantize(model, _data(), scheme=SCHEME, layer_weight_bits={"conv*": 8}, progress=False)

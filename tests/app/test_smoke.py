@@ -168,21 +168,28 @@ def test_vitis_fast_finetune_and_bias_correction_flags(tmp_path):
     assert metrics["int8_top1"] > 30.0
 
 
-def test_accuracy_control_keeps_layers_float_and_mode_test_reads_them_back(tmp_path):
+@pytest.mark.parametrize("fallback", [None, 8], ids=["float", "8-bit"])
+def test_accuracy_control_keeps_layers_float_and_mode_test_reads_them_back(tmp_path, fallback):
     common = (
         "quant.scheme.weight_bits=3",  # 3-bit weights lose points on any data: some layers must go back to float
         "quant.accuracy_control.max_accuracy_drop=6",
         "quant.accuracy_control.tuning_size=64",
+        f"quant.accuracy_control.fallback_weight_bits={'null' if fallback is None else fallback}",
         "quant.progress=false",
     )
     metrics = train(tiny_config("resnet20_ptq_cifar10", tmp_path, *common))
     control = metrics["accuracy_control"]
-    assert control["kept_float"] and control["met"] and control["quantized_layers"] == 20
+    chosen = control["kept_float"] if fallback is None else control["higher_bits"]
+    assert chosen and control["met"] and control["quantized_layers"] == 20
     assert control["metric_float"] - control["metric_final"] <= 6
     state = torch.load(tmp_path / "run" / "quant_state.ckpt", map_location="cpu", weights_only=False)
     saved = next(v for k, v in state["callbacks"].items() if k.startswith("QuantCallback"))
-    assert saved["exclude"] == control["kept_float"]  # the state file carries the choice
-    assert "accuracy control: " in (tmp_path / "run" / "report.md").read_text().lower()
+    # the state file carries the choice
+    assert (saved["exclude"], saved["layer_weight_bits"]) == (
+        (chosen, {}) if fallback is None else ([], dict.fromkeys(chosen, 8))
+    )
+    where = "kept in float" if fallback is None else "given 8-bit weights"
+    assert f"layers {where}" in (tmp_path / "run" / "report.md").read_text()
     again = train(
         tiny_config(
             "resnet20_ptq_cifar10",

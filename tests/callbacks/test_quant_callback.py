@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_quant import QATSchedule, QuantCallback
+from lightning_quant import QATSchedule, QuantCallback, scheme_for_target
 from lightning_quant.checkpoint import load_quantized_checkpoint
 from lightning_quant.quantizers import iter_quantizers, prepare_info
 from lightning_quant.quantizers.modules import QuantConvBn
@@ -246,7 +246,6 @@ def test_qat_step_based_schedule(tmp_path):
 
 
 def test_qat_learnable_scales_are_trained(tmp_path):
-    from lightning_quant import scheme_for_target
 
     scheme = scheme_for_target("x86", "qat", weight_learnable=True, activation_learnable=True)
     model = lit()
@@ -319,3 +318,22 @@ def test_refinements_refused_for_qat():
         QuantCallback(mode="qat", fast_finetune=True)
     with pytest.raises(ValueError, match="adaround refine a PTQ calibration"):
         QuantCallback(mode="qat", adaround=True)
+
+
+@pytest.mark.parametrize("mode", ["ptq", "qat"])
+def test_layer_weight_bits_in_the_callback_and_its_checkpoint(tmp_path, mode):
+    from lightning_quant import CheckpointMismatchError
+
+    scheme = scheme_for_target("x86", mode, weight_bits=4)
+    callback = QuantCallback(mode=mode, scheme=scheme, layer_weight_bits={"conv*": 8}, progress=False, report=False)
+    model = lit()
+    trainer = make_trainer(tmp_path, callback, max_steps=1)
+    trainer.fit(model, datamodule=TinyDataModule()) if mode == "qat" else trainer.validate(model, TinyDataModule())
+    bits = {name: fq.spec.bits for name, fq in iter_quantizers(model.model) if name.endswith("weight_fake_quant")}
+    assert bits == {"conv1.weight_fake_quant": 8, "conv2.weight_fake_quant": 8, "fc.weight_fake_quant": 4}
+    trainer.save_checkpoint(tmp_path / "mixed.ckpt")
+    reloaded = load_quantized_checkpoint(lit(), tmp_path / "mixed.ckpt")
+    assert prepare_info(reloaded.model).weight_bits == {"conv1": 8, "conv2": 8}
+    other = QuantCallback(mode=mode, scheme=scheme, progress=False, report=False)
+    with pytest.raises(CheckpointMismatchError, match=r"layer_weight_bits=\{'conv\*': 8\}"):
+        other.load_state_dict(callback.state_dict())
