@@ -267,7 +267,7 @@ def _check_layer_weight_bits(
         if not any(fnmatch.fnmatchcase(name, pattern) for name in layers):
             raise ValueError(
                 f"layer_weight_bits pattern {pattern!r} matches no Conv/Linear layer; layer names look like "
-                f"{', '.join(layers[:3])} (dotted module paths, glob patterns allowed)."
+                f"{', '.join(layers[:3])}, ..., {layers[-1] if layers else ''} (dotted module paths, glob patterns)."
             )
     return bits_by_pattern
 
