@@ -20,7 +20,9 @@ How layers are chosen:
 With ``fallback_weight_bits`` (e.g. 8 in a W4A8 model) the chosen layers keep quantized weights at that width
 instead of going to float: a layer's group is then its weight quantizer alone (recomputed at the higher width,
 activations untouched), any number of layers may move up, and the result is quantized again with
-``layer_weight_bits`` (mixed precision that every exporter writes).
+``layer_weight_bits`` (mixed precision that every exporter writes). With ``adaround`` / ``fast_finetune`` the search
+sees weights already tuned for the lower width (so it may move up more layers than needed); the returned model is
+tuned afresh at the chosen widths and ``report.metric_final`` measures it.
 
 Example:
     >>> import torch
