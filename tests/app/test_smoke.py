@@ -31,6 +31,7 @@ OFFLINE = {
         "quant.accuracy_control.max_accuracy_drop=50",
     ],
     "resnet20_ptq_cifar10_w4a8": [],
+    "mobilenetv2_ptq_imagenette_mse_bc": [],
 }
 
 
