@@ -17,6 +17,9 @@ min/max ranges; ResNet50 99.9th-percentile activation ranges as ``recipes/recipe
 ``ours_per_tensor_cle`` (8-bit per-tensor weights with the data-free recipe: ReLU6 -> ReLU, cross-layer
 equalization, bias correction; ``recipes/recipe/mobilenetv2_ptq_imagenette_per_tensor.yaml``), ``ours_dpu`` (the Vitis
 AI DPU scheme, power-of-two per-tensor, with the same three algorithms, as Vitis AI applies CLE and bias correction),
+``ours_best`` (our most accurate per-channel PTQ in ``scripts/bench_accuracy.py``: ``x86_vnni`` 8-bit per-channel
+weights, bias correction, and the model's best activation estimator: MSE for MobileNetV2 as
+``recipes/recipe/mobilenetv2_ptq_imagenette_mse_bc.yaml``, the 99.9th percentile for ResNet50, min/max otherwise),
 ``nncf`` (``nncf.quantize`` defaults), ``pt2e`` (``torch.export`` + ``prepare_pt2e`` with torchao's
 ``X86InductorQuantizer`` default config + ``convert_pt2e``), ``mct`` (``mct.ptq.pytorch_post_training_quantization``
 defaults), ``ort`` (float ONNX -> ``quant_pre_process`` -> ``quantize_static``: QDQ, per-channel, QUInt8 activations,
@@ -70,7 +73,12 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)  # ImageNet mean/std: every model here uses them
 STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
 MODELS: dict[str, dict[str, Any]] = {
-    "mobilenet_v2": {"data": "imagenette", "recipe": "mobilenetv2_ptq_imagenette", "act": {}},
+    "mobilenet_v2": {
+        "data": "imagenette",
+        "recipe": "mobilenetv2_ptq_imagenette",
+        "act": {},
+        "best_act": {"activation_observer": "mse"},
+    },
     "resnet50": {
         "data": "imagenette",
         "recipe": "resnet50_ptq_imagenette",
@@ -79,9 +87,11 @@ MODELS: dict[str, dict[str, Any]] = {
     "resnet20": {"data": "cifar10", "recipe": "resnet20_ptq_cifar10", "act": {}},
     "resnet56": {"data": "cifar10", "recipe": "resnet20_ptq_cifar10 settings (no resnet56 recipe)", "act": {}},
 }
-METHODS = ("ours", "ours_per_tensor", "ours_pow2", "ours_per_tensor_cle", "ours_dpu", "nncf", "pt2e", "mct", "ort")
+METHODS = ("ours", "ours_per_tensor", "ours_pow2", "ours_per_tensor_cle", "ours_dpu", "ours_best")
+METHODS += ("nncf", "pt2e", "mct", "ort")
 # the data-free recipe of the ours_per_tensor_cle and ours_dpu variants
 DATA_FREE = {"replace_relu6": True, "cross_layer_equalization": True, "bias_correction": True}
+NOTES = {"replace_relu6": "ReLU6 -> ReLU", "cross_layer_equalization": "CLE", "bias_correction": "bias correction"}
 PEERS = {"nncf": "nncf", "pt2e": "torchao", "mct": "model_compression_toolkit", "ort": "onnxruntime.quantization"}
 PIP_NAMES = {"nncf": "nncf", "pt2e": "torchao", "mct": "model-compression-toolkit", "ort": "onnxruntime"}
 VERSIONED = ("lightning-quant", "torch", "torchvision", "onnx", "onnxruntime", "nncf", "torchao")
@@ -357,6 +367,8 @@ def ours_scheme(name: str, variant: str) -> Any:
         return scheme_for_target("dpu")
     if variant == "ours_per_tensor_cle":
         return scheme_for_target("x86_vnni", weight_granularity="per_tensor", **MODELS[name]["act"])
+    if variant == "ours_best":
+        return scheme_for_target("x86_vnni", **MODELS[name].get("best_act", MODELS[name]["act"]))
     overrides = dict(MODELS[name]["act"])
     if variant == "ours_per_tensor":
         overrides["weight_granularity"] = "per_tensor"
@@ -379,9 +391,10 @@ def run_ours(name: str, data: Data, opts: dict[str, Any], variant: str = "ours")
     )
     with calibration_cost(result):
         options = DATA_FREE if variant in ("ours_per_tensor_cle", "ours_dpu") else {}
+        options = {"bias_correction": True} if variant == "ours_best" else options
         qmodel = quantize(model, data.calib, scheme=scheme, progress=False, **options)
     if options:
-        result["notes"].append("ReLU6 -> ReLU, CLE, bias correction")
+        result["notes"].append(", ".join(NOTES[k] for k in options))
     result |= evaluate(qmodel, data)
     path = Path(opts["workdir"]) / f"{name}_{variant}.onnx"
     attempt(result, "export_onnx", lambda: onnx_cost(export_onnx(qmodel, path, data.example(8)), data, opts))
@@ -402,6 +415,10 @@ def run_ours_per_tensor_cle(name: str, data: Data, opts: dict[str, Any]) -> dict
 
 def run_ours_dpu(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
     return run_ours(name, data, opts, "ours_dpu")
+
+
+def run_ours_best(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
+    return run_ours(name, data, opts, "ours_best")
 
 
 def run_nncf(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
@@ -508,6 +525,7 @@ RUNNERS: dict[str, Callable[[str, Data, dict[str, Any]], dict[str, Any]]] = {
     "ours_pow2": run_ours_pow2,
     "ours_per_tensor_cle": run_ours_per_tensor_cle,
     "ours_dpu": run_ours_dpu,
+    "ours_best": run_ours_best,
     "nncf": run_nncf,
     "pt2e": run_pt2e,
     "mct": run_mct,
@@ -583,8 +601,9 @@ LOSS_CHECKS = (  # (key, label, unit), all costs: lower is better; lost when a p
 
 
 def annotate_losses(rows: list[dict[str, Any]]) -> None:
-    """Add "LOSS" notes to each ``ours`` row: peers with a higher top-1 (any margin) or a cost lower by > 5 %."""
-    for row in (r for r in rows if r["method"] == "ours" and r["status"] == "ok"):
+    """Add "LOSS" notes to each ``ours`` / ``ours_best`` row: peers with a higher top-1 (any margin) or a cost lower
+    by > 5 %."""
+    for row in (r for r in rows if r["method"] in ("ours", "ours_best") and r["status"] == "ok"):
         row["notes"] = [n for n in row["notes"] if not n.startswith("LOSS:")]  # idempotent: re-rendered rows
         peers = [r for r in rows if r["model"] == row["model"] and r["method"] in PEERS and r["status"] == "ok"]
         for peer in peers:
@@ -618,6 +637,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 ONNX_FILES = {"float": "fp32", "ours": "ours", "ours_per_tensor": "ours_per_tensor", "ours_pow2": "ours_pow2",
               "ours_per_tensor_cle": "ours_per_tensor_cle", "ours_dpu": "ours_dpu"}  # fmt: skip
+ONNX_FILES["ours_best"] = "ours_best"
 ONNX_FILES |= {"nncf": "nncf", "mct": "mct", "ort": "ort_int8"}  # <workdir>/<model>_<this>.onnx, as the runners write
 
 
