@@ -8,6 +8,8 @@ seed, top-1 on the full evaluation split (CIFAR-10 test, Imagenette val) unless 
   weights), ``pow2`` (the Vitis AI DPU scheme), ``w4a8`` / ``w6a8`` (4/6-bit per-channel weights, 8-bit activations);
 * algorithms: ``relu`` (ReLU6 -> ReLU, so CLE pairs MobileNet layers), ``cle`` (cross-layer equalization), ``bc``
   (bias correction), ``adaround``, ``ff`` (fast finetune);
+* mixed precision: ``dw8`` keeps depthwise convolutions (``groups == in_channels > 1``) at 8-bit weights
+  (``layer_weight_bits``), the usual choice for W4A8 MobileNets;
 * activation range estimators (default min/max): ``mse`` (MSE-optimal clipping), ``pct`` (99.99th percentile;
   ``pct99.9`` names another), ``kl`` (entropy / KL). Drops are against the unmodified float model.
 
@@ -72,11 +74,11 @@ def scheme_for(name: str, **overrides: Any) -> tuple[Any, str]:
     raise ValueError(f"unknown scheme {name!r}; use int8_pc, int8_pt, pow2, w4a8 or w6a8.")
 
 
-def parse_method(method: str) -> tuple[str, dict[str, Any], dict[str, bool]]:
+def parse_method(method: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """``(scheme name, scheme overrides, quantize() flags)`` of ``<scheme>[+<token>...]``."""
     scheme, *tokens = method.split("+")
     overrides: dict[str, Any] = {}
-    for token in (t for t in tokens if t not in ALGORITHMS):
+    for token in (t for t in tokens if t not in ALGORITHMS and t != "dw8"):
         name, value = ("pct", token[3:]) if token.startswith("pct") and token[3:] else (token, None)
         if name not in ESTIMATORS or (value is not None and not value.replace(".", "", 1).isdigit()):
             known = ", ".join([*ALGORITHMS, *ESTIMATORS, "pct<percentile>"])
@@ -110,11 +112,19 @@ def load(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
 def run_method(model: torch.nn.Module, dm: Any, method: str, args: argparse.Namespace) -> dict[str, Any]:
     scheme_name, overrides, flags = parse_method(method)
     scheme, target = scheme_for(scheme_name, **overrides)
+    if "dw8" in method.split("+"):
+        flags = {**flags, "layer_weight_bits": dict.fromkeys(depthwise_layers(model), 8)}
     start = time.perf_counter()
     qmodel = quantize(model, dm.calibration_dataloader(), scheme=scheme, progress=False, **flags)
     seconds = time.perf_counter() - start
     top1 = top1_accuracy(qmodel, dm.val_dataloader(), num_batches=args.limit_batches, progress=False)
     return {"method": method, "target": target, "top1": top1["top1"], "images": top1["images"], "ptq_s": seconds}
+
+
+def depthwise_layers(model: torch.nn.Module) -> list[str]:
+    """Names of the depthwise convolutions (one input channel per group, more than one group)."""
+    convs = ((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d))
+    return [n for n, m in convs if m.groups > 1 and m.groups == m.in_channels]
 
 
 def table(rows: list[dict[str, Any]]) -> str:
