@@ -118,7 +118,11 @@ def _pair_from(gm: fx.GraphModule, node: fx.Node, calls: dict[str, int]) -> _Pai
         nxt = _skip_max_pools(gm, _single_user(nxt))
     if nxt is None or type(_module(gm, nxt)) not in _LAYERS:
         return None
-    if any(calls.get(t, 0) > 1 for t in (node.target, nxt.target, bn1, act_target) if t is not None):
+    # a module called more than once cannot be rescaled for one call site; a shared ReLU module (torchvision's
+    # ResNet blocks call one self.relu three times) commutes with the scaling and stays untouched, a shared ReLU6
+    # module would be swapped for ReLU at every call site
+    shared = (node.target, nxt.target, bn1, act_target if act == "relu6_module" else None)
+    if any(calls.get(t, 0) > 1 for t in shared if t is not None):
         return None
     users = _single_user(nxt)
     bn2 = users.target if users is not None and isinstance(_module(gm, users), _BNS) else None

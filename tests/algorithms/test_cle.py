@@ -211,3 +211,31 @@ def test_validation_errors():
 
     with pytest.raises(ValueError, match="needs a torch.fx graph of Branchy.*traceable submodule"):
         equalize(Branchy())
+
+
+def test_shared_relu_module_pairs_like_torchvision_resnets():
+    """torchvision's Bottleneck calls one ``self.relu`` three times: its conv pairs must still be equalized."""
+    from torchvision.models import resnet50
+
+    torch.manual_seed(0)
+    model = resnet50(num_classes=10).eval()
+    pairs = equalization_pairs(model)
+    assert ("layer1.0.conv1", "layer1.0.conv2") in pairs and ("layer1.0.conv2", "layer1.0.conv3") in pairs
+    assert len(pairs) == 2 * 16  # two pairs in each of the 16 bottlenecks (the stem conv feeds a max pool + add)
+    block = model.layer1[0]
+    x = torch.randn(2, 64, 16, 16)
+    with torch.no_grad():
+        before = block(x)
+        equalize(block)
+        after = block(x)
+    assert torch.allclose(before, after, rtol=1e-4, atol=1e-4)
+    assert equalization_pairs(_SharedReLU6()) == []  # swapping it for ReLU would change both call sites
+
+
+class _SharedReLU6(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.act, self.conv2 = nn.Conv2d(3, 8, 1), nn.ReLU6(), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.act(self.conv1(self.act(x))))  # one ReLU6 module, two call sites
