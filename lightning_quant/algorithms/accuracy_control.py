@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from lightning_quant.algorithms.layerwise import bounded_inputs, check_positive
 from lightning_quant.algorithms.sensitivity import model_outputs, outputs_sqnr, restored_switches
 from lightning_quant.config import QuantMode, QuantScheme, Target, scheme_for_target
-from lightning_quant.quantizers.fake_quant import FakeQuantize
+from lightning_quant.quantizers.modules import _weight_quantizer
 from lightning_quant.quantizers.prepare import iter_quantizers, prepare, prepare_info
 
 __all__ = ["AccuracyControlReport", "quantize_with_accuracy_control"]
@@ -141,16 +141,30 @@ def _quantizers_removed(base: nn.Module, qmodel: nn.Module, scheme: QuantScheme,
     return {name for name, _ in iter_quantizers(qmodel)} - {name for name, _ in iter_quantizers(kept)}
 
 
-def _rank(qmodel: nn.Module, groups: dict[str, set[str]], inputs: list[Any], progress: bool) -> list[tuple[str, float]]:
+@contextlib.contextmanager
+def _switched_off(qmodel: nn.Module, off: set[str]) -> Iterator[None]:
+    """Inside the block, fake-quant is on for every quantizer but those named in ``off`` (observers off); every
+    switch is restored on exit."""
     quantizers = dict(iter_quantizers(qmodel))
     with restored_switches(list(quantizers.values())):
-        for fq in quantizers.values():
-            fq.enable_fake_quant(False)
+        for name, fq in quantizers.items():
+            fq.enable_fake_quant(name not in off)
+        yield
+
+
+def _rank(
+    qmodel: nn.Module,
+    layers: Iterable[str],
+    variant: Callable[[str], contextlib.AbstractContextManager],
+    inputs: list[Any],
+    progress: bool,
+) -> list[tuple[str, float]]:
+    """``layers`` by the model-output SQNR (against the float outputs) inside ``variant(layer)``, best first."""
+    with _switched_off(qmodel, {name for name, _ in iter_quantizers(qmodel)}):
         reference = model_outputs(qmodel, inputs)
-        scores = []
-        for layer, group in tqdm(groups.items(), desc="Ranking layers", disable=not progress, leave=False):
-            for name, fq in quantizers.items():
-                fq.enable_fake_quant(name not in group)
+    scores = []
+    for layer in tqdm(list(layers), desc="Ranking layers", disable=not progress, leave=False):
+        with variant(layer):
             scores.append((layer, outputs_sqnr(reference, model_outputs(qmodel, inputs))))
     scores.sort(key=lambda item: -item[1])
     return scores
@@ -164,8 +178,7 @@ def _weights_at(qmodel: nn.Module, names: Iterable[str], bits: int) -> Iterator[
         for name in names:
             layer = qmodel.get_submodule(name)
             old = saved[name] = layer.weight_fake_quant
-            spec = dataclasses.replace(old.spec, bits=bits)
-            fresh = FakeQuantize(spec, old.scale.numel() if spec.per_channel else None, name=old.name)
+            fresh = _weight_quantizer(dataclasses.replace(old.spec, bits=bits), layer.weight, name)
             fresh.to(old.scale.device)(layer.weight.detach())  # weight ranges depend on the weight alone
             fresh.disable_observer()
             layer.weight_fake_quant = fresh
@@ -173,22 +186,6 @@ def _weights_at(qmodel: nn.Module, names: Iterable[str], bits: int) -> Iterator[
     finally:
         for name, old in saved.items():
             qmodel.get_submodule(name).weight_fake_quant = old
-
-
-def _rank_bits(qmodel: nn.Module, layers: list[str], bits: int, inputs: list[Any], progress: bool):
-    quantizers = [fq for _, fq in iter_quantizers(qmodel)]
-    with restored_switches(quantizers):
-        for fq in quantizers:
-            fq.enable_fake_quant(False)
-        reference = model_outputs(qmodel, inputs)
-        for fq in quantizers:
-            fq.enable_fake_quant(True)
-        scores = []
-        for layer in tqdm(layers, desc="Ranking layers", disable=not progress, leave=False):
-            with _weights_at(qmodel, [layer], bits):
-                scores.append((layer, outputs_sqnr(reference, model_outputs(qmodel, inputs))))
-    scores.sort(key=lambda item: -item[1])
-    return scores
 
 
 def _check_fallback_bits(bits: Any, scheme: QuantScheme) -> None:
@@ -205,10 +202,7 @@ def _check_fallback_bits(bits: Any, scheme: QuantScheme) -> None:
 
 def _metric_without(qmodel: nn.Module, off: set[str], metric_fn: Callable[[nn.Module], float]) -> float:
     """The metric with the quantizers named in ``off`` switched off (restored afterwards)."""
-    quantizers = dict(iter_quantizers(qmodel))
-    with restored_switches(list(quantizers.values())):
-        for name, fq in quantizers.items():
-            fq.enable_fake_quant(name not in off)
+    with _switched_off(qmodel, off):
         return _metric(metric_fn, qmodel)
 
 
@@ -301,12 +295,14 @@ def quantize_with_accuracy_control(
     report = AccuracyControlReport(max_accuracy_drop, metric_float, metric_q, metric_q)
     report.quantized_layers = len(prepare_info(qmodel).quantized_layers)
     report.fallback_weight_bits = fallback_weight_bits
-    report.seconds = time.perf_counter() - start  # the search adds its own time
     if metric_float - metric_q <= max_accuracy_drop:
         report.seconds = time.perf_counter() - start
         return qmodel, report
+    inputs = bounded_inputs(calibration_data, transform_fn, ranking_batches, qmodel, "quantize_with_accuracy_control")
     if fallback_weight_bits is not None:
-        return _higher_bits_search(model, calibration_data, metric_fn, qmodel, report, common, exclude, ranking_batches)
+        qmodel = _higher_bits_search(model, calibration_data, metric_fn, qmodel, report, common, exclude, inputs)
+        report.seconds = time.perf_counter() - start
+        return qmodel, report
     base = float_model_for_quantization(
         model,
         cross_layer_equalization=quantize_options.get("cross_layer_equalization", False),
@@ -314,8 +310,7 @@ def quantize_with_accuracy_control(
     )
     layers = prepare_info(qmodel).quantized_layers
     groups = {layer: _quantizers_removed(base, qmodel, scheme, (*exclude, layer)) for layer in layers}
-    inputs = bounded_inputs(calibration_data, transform_fn, ranking_batches, qmodel, "quantize_with_accuracy_control")
-    report.ranking = _rank(qmodel, groups, inputs, progress)
+    report.ranking = _rank(qmodel, groups, lambda layer: _switched_off(qmodel, groups[layer]), inputs, progress)
     order = [layer for layer, _ in report.ranking]
 
     def metric_of(k: int) -> float:  # exactly what re-quantizing with the first k layers excluded removes
@@ -347,17 +342,22 @@ def _higher_bits_search(
     report: AccuracyControlReport,
     common: dict[str, Any],
     exclude: tuple[str, ...],
-    ranking_batches: int,
-) -> tuple[nn.Module, AccuracyControlReport]:
-    """The ``fallback_weight_bits`` search: rank, bisect and re-quantize with ``layer_weight_bits``."""
+    inputs: list[Any],
+) -> nn.Module:
+    """The ``fallback_weight_bits`` search: rank, bisect, and return the model re-quantized with
+    ``layer_weight_bits`` (``report`` filled in)."""
     from lightning_quant.api import quantize
 
-    start = time.perf_counter()
     bits, progress = report.fallback_weight_bits, common["progress"]
-    assert bits is not None
-    layers = [name for name in prepare_info(qmodel).quantized_layers if name not in prepare_info(qmodel).weight_bits]
-    inputs = bounded_inputs(calibration_data, common["transform_fn"], ranking_batches, qmodel, "accuracy control")
-    report.ranking = _rank_bits(qmodel, layers, bits, inputs, progress)
+    info = prepare_info(qmodel)
+    layers = [name for name in info.quantized_layers if name not in info.weight_bits]
+
+    @contextlib.contextmanager
+    def at_bits(layer: str) -> Iterator[None]:  # only this layer's weights wider, every quantizer on
+        with _switched_off(qmodel, set()), _weights_at(qmodel, [layer], bits):
+            yield
+
+    report.ranking = _rank(qmodel, layers, at_bits, inputs, progress)
     order = [layer for layer, _ in report.ranking]
 
     def metric_of(k: int) -> float:
@@ -379,5 +379,4 @@ def _higher_bits_search(
     options = {k: v for k, v in common.items() if k != "layer_weight_bits"}
     qmodel = quantize(model, calibration_data, exclude=exclude, layer_weight_bits=layer_bits, **options)
     report.metric_final = _metric(metric_fn, qmodel)
-    report.seconds += time.perf_counter() - start
-    return qmodel, report
+    return qmodel
