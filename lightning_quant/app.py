@@ -265,8 +265,8 @@ def _calibrate(cfg: DictConfig, model: pl.LightningModule, dm: Any, state_path: 
         chosen = choose_float_layers(cfg, model, dm, scheme=_scheme(cfg, "ptq"), calibration_data=calibration)
         metrics["accuracy_control"] = report_metrics(chosen)
         exclude = [*cfg.quant.exclude, *chosen.kept_float]
-        bits = {**(cfg.quant.get("layer_weight_bits") or {})}
-        layer_bits = {**bits, **dict.fromkeys(chosen.higher_bits, chosen.fallback_weight_bits)}
+        moved_up = dict.fromkeys(chosen.higher_bits, chosen.fallback_weight_bits)
+        layer_bits = {**(cfg.quant.get("layer_weight_bits") or {}), **moved_up}
     callback = _build_callback(cfg, dm, exclude=exclude, layer_weight_bits=layer_bits)
     trainer = _build_trainer(cfg, [callback])
     metrics.update(_evaluate(trainer, model, dm, "int8"))
@@ -295,8 +295,9 @@ def _run_test(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) ->
     state = Path(cfg.state_file).expanduser().resolve()
     written = callback_state(read_checkpoint(state))  # clear errors for a damaged or foreign file
     # with accuracy control, the layers chosen at calibration are in the state file's exclude / layer_weight_bits
-    exclude, bits = (written.get("exclude"), written.get("layer_weight_bits")) if accuracy_control_enabled(cfg) else (
-        None, None)  # fmt: skip
+    exclude = bits = None
+    if accuracy_control_enabled(cfg):
+        exclude, bits = written.get("exclude"), written.get("layer_weight_bits")
     callback = _build_callback(cfg, dm, mode=written["mode"], exclude=exclude, layer_weight_bits=bits)
     metrics = _evaluate(_build_trainer(cfg, [callback]), model, dm, "int8", ckpt_path=state)
     metrics["state_file"] = str(state)
