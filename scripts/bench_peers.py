@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -91,6 +92,7 @@ METHODS = ("ours", "ours_per_tensor", "ours_pow2", "ours_per_tensor_cle", "ours_
 METHODS += ("nncf", "pt2e", "mct", "ort")
 # the data-free recipe of the ours_per_tensor_cle and ours_dpu variants
 DATA_FREE = {"replace_relu6": True, "cross_layer_equalization": True, "bias_correction": True}
+VARIANT_OPTIONS = {"ours_per_tensor_cle": DATA_FREE, "ours_dpu": DATA_FREE, "ours_best": {"bias_correction": True}}
 NOTES = {"replace_relu6": "ReLU6 -> ReLU", "cross_layer_equalization": "CLE", "bias_correction": "bias correction"}
 PEERS = {"nncf": "nncf", "pt2e": "torchao", "mct": "model_compression_toolkit", "ort": "onnxruntime.quantization"}
 PIP_NAMES = {"nncf": "nncf", "pt2e": "torchao", "mct": "model-compression-toolkit", "ort": "onnxruntime"}
@@ -389,9 +391,8 @@ def run_ours(name: str, data: Data, opts: dict[str, Any], variant: str = "ours")
         f"{'sym' if a.symmetric else 'asym'} {a.scale_type.value} {a.observer}"
         + (f" {a.percentile}" if a.observer == "percentile" else "")
     )
+    options = VARIANT_OPTIONS.get(variant, {})
     with calibration_cost(result):
-        options = DATA_FREE if variant in ("ours_per_tensor_cle", "ours_dpu") else {}
-        options = {"bias_correction": True} if variant == "ours_best" else options
         qmodel = quantize(model, data.calib, scheme=scheme, progress=False, **options)
     if options:
         result["notes"].append(", ".join(NOTES[k] for k in options))
@@ -399,26 +400,6 @@ def run_ours(name: str, data: Data, opts: dict[str, Any], variant: str = "ours")
     path = Path(opts["workdir"]) / f"{name}_{variant}.onnx"
     attempt(result, "export_onnx", lambda: onnx_cost(export_onnx(qmodel, path, data.example(8)), data, opts))
     return result
-
-
-def run_ours_per_tensor(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
-    return run_ours(name, data, opts, "ours_per_tensor")
-
-
-def run_ours_pow2(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
-    return run_ours(name, data, opts, "ours_pow2")
-
-
-def run_ours_per_tensor_cle(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
-    return run_ours(name, data, opts, "ours_per_tensor_cle")
-
-
-def run_ours_dpu(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
-    return run_ours(name, data, opts, "ours_dpu")
-
-
-def run_ours_best(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
-    return run_ours(name, data, opts, "ours_best")
 
 
 def run_nncf(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
@@ -521,11 +502,11 @@ def run_ort(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
 RUNNERS: dict[str, Callable[[str, Data, dict[str, Any]], dict[str, Any]]] = {
     "float": run_float,
     "ours": run_ours,
-    "ours_per_tensor": run_ours_per_tensor,
-    "ours_pow2": run_ours_pow2,
-    "ours_per_tensor_cle": run_ours_per_tensor_cle,
-    "ours_dpu": run_ours_dpu,
-    "ours_best": run_ours_best,
+    "ours_per_tensor": functools.partial(run_ours, variant="ours_per_tensor"),
+    "ours_pow2": functools.partial(run_ours, variant="ours_pow2"),
+    "ours_per_tensor_cle": functools.partial(run_ours, variant="ours_per_tensor_cle"),
+    "ours_dpu": functools.partial(run_ours, variant="ours_dpu"),
+    "ours_best": functools.partial(run_ours, variant="ours_best"),
     "nncf": run_nncf,
     "pt2e": run_pt2e,
     "mct": run_mct,
