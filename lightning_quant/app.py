@@ -214,11 +214,7 @@ def _export(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir: Path) -
     from lightning_quant.export import export_onnx, export_torchscript, export_xmodel, verify_export
 
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # its per-initializer INFO lines flood Hydra's log
-    batches = []
-    for i, batch in enumerate(dm.val_dataloader()):
-        if i >= max(1, cfg.export.verify_batches):
-            break
-        batches.append(batch)
+    batches = _verification_batches(dm.val_dataloader(), max(1, cfg.export.verify_batches))
     example = batches[0][0][:1]
     network = network.cpu().eval()
     artefacts: dict[str, Any] = {}
@@ -244,6 +240,19 @@ def _export(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir: Path) -
             )
         artefacts[fmt] = entry
     return artefacts
+
+
+def _verification_batches(loader: DataLoader, num_batches: int) -> list[Any]:
+    """``num_batches`` batches of images spread evenly over the evaluation set (not its first, one-class files).
+
+    Image folders list their files class by class, so the first batches would check the artefacts on one class.
+    """
+    dataset = loader.dataset
+    count = min(len(dataset), num_batches * (loader.batch_size or 1))  # type: ignore[arg-type]
+    indices = torch.linspace(0, len(dataset) - 1, count).round().long().tolist()  # type: ignore[arg-type]
+    subset = torch.utils.data.Subset(dataset, indices)
+    spread = DataLoader(subset, batch_size=loader.batch_size, num_workers=0, collate_fn=loader.collate_fn)
+    return list(spread)
 
 
 def _pct(value: float | None) -> float | None:

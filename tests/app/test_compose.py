@@ -8,6 +8,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 
 from lightning_quant.app import CONFIG_DIR, MODES, RECIPES_DIR, compose_config
+from lightning_quant.models import IMAGENETTE_EVAL_SIZES
 
 RECIPES = sorted(p.stem for p in (RECIPES_DIR / "recipe").glob("*.yaml"))
 EXPECTED = {  # recipe: (mode, target, model builder, datamodule)
@@ -53,6 +54,10 @@ def test_recipe_composes(recipe):
         assert cfg.quant.cross_layer_equalization and cfg.quant.bias_correction  # Vitis AI's defaults
     if mode == "qat":
         assert cfg.trainer.max_epochs >= 1
+    offline_model = next((m for m in IMAGENETTE_EVAL_SIZES if builder == f"{m}_imagenette"), None)
+    if offline_model is not None:  # evaluated at the size the offline weights were trained for
+        sizes = IMAGENETTE_EVAL_SIZES[offline_model]
+        assert (cfg.data.image_size, cfg.data.resize) == (sizes["image_size"], sizes["resize"])
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
