@@ -33,6 +33,7 @@ __all__ = [
     "CANDIDATES",
     "MAX_FIX_POS",
     "MIN_FIX_POS",
+    "SEARCH_SAMPLE",
     "DPUFixPosObserver",
     "DPUInputFixPosObserver",
     "best_fix_pos",
@@ -48,6 +49,7 @@ __all__ = [
 MIN_FIX_POS = -16
 MAX_FIX_POS = 12
 CANDIDATES = 5  # the overflow-safe position and the next four
+SEARCH_SAMPLE = 1 << 20  # best_fix_pos searches larger tensors on an estimate from this many values
 
 
 def _signed_bounds(bits: int) -> tuple[int, int]:
@@ -93,10 +95,17 @@ def best_fix_pos(
     rounding: RoundingMode = RoundingMode.HALF_UP,
     candidates: int = CANDIDATES,
     max_fix_pos: int = MAX_FIX_POS,
+    sample: int | None = SEARCH_SAMPLE,
 ) -> int:
     """The position with the least squared error among the overflow-safe one and the next ``candidates - 1``.
 
     Ties keep the lower (wider-range) position. Candidates above ``max_fix_pos`` are not tried.
+
+    Tensors with more than ``sample`` elements (a 224 px activation batch holds tens of millions) are searched on
+    an estimate: the values that any candidate could clip, exactly, plus a fixed pseudo-random sample of
+    ``sample`` of the rest, scaled up. The start position still comes from the whole tensor's range. The full
+    search costs five passes of five ops over the tensor per batch (85 % of a 224 px DPU calibration); the
+    estimate one pass. ``sample=None`` searches every element, as Vitis AI does.
 
     Example:
         >>> x = torch.tensor([0.0029296875] * 100 + [0.52])
@@ -105,21 +114,48 @@ def best_fix_pos(
         >>> best_fix_pos(torch.zeros(3))
         12
     """
-    x = x.detach().float()
+    x = x.detach().float().flatten()
     lo, hi = torch.aminmax(x)
     start = overflow_safe_fix_pos(lo, hi, bits, max_fix_pos)
+    stop = min(start + candidates, max_fix_pos + 1)
+    if sample is not None and x.numel() > sample and stop > start + 1:
+        parts = _search_parts(x, start, bits, sample)
+    else:
+        parts = [(x, 1.0)]
     qmin, qmax = _signed_bounds(bits)
     best, best_err = start, math.inf
-    for pos in range(start, min(start + candidates, max_fix_pos + 1)):
-        # In code units: x * 2**pos is exact, and so is round(v) - v. Every rounding mode leaves the same error
-        # (a tie is half a code away either way, and the clamp bounds are integers), so torch.round (one fused
-        # kernel) stands in for ``rounding`` here: 3x faster than fix_quantize, the same positions.
-        scaled = x * 2.0**pos
-        diff = torch.clamp(torch.round(scaled), qmin, qmax).sub_(scaled)
-        err = torch.sum(diff.mul_(diff), dtype=torch.float64).item() * 4.0**-pos
+    for pos in range(start, stop):
+        err = 0.0
+        for values, weight in parts:
+            # In code units: x * 2**pos is exact, and so is round(v) - v. Every rounding mode leaves the same error
+            # (a tie is half a code away either way, and the clamp bounds are integers), so torch.round (one fused
+            # kernel) stands in for ``rounding`` here: 3x faster than fix_quantize, the same positions.
+            scaled = values * 2.0**pos
+            diff = torch.clamp(torch.round(scaled), qmin, qmax).sub_(scaled)
+            err += weight * torch.sum(diff.mul_(diff), dtype=torch.float64).item()
+        err *= 4.0**-pos
         if err < best_err:
             best, best_err = pos, err
     return best
+
+
+def _search_parts(x: torch.Tensor, start: int, bits: int, sample: int) -> list[tuple[torch.Tensor, float]]:
+    """``[(values, weight)]`` whose weighted squared errors estimate the whole tensor's at every candidate.
+
+    Values a candidate above ``start`` could clip (beyond half the ``start`` range) are kept whole; the rest,
+    whose error is rounding only, are represented by ``sample`` of them drawn with a fixed seed.
+    """
+    qmin, qmax = _signed_bounds(bits)
+    step = 2.0 ** -(start + 1)
+    clippable = (x > (qmax - 0.5) * step) | (x < (qmin + 0.5) * step)
+    outer = x[clippable]
+    inner_count = x.numel() - outer.numel()
+    generator = torch.Generator(device=x.device).manual_seed(0)
+    picks = x[torch.randint(x.numel(), (sample,), generator=generator, device=x.device)]
+    picks = picks[~((picks > (qmax - 0.5) * step) | (picks < (qmin + 0.5) * step))]
+    if picks.numel() == 0:
+        return [(outer, 1.0)]
+    return [(outer, 1.0), (picks, inner_count / picks.numel())]
 
 
 def fix_pos_from_scale(scale: torch.Tensor | float) -> int:
@@ -144,6 +180,9 @@ def fix_pos_from_scale(scale: torch.Tensor | float) -> int:
 @register_observer("dpu_pot")
 class DPUFixPosObserver(Observer):
     """DPU fix positions: per observed tensor the least-squared-error position, over tensors the most frequent one.
+
+    Parameters (weights, biases) are searched on every element; activation batches larger than ``SEARCH_SAMPLE``
+    on :func:`best_fix_pos`'s estimate.
 
     State (fixed-size buffers, saved in checkpoints): ``min_val``/``max_val`` (for reports) and ``pos_counts``,
     how often each position in ``[MIN_FIX_POS, MAX_FIX_POS]`` won. Needs a per-tensor, symmetric, signed,
@@ -179,8 +218,9 @@ class DPUFixPosObserver(Observer):
         self.max_val.copy_(torch.maximum(self.max_val, hi))
         if self.safe_only:
             pos = overflow_safe_fix_pos(lo, hi, self.spec.bits)
-        else:
-            pos = best_fix_pos(x, self.spec.bits, self.spec.rounding)
+        else:  # parameters (observed once; weights must match Vitis AI bit for bit) get the full search
+            sample = None if isinstance(x, torch.nn.Parameter) else SEARCH_SAMPLE
+            pos = best_fix_pos(x, self.spec.bits, self.spec.rounding, sample=sample)
         self.pos_counts[pos - MIN_FIX_POS] += 1
 
     def fix_pos(self) -> int:

@@ -173,3 +173,41 @@ def test_best_fix_pos_matches_the_direct_search_with_each_rounding():
             x = torch.cat([torch.relu(x), torch.tensor([30.0])])  # one outlier worth clipping
         for rounding in (RoundingMode.HALF_UP, RoundingMode.HALF_AWAY, RoundingMode.HALF_EVEN):
             assert best_fix_pos(x, rounding=rounding) == direct(x, rounding), (i, rounding)
+
+
+def test_large_tensors_are_searched_on_an_estimate_that_keeps_the_best_error():
+    """Above ``sample`` elements the position comes from clippable values + a seeded sample: near-optimal error."""
+
+    def error(x, pos):
+        return (fix_quantize(x, pos, RoundingMode.HALF_UP) - x).double().pow(2).sum().item()
+
+    g = torch.Generator().manual_seed(1)
+    same = 0
+    for i in range(120):
+        x = torch.randn(100_000, generator=g) * 10 ** (torch.rand(1, generator=g).item() * 4 - 2)
+        if i % 4 == 1:
+            x = torch.relu(x)
+        elif i % 4 == 2:
+            x = x**3  # heavy tails
+        elif i % 4 == 3:
+            x = torch.relu(x)
+            x[: int(torch.randint(1, 50, (1,), generator=g))] *= 30  # a few outliers worth clipping or not
+        exact, estimated = best_fix_pos(x, sample=None), best_fix_pos(x, sample=4096)
+        same += exact == estimated
+        assert error(x, estimated) <= 1.02 * error(x, exact), i
+    assert same >= 115
+    x = torch.relu(torch.randn(5000, generator=g))
+    assert best_fix_pos(x) == best_fix_pos(x, sample=None)  # below SEARCH_SAMPLE: every element
+    flat = torch.full((10_000,), 0.25)  # every value clippable at the next position: no sample left
+    assert best_fix_pos(flat, sample=100) == best_fix_pos(flat, sample=None)
+
+
+def test_the_observer_searches_parameters_exactly_and_large_activations_on_the_estimate(monkeypatch):
+    import lightning_quant.quantizers.dpu as dpu
+
+    calls = []
+    monkeypatch.setattr(dpu, "best_fix_pos", lambda x, *a, sample, **k: calls.append(sample) or 0)
+    obs = DPUFixPosObserver(scheme_for_target("dpu").weight)
+    obs(torch.nn.Parameter(torch.randn(4, 3)))
+    obs(torch.randn(4, 3))
+    assert calls == [None, dpu.SEARCH_SAMPLE]
