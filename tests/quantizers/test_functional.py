@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_quant.config import QuantSpec, RoundingMode
+from lightning_quant.config import Granularity, QuantSpec, RoundingMode
 from lightning_quant.quantizers.functional import (
     dequantize,
     fake_quantize,
@@ -354,3 +354,25 @@ def test_sqnr_db_reference_and_edge_cases():
     assert sqnr_db(ref, approx) == pytest.approx(expected, rel=1e-6)
     assert sqnr_db(ref, ref) == float("inf")
     assert sqnr_db(torch.zeros(3), ref) == float("-inf")
+
+
+@pytest.mark.parametrize("mode", list(RoundingMode))
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inference_fake_quantize_equals_the_autograd_path(mode, per_channel, dtype):
+    """Without autograd, fake_quantize takes a two-buffer path: it must give the op-by-op values bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    granularity = Granularity.PER_CHANNEL if per_channel else Granularity.PER_TENSOR
+    spec = QuantSpec(rounding=mode, granularity=granularity, ch_axis=1, symmetric=per_channel)
+    scale = torch.tensor([0.25, 0.125, 0.5]) if per_channel else torch.tensor(0.25)
+    zero_point = torch.zeros(3 if per_channel else (), dtype=torch.int32) + (0 if per_channel else 3)
+    x = torch.randn(4, 3, 50, generator=g, dtype=dtype) * 8
+    x[:, :, :20] = torch.randint(-200, 200, (4, 3, 20), generator=g).to(dtype) / 8  # exact ties, both signs
+    before = x.clone()
+    with torch.no_grad():
+        fast = fake_quantize(x, scale, zero_point, spec)
+    assert torch.equal(x, before)  # the input is left alone
+    slow = fake_quantize(x.clone().requires_grad_(True), scale, zero_point, spec).detach()
+    if mode is RoundingMode.HALF_EVEN and dtype is torch.float32:
+        slow = fake_quantize(x, scale, zero_point, spec)  # the fused kernel is the reference there
+    assert torch.equal(fast, slow)
