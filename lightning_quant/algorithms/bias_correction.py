@@ -4,7 +4,8 @@ Weight quantization shifts each output channel's mean: ``E[W_q x] != E[W x]``. F
 execution order, the per-output-channel mean of ``y_q - y_f`` is measured on calibration data, where ``x`` is the
 layer's actual input in the quantized model (earlier layers already corrected), ``y_q`` the layer's fake-quant
 output and ``y_f = W x + b`` the same input through the float weight; the mean is then subtracted from the bias
-(a zero bias is created where the layer had none). Only the bias changes: weight scales stay as calibrated.
+the layer ran with (its quantized value on targets that quantize biases; a zero bias is created where the layer had
+none). Only the bias changes: weight scales stay as calibrated.
 The original float biases are remembered on the model, so a later :func:`~lightning_quant.algorithms.fast_finetune`
 still tunes towards the float model.
 ``num_batches=1`` is the fast variant.
@@ -41,6 +42,7 @@ from lightning_quant.algorithms.layerwise import (
     feed,
     float_bias,
     layer_forward,
+    quantized_bias,
     record_float_bias,
     require_any_calibrated,
     weight_layers,
@@ -117,8 +119,15 @@ def _measure(model: nn.Module, name: str, layer: nn.Module, inputs: list[Any]) -
 
 
 def _apply(model: nn.Module, name: str, layer: nn.Module, delta: torch.Tensor, report: BiasCorrectionReport) -> None:
+    """Set the bias to the one the layer ran with minus the measured mean error ``delta``, and re-quantize it.
+
+    The measured error holds the bias's own rounding (``y_q`` ran with the deployed bias, the reference with the
+    float one), so the correction starts from the deployed bias: starting from the float bias would subtract that
+    rounding once and then round again, moving a quantized (DPU, 8-bit) bias further off instead of closer.
+    """
     delta = delta.to(layer.weight.dtype)
     record_float_bias(model, name, layer)
+    deployed = None if layer.bias is None else quantized_bias(layer).detach().clone()
     if layer.bias is None:
         layer.bias = nn.Parameter(torch.zeros_like(delta))
         report.created_bias.append(name)
@@ -128,7 +137,7 @@ def _apply(model: nn.Module, name: str, layer: nn.Module, delta: torch.Tensor, r
             scheme = None
         if scheme is not None and scheme.bias is not None:  # the target quantizes biases: give it a quantizer
             layer.bias_fake_quant = FakeQuantize(scheme.bias, name=f"{name}.bias").to(delta.device)
-    layer.bias.data.sub_(delta)
+    layer.bias.data.copy_((torch.zeros_like(delta) if deployed is None else deployed) - delta)
     fq = layer.bias_fake_quant
     if fq is not None:  # the bias moved: its range must be observed again (the weight scale is not touched)
         fq.observer.reset()

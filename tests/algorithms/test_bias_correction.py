@@ -147,3 +147,21 @@ def test_batches_that_cannot_be_joined_take_the_per_layer_path():
     qmodel = quantize4(tiny_convbn(), data)
     report = correct_bias(qmodel, data, progress=False)
     assert report.batches == 2 and report.layers
+
+
+def test_quantized_biases_are_corrected_from_their_deployed_value_not_rounded_twice():
+    """On the DPU target biases sit on an 8-bit grid. With exactly representable weights the only error left is the
+    bias rounding, which a new bias cannot beat: the deployed bias must stay put. Subtracting that rounding error
+    from the float bias instead (then rounding again) moved biases one step further away (MobileNetV2 DPU: -23
+    points)."""
+    torch.manual_seed(0)
+    fc = nn.Linear(8, 6)
+    with torch.no_grad():
+        fc.weight.copy_(torch.randint(-100, 100, (6, 8)) / 128.0)  # on the 2**-7 grid, inside the int8 range
+        fc.bias.copy_(torch.tensor([0.36, -0.36, 1.11, -2.2, 7.3, 0.6]))  # a 2**-4 grid: errors over a quarter step
+    data = [torch.randn(32, 8) for _ in range(4)]
+    plain = quantize(nn.Sequential(fc).eval(), data, target="dpu", progress=False)
+    corrected = quantize(nn.Sequential(fc).eval(), data, target="dpu", bias_correction=True, progress=False)
+    deployed = [m.get_submodule("0")._quant_bias().detach() for m in (plain, corrected)]
+    assert not torch.equal(deployed[0], fc.bias.detach())  # the grid does round these biases
+    assert torch.equal(deployed[1], deployed[0])
