@@ -20,6 +20,15 @@ def test_interpreter_is_bit_exact(exported):
     assert np.array_equal(out, expected), f"{name}: max diff {np.abs(out - expected).max()}"
 
 
+def test_interpreter_drops_each_value_after_its_last_consumer(exported):
+    """Only the outputs stay alive at the end (every activation kept in float64 took 9 GB on ResNet50)."""
+    _, _, shape, path = exported
+    interpreter = XModelInterpreter(load_xmodel(path))
+    feeds = {name: np.zeros((2, *shape[1:], shape[0])) for name in interpreter.inputs}  # NHWC
+    outputs = interpreter.run(feeds)
+    assert sorted(interpreter.values) == sorted(outputs) == sorted(interpreter.outputs)
+
+
 def test_global_pool_multiply_is_in_the_graph(exported):
     name, _, _, path = exported
     types = [op.type for op in load_xmodel(path).op_node]
