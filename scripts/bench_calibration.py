@@ -10,6 +10,7 @@ the reported figure is the peak above the resident set just before the run (mode
 Usage:
     PYTHONPATH=. python scripts/bench_calibration.py                                   # resnet20 + mobilenet_v2
     PYTHONPATH=. python scripts/bench_calibration.py --models resnet50 --images 128 512 --observers minmax
+    PYTHONPATH=. python scripts/bench_calibration.py --models mobilenet_v2 --observers dpu   # the DPU scheme
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--models", nargs="+", choices=["resnet20", "mobilenet_v2", "resnet50"], default=["resnet20", "mobilenet_v2"]
     )
-    parser.add_argument("--observers", nargs="+", default=["minmax", "percentile", "entropy"])
+    parser.add_argument(
+        "--observers", nargs="+", default=["minmax", "percentile", "entropy"], help="x86 activation observers, or dpu"
+    )
     parser.add_argument("--images", nargs="+", type=int, default=[64, 256, 512], help="calibration sizes")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
@@ -50,6 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_calibration.json")
     return parser.parse_args(argv)
+
+
+def scheme_for(observer: str) -> Any:
+    """The x86 scheme with ``observer`` for activations; ``dpu``: the Vitis AI DPU scheme (its fix-position search)."""
+    return scheme_for_target("dpu") if observer == "dpu" else scheme_for_target("x86", activation_observer=observer)
 
 
 def _rss_bytes() -> int:
@@ -109,7 +117,7 @@ def _memory_worker(model_name: str, observer: str, images: int, batch_size: int,
     torch.set_num_threads(threads)
     model = build_model(model_name)
     batches, _ = build_batches(model_name, images // batch_size, batch_size)
-    prepared = prepare(model, scheme_for_target("x86", activation_observer=observer))
+    prepared = prepare(model, scheme_for(observer))
     float_pass(model, batches[:1])  # first-call allocations outside the measurement
     with PeakSampler() as float_mem:
         float_pass(model, batches)
@@ -135,7 +143,7 @@ def bench_model(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any
     rows = []
     for observer in args.observers:
         start = time.perf_counter()
-        prepared = prepare(model, scheme_for_target("x86", activation_observer=observer))
+        prepared = prepare(model, scheme_for(observer))
         prepare_s = time.perf_counter() - start
         calibration_pass(copy.deepcopy(prepared), batches[:1])  # warm-up
         for images in args.images:
