@@ -20,6 +20,7 @@ from lightning_quant.algorithms.histogram import HistogramObserver
 from lightning_quant.algorithms.mse import MSEObserver
 from lightning_quant.algorithms.percentile import PercentileObserver
 from lightning_quant.algorithms.sensitivity import (
+    KindSensitivity,
     QuantizerSensitivity,
     SensitivityReport,
     plot_quantizer_histograms,
@@ -37,6 +38,7 @@ __all__ = [
     "LayerTuning",
     "MSEObserver",
     "PercentileObserver",
+    "KindSensitivity",
     "QuantizerSensitivity",
     "SensitivityReport",
     "adaround",

@@ -8,6 +8,10 @@ For every quantizer of a calibrated model two numbers are measured on the same b
   float (or at higher precision) would recover. With ``metric_fn``, the metric in that state is measured too,
   for the ``metric_top`` quantizers with the lowest ``alone_sqnr_db`` (each costs one evaluation).
 
+The same two numbers are measured per kind of tensor (``report.kinds``: all weight, all activation, all bias
+quantizers at once), with the metric alone and without when ``metric_fn`` is given: which part of a scheme costs
+the accuracy (e.g. on the DPU target: power-of-two weights, signed activations, or 8-bit biases).
+
 The model is left exactly as it was (fake-quant switches restored). ``report.plot(path)`` writes a bar chart;
 :func:`plot_quantizer_histograms` draws the value histograms of chosen quantizers (e.g. the most sensitive) with
 their clipping range, which shows whether outliers or a too-wide range are to blame.
@@ -45,7 +49,13 @@ from lightning_quant.quantizers.fake_quant import FakeQuantize
 from lightning_quant.quantizers.functional import sqnr_db
 from lightning_quant.quantizers.prepare import iter_quantizers
 
-__all__ = ["QuantizerSensitivity", "SensitivityReport", "plot_quantizer_histograms", "sensitivity_analysis"]
+__all__ = [
+    "KindSensitivity",
+    "QuantizerSensitivity",
+    "SensitivityReport",
+    "plot_quantizer_histograms",
+    "sensitivity_analysis",
+]
 
 
 @dataclass
@@ -60,6 +70,18 @@ class QuantizerSensitivity:
 
 
 @dataclass
+class KindSensitivity:
+    """All quantizers of one kind switched together; the metrics are ``None`` without ``metric_fn``."""
+
+    kind: str  # "weight" | "activation" | "bias"
+    count: int
+    alone_sqnr_db: float
+    without_sqnr_db: float
+    metric_alone: float | None = None
+    metric_without: float | None = None
+
+
+@dataclass
 class SensitivityReport:
     """Rows sorted from the most to the least sensitive (lowest ``alone_sqnr_db`` first)."""
 
@@ -68,6 +90,7 @@ class SensitivityReport:
     metric_all_on: float | None = None
     metric_float: float | None = None
     notes: list[str] = field(default_factory=list)
+    kinds: list[KindSensitivity] = field(default_factory=list)
 
     def most_sensitive(self, n: int = 5) -> list[QuantizerSensitivity]:
         return self.rows[:n]
@@ -78,6 +101,7 @@ class SensitivityReport:
             "metric_all_on": self.metric_all_on,
             "metric_float": self.metric_float,
             "rows": [asdict(r) for r in self.rows],
+            "kinds": [asdict(k) for k in self.kinds],
             "notes": list(self.notes),
         }
 
@@ -91,6 +115,7 @@ class SensitivityReport:
                 else ""
             ),  # fmt: skip
             "",
+            *self._kinds_table(),
             "| quantizer | kind | SQNR alone dB | SQNR without it dB | metric without it |",
             "|---|---|---|---|---|",
         ]
@@ -98,6 +123,19 @@ class SensitivityReport:
             metric = "" if r.metric_without is None else f"{r.metric_without:.4g}"
             lines.append(f"| {r.name} | {r.kind} | {r.alone_sqnr_db:.2f} | {r.without_sqnr_db:.2f} | {metric} |")
         return "\n".join(lines)
+
+    def _kinds_table(self) -> list[str]:
+        if not self.kinds:
+            return []
+        lines = [
+            "| kind (all at once) | quantizers | SQNR alone dB | SQNR without dB | metric alone | metric without |",
+            "|---|---|---|---|---|---|",
+        ]
+        for k in self.kinds:
+            alone, without = ("" if v is None else f"{v:.4g}" for v in (k.metric_alone, k.metric_without))
+            sqnr = f"{k.alone_sqnr_db:.2f} | {k.without_sqnr_db:.2f}"
+            lines.append(f"| {k.kind} | {k.count} | {sqnr} | {alone} | {without} |")
+        return [*lines, ""]
 
     def __str__(self) -> str:
         return self.to_table()
@@ -234,6 +272,7 @@ def sensitivity_analysis(
                 without = outputs_sqnr(reference, model_outputs(qmodel, inputs))
                 rows.append(QuantizerSensitivity(name, _kind(name), alone, without))
             rows.sort(key=lambda r: r.alone_sqnr_db)
+            kinds = _by_kind(qmodel, named, reference, inputs, switch, metric_fn)
             if metric_fn:
                 index = {n: i for i, (n, _) in enumerate(named)}
                 for row in rows[:metric_top]:
@@ -242,7 +281,26 @@ def sensitivity_analysis(
                 notes.append(f"metric evaluated without each of the {min(metric_top, len(rows))} most sensitive")
     finally:
         qmodel.train(was_training)
-    return SensitivityReport(rows, all_on, metric_all_on, metric_float, notes)
+    return SensitivityReport(rows, all_on, metric_all_on, metric_float, notes, kinds)
+
+
+def _by_kind(
+    qmodel: nn.Module, named: list, reference: list[torch.Tensor], inputs: list[Any], switch: Callable,
+    metric_fn: Callable[[nn.Module], float] | None,
+) -> list[KindSensitivity]:  # fmt: skip
+    kinds = [_kind(n) for n, _ in named]
+    out = []
+    for kind in ("weight", "activation", "bias"):
+        if kind not in kinds:
+            continue
+        measured = []
+        for on in (lambda i, kind=kind: kinds[i] == kind, lambda i, kind=kind: kinds[i] != kind):
+            switch(on)
+            measured.append(outputs_sqnr(reference, model_outputs(qmodel, inputs)))
+            measured.append(float(metric_fn(qmodel)) if metric_fn else None)
+        alone, metric_alone, without, metric_without = measured
+        out.append(KindSensitivity(kind, kinds.count(kind), alone, without, metric_alone, metric_without))
+    return out
 
 
 def _clip_range(fq: FakeQuantize) -> tuple[float, float]:

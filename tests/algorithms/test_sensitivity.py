@@ -60,13 +60,33 @@ def test_metric_is_evaluated_for_the_most_sensitive_only(qmodel, tmp_path):
 
     report = sensitivity_analysis(qmodel, batches(), metric_fn=agreement, metric_top=2, progress=False)
     assert report.metric_all_on == 1.0 and report.metric_float is not None
-    assert len(calls) == 2 + 2  # float, all on, then the two most sensitive
+    assert [k.kind for k in report.kinds] == ["weight", "activation"]  # x86: float biases
+    assert len(calls) == 2 + 2 + 2 * 2  # float, all on, the two most sensitive, each kind alone and without
+    assert all(k.metric_alone is not None and k.metric_without is not None for k in report.kinds)
     assert [r.metric_without is not None for r in report.rows] == [True, True] + [False] * (len(report.rows) - 2)
     table = report.to_table()
-    assert "| quantizer | kind |" in table and report.rows[0].name in table
+    assert "| quantizer | kind |" in table and report.rows[0].name in table and "| weight | " in table
     png = report.plot(tmp_path / "sensitivity.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report.to_dict()["rows"][0]["name"] == report.rows[0].name
+
+
+def test_kinds_show_which_part_of_a_scheme_costs_the_most():
+    """On the DPU target (weights, activations and biases quantized) a damaged kind stands out as a whole."""
+    torch.manual_seed(0)
+    q = quantize(warm_bn(TinyConvBN()), batches(), target="dpu", progress=False)
+    report = sensitivity_analysis(q, batches(), progress=False)
+    assert [k.kind for k in report.kinds] == ["weight", "activation", "bias"]
+    assert [k.count for k in report.kinds] == [sum(r.kind == k.kind for r in report.rows) for k in report.kinds]
+    assert report.kinds[2].alone_sqnr_db > min(k.alone_sqnr_db for k in report.kinds)  # not the worst yet
+    for _, fq in iter_quantizers(q):
+        if fq.name.endswith(".bias"):
+            fq.scale.data.fill_(2.0**6)  # every bias rounds to 0
+    damaged = sensitivity_analysis(q, batches(), progress=False)
+    by_kind = {k.kind: k for k in damaged.kinds}
+    assert by_kind["bias"].alone_sqnr_db == min(k.alone_sqnr_db for k in damaged.kinds)
+    assert by_kind["bias"].without_sqnr_db == max(k.without_sqnr_db for k in damaged.kinds)
+    assert damaged.to_dict()["kinds"][2]["kind"] == "bias"
 
 
 def test_clear_errors():
