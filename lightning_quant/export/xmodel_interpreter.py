@@ -1,8 +1,9 @@
 """A small numpy interpreter for uncompiled XIR graphs as written by :func:`~lightning_quant.export.export_xmodel`.
 
 It runs ``data``, ``const``, ``fix``, ``conv2d``, ``depthwise-conv2d``, ``matmul``, ``add``, ``mul``,
-``concat``, ``relu``, ``relu6``, ``maxpool2d``, ``avgpool2d`` and ``reshape`` in float64, NHWC. Values on
-``2**-fix_point`` grids make every sum exact, so the result does not depend on summation order. An
+``concat``, ``relu``, ``relu6``, ``maxpool2d``, ``avgpool2d``, ``reshape``, ``strided_slice`` and ``pad`` in
+float64, NHWC. Values on ``2**-fix_point`` grids make every sum exact, so the result does not depend on summation
+order. An
 ``avgpool2d`` followed by a ``mul`` with a constant is computed as ``window_sum * (c / n)``, the DPU's dyadic
 reciprocal, exactly as the fake-quant model and the DPU compiler's fused pool do.
 
@@ -90,7 +91,7 @@ class XModelInterpreter:
             "data": self._data, "const": self._const, "fix": self._fix, "conv2d": self._conv,
             "depthwise-conv2d": self._conv, "matmul": self._matmul, "add": self._add, "mul": self._mul,
             "concat": self._concat, "relu": self._relu, "relu6": self._relu6, "maxpool2d": self._pool,
-            "avgpool2d": self._pool, "reshape": self._reshape,
+            "avgpool2d": self._pool, "reshape": self._reshape, "strided_slice": self._strided_slice, "pad": self._pad,
         }  # fmt: skip
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -182,6 +183,18 @@ class XModelInterpreter:
             return out
         self.sums[op.name] = (out, kernel[0] * kernel[1])
         return out / (kernel[0] * kernel[1])
+
+    def _strided_slice(self, op, attrs):
+        x = self._in(op)  # the batch dim is kept whole (the lowering refuses batch slices): any batch size runs
+        ranges = zip(attrs["begin"][1:], attrs["end"][1:], attrs["strides"][1:], strict=True)
+        return x[(slice(None), *(slice(b, e, s) for b, e, s in ranges))]
+
+    def _pad(self, op, attrs):
+        if attrs["mode"] != "CONSTANT":
+            raise KeyError(f"op {op.name!r} pads with mode {attrs['mode']!r}; this interpreter runs CONSTANT only.")
+        p = attrs["paddings"]
+        value = attrs.get("constant_values", [0.0])
+        return np.pad(self._in(op), [(p[2 * i], p[2 * i + 1]) for i in range(len(p) // 2)], constant_values=value[0])
 
     def _reshape(self, op, attrs):
         x = self._in(op)

@@ -65,8 +65,8 @@ def _shape(node: fx.Node) -> list[int]:
 def _unsupported(node: fx.Node, what: str) -> UnsupportedOpError:
     return UnsupportedOpError(
         f"export_xmodel cannot lower {what} (node {node.name!r}: {node.format_node()}). Supported: conv2d, depthwise "
-        "conv2d, linear, add, cat, relu/relu6, max/avg pooling, flatten, dropout. Keep this part outside the model "
-        "you export, or replace it with a supported op."
+        "conv2d, linear, add, cat, relu/relu6, max/avg pooling, flatten, slicing, zero padding, dropout. Keep this "
+        "part outside the model you export, or replace it with a supported op."
     )
 
 
@@ -141,6 +141,10 @@ class Lowering:
             return self.concat(node)
         if target in _FLATTEN_CALLS:
             return self.flatten_call(node)
+        if target is operator.getitem:
+            return self.strided_slice(node)
+        if target is F.pad:
+            return self.pad(node)
         if target is F.max_pool2d:
             names = ["kernel_size", "stride", "padding", "dilation", "ceil_mode"]
             kwargs = dict(zip(names, node.args[1:], strict=False)) | dict(node.kwargs)
@@ -187,6 +191,46 @@ class Lowering:
         chw = tuple(src.shape[1:]) if rank == 4 else src.chw
         op = self.b.add(node.name, "reshape", out, {"shape": out}, [("input", [src.op])])
         return Value(op, out, chw)  # type: ignore[arg-type]
+
+    def strided_slice(self, node: fx.Node) -> Value:
+        """``x[:, a:b:s, ...]`` (slices only, the batch dim whole) as XIR ``strided_slice`` in NHWC order."""
+        src, index = self.arg(node), node.args[1]
+        index = index if isinstance(index, tuple) else (index,)
+        if not index or not all(isinstance(i, slice) for i in index) or len(index) > len(src.shape) or src.chw:
+            raise _unsupported(node, "an indexing that is not plain slicing of an unflattened tensor")
+        ranges = [i.indices(n) for i, n in zip(index, src.shape, strict=False)]
+        ranges += [(0, n, 1) for n in src.shape[len(index) :]]
+        whole = index[0].start in (None, 0) and index[0].stop is None and index[0].step in (None, 1)
+        if not whole:  # judged on the slice itself: the export traces one example, so indices() would hide it
+            raise _unsupported(node, "a slice of the batch dimension")
+        if any(step < 1 for _, _, step in ranges):
+            raise _unsupported(node, "a slice with a negative step")
+        begin, end, strides = ([r[k] for r in ranges] for k in range(3))
+        if len(ranges) == 4:
+            begin, end, strides = _nhwc(begin), _nhwc(end), _nhwc(strides)
+        shape = _shape(node)
+        attrs = {"begin": begin, "end": end, "strides": strides}
+        return Value(self.b.add(node.name, "strided_slice", _nhwc(shape), attrs, [("input", [src.op])]), shape)
+
+    def pad(self, node: fx.Node) -> Value:
+        """``F.pad(x, pads)`` with zeros as XIR ``pad`` (``paddings``: before/after pairs per NHWC dim)."""
+        src = self.arg(node)
+        names = ["pad", "mode", "value"]
+        kwargs = dict(zip(names, node.args[1:], strict=False)) | dict(node.kwargs)
+        pads, rank = list(kwargs["pad"]), len(src.shape)
+        if kwargs.get("mode", "constant") != "constant" or kwargs.get("value") not in (None, 0, 0.0):
+            raise _unsupported(node, "a pad that is not constant zero padding")
+        if src.chw is not None or len(pads) % 2 or len(pads) // 2 >= rank:
+            raise _unsupported(node, "a pad of the batch dimension or of a flattened tensor")
+        pairs = [[0, 0] for _ in range(rank)]
+        for k in range(len(pads) // 2):  # torch lists the last dim first
+            pairs[rank - 1 - k] = [pads[2 * k], pads[2 * k + 1]]
+        if rank == 4:
+            pairs = _nhwc(pairs)
+        paddings = [int(v) for pair in pairs for v in pair]
+        attrs = {"paddings": paddings, "mode": "CONSTANT", "constant_values": [0.0] * len(paddings)}
+        shape = _shape(node)
+        return Value(self.b.add(node.name, "pad", _nhwc(shape), attrs, [("input", [src.op])]), shape)
 
     # -- pooling ------------------------------------------------------------------------------------------
     def maxpool(self, node: fx.Node, pool: nn.MaxPool2d) -> Value:

@@ -50,7 +50,7 @@ def test_recipe_composes(recipe):
     assert cfg.data._target_.endswith(datamodule)
     assert cfg.state_file.endswith(f"{recipe}.ckpt")
     if target == "dpu":
-        assert list(cfg.export.formats) == (["torchscript"] if "cifar" in recipe else ["torchscript", "xmodel"])
+        assert list(cfg.export.formats) == ["torchscript", "xmodel"]
         assert cfg.quant.cross_layer_equalization and cfg.quant.bias_correction  # Vitis AI's defaults
     if mode == "qat":
         assert cfg.trainer.max_epochs >= 1

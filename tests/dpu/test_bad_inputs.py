@@ -50,6 +50,31 @@ def test_unsupported_op_is_named(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+class Sliced(nn.Module):
+    """A conv, then ``index`` applied to its output, then ``pad`` (zero padding unless ``mode`` says otherwise)."""
+
+    def __init__(self, index, pad=(0, 0), mode="constant") -> None:
+        super().__init__()
+        self.conv, self.index, self.pads, self.mode = nn.Conv2d(3, 4, 3), index, pad, mode
+
+    def forward(self, x):
+        return torch.nn.functional.pad(torch.relu(self.conv(x))[self.index], self.pads, mode=self.mode)
+
+
+@pytest.mark.parametrize(
+    ("index", "pad", "mode", "message"),
+    [
+        ((slice(0, 1),), (0, 0), "constant", "a slice of the batch dimension"),
+        ((slice(None), 0), (0, 0), "constant", "not plain slicing"),
+        ((slice(None), slice(None), slice(None, None, 2)), (1, 1, 1, 1), "reflect", "not constant zero padding"),
+    ],
+)
+def test_unsupported_slices_and_pads_are_named(index, pad, mode, message, tmp_path):
+    with pytest.raises(UnsupportedOpError, match=message):
+        export_xmodel(_dpu(Sliced(index, pad, mode)), tmp_path / "m.xmodel", X)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_untraced_and_uncalibrated_models(tmp_path):
     q = _dpu(UntraceableNet())
     with pytest.raises(ValueError, match="needs a model torch.fx traced whole"):
