@@ -222,8 +222,8 @@ def sensitivity_analysis(
         transform_fn: maps one item of ``data`` to the model input.
         num_batches: batches used for the SQNR measurements.
         metric_fn: optional ``metric_fn(model) -> float`` (e.g. top-1 on a held-out loader; higher is better),
-            evaluated with the model in float, fully quantized, and without each of the ``metric_top`` most
-            sensitive quantizers.
+            evaluated with the model in float, fully quantized, without each of the ``metric_top`` most
+            sensitive quantizers, and with each kind of quantizer alone and without (2 calls per kind present).
         metric_top: how many quantizers get a metric evaluation.
         progress: show a progress bar over quantizers.
 
