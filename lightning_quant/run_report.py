@@ -48,8 +48,13 @@ def model_sizes(network: nn.Module) -> dict[str, int]:
     quantized_weights: dict[str, Any] = {}
     for name, module in network.named_modules():
         fq = getattr(module, "weight_fake_quant", None)
-        if fq is not None and getattr(module, "weight", None) is not None:
-            quantized_weights[f"{name}.weight" if name else "weight"] = fq
+        if fq is None:
+            continue
+        prefix = f"{name}." if name else ""
+        if getattr(module, "weight", None) is not None:
+            quantized_weights[f"{prefix}weight"] = fq
+        elif isinstance(getattr(module, "conv", None), nn.Module):  # QAT conv+BN: the conv holds the weight
+            quantized_weights[f"{prefix}conv.weight"] = fq
     for name, param in network.named_parameters():
         if any(marker in name for marker in _QUANT_BUFFER_MARKERS):
             continue

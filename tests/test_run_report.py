@@ -34,6 +34,19 @@ def test_model_sizes_by_hand():
     assert float_bytes == (216 + 16 + 576 + 16 + 80 + 10) * 4  # the unfolded float net, BN affine included
 
 
+def test_model_sizes_count_qat_conv_bn_weights_as_quantized():
+    """A QAT model keeps conv+BN unfolded (the weight lives in ``.conv``): it must still count as 8-bit."""
+    from lightning_quant import prepare
+
+    torch.manual_seed(0)
+    qat = prepare(warm_bn(TinyConvBN()).train(), scheme_for_target("x86_vnni", mode="qat"), mode="qat")
+    assert any(type(m).__name__ == "QuantConvBn" for m in qat.modules())
+    sizes = model_sizes(qat)
+    ptq = model_sizes(_qmodel())
+    assert sizes["quantized_bytes"] < sizes["float_bytes"] / 2
+    assert sizes["float_bytes"] - sizes["quantized_bytes"] >= ptq["float_bytes"] - ptq["quantized_bytes"] - 16 * 4
+
+
 def test_markdown_and_plot(tmp_path):
     qmodel = _qmodel()
     report = quantization_report(qmodel, torch.randn(4, 3, 16, 16))
