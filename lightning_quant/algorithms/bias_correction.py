@@ -127,7 +127,7 @@ def _apply(model: nn.Module, name: str, layer: nn.Module, delta: torch.Tensor, r
     """
     delta = delta.to(layer.weight.dtype)
     record_float_bias(model, name, layer)
-    deployed = None if layer.bias is None else quantized_bias(layer).detach().clone()
+    deployed = torch.zeros_like(delta) if layer.bias is None else quantized_bias(layer).detach().clone()
     if layer.bias is None:
         layer.bias = nn.Parameter(torch.zeros_like(delta))
         report.created_bias.append(name)
@@ -137,7 +137,7 @@ def _apply(model: nn.Module, name: str, layer: nn.Module, delta: torch.Tensor, r
             scheme = None
         if scheme is not None and scheme.bias is not None:  # the target quantizes biases: give it a quantizer
             layer.bias_fake_quant = FakeQuantize(scheme.bias, name=f"{name}.bias").to(delta.device)
-    layer.bias.data.copy_((torch.zeros_like(delta) if deployed is None else deployed) - delta)
+    layer.bias.data.copy_(deployed - delta)
     fq = layer.bias_fake_quant
     if fq is not None:  # the bias moved: its range must be observed again (the weight scale is not touched)
         fq.observer.reset()

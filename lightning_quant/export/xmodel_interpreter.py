@@ -3,9 +3,8 @@
 It runs ``data``, ``const``, ``fix``, ``conv2d``, ``depthwise-conv2d``, ``matmul``, ``add``, ``mul``,
 ``concat``, ``relu``, ``relu6``, ``maxpool2d``, ``avgpool2d``, ``reshape``, ``strided_slice`` and ``pad`` in
 float64, NHWC. Values on ``2**-fix_point`` grids make every sum exact, so the result does not depend on summation
-order. An
-``avgpool2d`` followed by a ``mul`` with a constant is computed as ``window_sum * (c / n)``, the DPU's dyadic
-reciprocal, exactly as the fake-quant model and the DPU compiler's fused pool do.
+order. An ``avgpool2d`` followed by a ``mul`` with a constant is computed as ``window_sum * (c / n)``, the DPU's
+dyadic reciprocal, exactly as the fake-quant model and the DPU compiler's fused pool do.
 
 Example:
     >>> import tempfile, pathlib, torch

@@ -147,12 +147,15 @@ def _search_parts(x: torch.Tensor, start: int, bits: int, sample: int) -> list[t
     """
     qmin, qmax = _signed_bounds(bits)
     step = 2.0 ** -(start + 1)
-    clippable = (x > (qmax - 0.5) * step) | (x < (qmin + 0.5) * step)
-    outer = x[clippable]
+
+    def clippable(v: torch.Tensor) -> torch.Tensor:
+        return (v > (qmax - 0.5) * step) | (v < (qmin + 0.5) * step)
+
+    outer = x[clippable(x)]
     inner_count = x.numel() - outer.numel()
     generator = torch.Generator(device=x.device).manual_seed(0)
     picks = x[torch.randint(x.numel(), (sample,), generator=generator, device=x.device)]
-    picks = picks[~((picks > (qmax - 0.5) * step) | (picks < (qmin + 0.5) * step))]
+    picks = picks[~clippable(picks)]
     if picks.numel() == 0:
         return [(outer, 1.0)]
     return [(outer, 1.0), (picks, inner_count / picks.numel())]
