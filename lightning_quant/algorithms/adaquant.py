@@ -46,13 +46,13 @@ from lightning_quant.algorithms.layerwise import (
     LayerTuning,
     bounded_inputs,
     check_tuning_options,
-    held_mse,
     layer_forward,
     layer_targets,
     quantized_bias,
     require_any_calibrated,
     weight_layers,
 )
+from lightning_quant.algorithms.windows import HeldSamples, check_window
 
 __all__ = ["FastFinetuneReport", "LayerTuning", "fast_finetune", "quant_layer_output"]
 
@@ -92,8 +92,13 @@ def quant_layer_output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer_forward(layer, x, layer.weight_fake_quant(layer.weight), quantized_bias(layer))
 
 
-def _layer_mse(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-    return held_mse(lambda rows: quant_layer_output(layer, rows), x, y, batch_size)
+def _quant_forward(layer: nn.Module, held: HeldSamples, x: torch.Tensor) -> torch.Tensor:
+    """:func:`quant_layer_output` on held rows or windows of ``held``."""
+    return held.forward(layer, x, layer.weight_fake_quant(layer.weight), quantized_bias(layer))
+
+
+def _layer_mse(layer: nn.Module, held: HeldSamples, batch_size: int) -> float:
+    return held.mse(lambda rows: _quant_forward(layer, held, rows), batch_size)
 
 
 @contextlib.contextmanager
@@ -113,7 +118,7 @@ def _only_weight_and_bias_trainable(layer: nn.Module) -> Iterator[list[nn.Parame
 
 
 def _adam_steps(
-    layer: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, lr: float, batch_size: int,
+    layer: nn.Module, held: HeldSamples, *, steps: int, lr: float, batch_size: int,
     generator: torch.Generator, best: list,
 ) -> None:  # fmt: skip
     """Adam with a cosine-decayed learning rate; ``best`` ([mse, snapshot]) tracks the best iterate on all held rows.
@@ -126,32 +131,33 @@ def _adam_steps(
         optimizer = torch.optim.Adam(params, lr=lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
         for step in range(1, steps + 1):
-            idx = torch.randperm(x.shape[0], generator=generator)[:batch_size].to(x.device)
-            loss = F.mse_loss(quant_layer_output(layer, x[idx]), y[idx])
+            idx = torch.randperm(held.rows, generator=generator)[:batch_size].to(held.x.device)
+            x, y = held.draw(idx, generator)
+            loss = F.mse_loss(_quant_forward(layer, held, x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             if step % every == 0 or step == steps:
-                mse = _layer_mse(layer, x, y, batch_size)
+                mse = _layer_mse(layer, held, batch_size)
                 if mse < best[0]:
                     best[:] = [mse, [p.detach().clone() for p in params]]
 
 
 def _tune_layer(
-    name: str, layer: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, lr: float, batch_size: int,
+    name: str, layer: nn.Module, held: HeldSamples, *, steps: int, lr: float, batch_size: int,
     generator: torch.Generator,
 ) -> LayerTuning:  # fmt: skip
     """Tune one layer; keep its best iterate only when the held-sample MSE went down, else restore it exactly."""
-    before = _layer_mse(layer, x, y, batch_size)
+    before = _layer_mse(layer, held, batch_size)
     params = [p for p in (layer.weight, layer.bias) if p is not None]
     originals = [p.detach().clone() for p in params]
     best: list = [before, originals]
-    _adam_steps(layer, x, y, steps=steps, lr=lr, batch_size=batch_size, generator=generator, best=best)
+    _adam_steps(layer, held, steps=steps, lr=lr, batch_size=batch_size, generator=generator, best=best)
     with torch.no_grad():
         for p, value in zip(params, best[1], strict=True):
             p.copy_(value)
-    return LayerTuning(name, before, best[0], best[0] < before, x.shape[0])
+    return LayerTuning(name, before, best[0], best[0] < before, held.rows)
 
 
 def fast_finetune(
@@ -164,6 +170,7 @@ def fast_finetune(
     lr: float = 1e-4,
     batch_size: int = 32,
     max_samples: int = 128,
+    window: int | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> FastFinetuneReport:
@@ -181,7 +188,10 @@ def fast_finetune(
         lr: initial Adam learning rate, in the weights' own units (cosine-decayed to 0 over ``steps``).
         batch_size: samples per Adam step (drawn from the held samples).
         max_samples: rows (along dim 0) of one layer's input and target held in memory.
-        seed: seed of the sample order; the result is deterministic for a given seed.
+        window: output pixels per side of the random spatial block of a 2-D conv's maps that each Adam step
+            sees (see :mod:`~lightning_quant.algorithms.windows`); None (default) uses whole maps. The held error
+            that picks the best iterate is always measured on whole maps.
+        seed: seed of the sample order (and of the windows); the result is deterministic for a given seed.
         progress: show a progress bar over layers.
 
     Returns:
@@ -194,6 +204,7 @@ def fast_finetune(
         NotCalibratedError: the model was never calibrated.
     """
     check_tuning_options(steps, lr, num_batches, batch_size, max_samples, seed)
+    check_window(window)
     layers = weight_layers(qmodel, "fast_finetune")
     require_any_calibrated(qmodel, "fast_finetune")
     inputs = bounded_inputs(calibration_data, transform_fn, num_batches, qmodel, "fast_finetune")
@@ -204,7 +215,9 @@ def fast_finetune(
         targets = layer_targets(qmodel, inputs, layers, max_samples=max_samples, skipped=report.skipped)
         bar = tqdm(targets, "Fast finetune", len(layers), leave=False, disable=not progress, unit="layer")
         for name, layer, x, y in bar:
-            tuning = _tune_layer(name, layer, x, y, steps=steps, lr=lr, batch_size=batch_size, generator=generator)
+            held = HeldSamples.of(layer, x, y, window)
+            del x, y  # the padded copy replaces the input
+            tuning = _tune_layer(name, layer, held, steps=steps, lr=lr, batch_size=batch_size, generator=generator)
             report.layers.append(tuning)
     finally:
         qmodel.train(was_training)
