@@ -143,7 +143,7 @@ def adaround(
     warmup: float = 0.2,
     batch_size: int = 32,
     max_samples: int = 128,
-    window: int | None = None,
+    window: int | None = 16,
     seed: int = 0,
     progress: bool = True,
 ) -> AdaRoundReport:
@@ -164,8 +164,8 @@ def adaround(
         batch_size: samples per Adam step (drawn from the held samples).
         max_samples: rows (along dim 0) of one layer's input and target held in memory.
         window: output pixels per side of the random spatial block of a 2-D conv's maps that each Adam step
-            sees (see :mod:`~lightning_quant.algorithms.windows`); None (default) uses whole maps. 16-32 makes
-            the large early layers of an ImageNet-size CNN many times cheaper per step.
+            sees (see :mod:`~lightning_quant.algorithms.windows`); None uses whole maps. The default 16 makes
+            the large early layers of an ImageNet-size CNN many times cheaper per step at no measured loss.
         seed: seed of the sample order (and of the windows).
         progress: show a progress bar over layers.
 

@@ -111,8 +111,12 @@ def _data() -> list[torch.Tensor]:
 def test_windowed_tuning_lowers_error_and_is_deterministic(tune):
     data = _data()
     base = quantize(_model(), data, scheme=scheme_for_target("tensorrt", weight_bits=4), progress=False)
-    run = {"adaround": lambda m: adaround(m, data, steps=150, window=6, progress=False, seed=2),
-           "fast_finetune": lambda m: fast_finetune(m, data, steps=40, lr=1e-3, window=6, progress=False, seed=2)}[tune]  # fmt: skip
+
+    def run(m):
+        if tune == "adaround":
+            return adaround(m, data, steps=150, window=6, progress=False, seed=2)
+        return fast_finetune(m, data, steps=40, lr=1e-3, window=6, progress=False, seed=2)
+
     a, b = copy.deepcopy(base), copy.deepcopy(base)
     report = run(a)
     run(b)
