@@ -32,10 +32,15 @@ OFFLINE = {
     ],
     "resnet20_ptq_cifar10_w4a8": [],
     "mobilenetv2_ptq_imagenette_mse_bc": [],
+    "mobilenetv2_ptq_imagenette_w4a8": [],
 }
+SLOW = {"mobilenetv2_ptq_imagenette_w4a8"}  # AdaRound on 53 layers at 224 px: ~10 min even on 4 images
 
 
-@pytest.mark.parametrize("recipe", sorted(OFFLINE))
+
+@pytest.mark.parametrize(
+    "recipe", [pytest.param(r, marks=pytest.mark.slow) if r in SLOW else r for r in sorted(OFFLINE)]
+)
 def test_offline_recipe_runs(recipe, tmp_path):
     small = "imagenette" in recipe
     cfg = tiny_config(recipe, tmp_path, *OFFLINE[recipe], batch_size=4 if small else 16, val_batches=1 if small else 2)
