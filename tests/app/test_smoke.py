@@ -37,7 +37,6 @@ OFFLINE = {
 SLOW = {"mobilenetv2_ptq_imagenette_w4a8"}  # AdaRound on 53 layers at 224 px: ~10 min even on 4 images
 
 
-
 @pytest.mark.parametrize(
     "recipe", [pytest.param(r, marks=pytest.mark.slow) if r in SLOW else r for r in sorted(OFFLINE)]
 )
