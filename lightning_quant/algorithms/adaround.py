@@ -165,7 +165,8 @@ def adaround(
         max_samples: rows (along dim 0) of one layer's input and target held in memory.
         window: output pixels per side of the random spatial block of a 2-D conv's maps that each Adam step
             sees (see :mod:`~lightning_quant.algorithms.windows`); None uses whole maps. The default 16 makes
-            the large early layers of an ImageNet-size CNN many times cheaper per step at no measured loss.
+            the large early layers of an ImageNet-size CNN many times cheaper per step (CIFAR ResNets: same
+            accuracy within noise).
         seed: seed of the sample order (and of the windows).
         progress: show a progress bar over layers.
 
