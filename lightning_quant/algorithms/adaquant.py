@@ -89,16 +89,22 @@ def quant_layer_output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         >>> torch.equal(quant_layer_output(q, x), q(x))
         True
     """
-    return layer_forward(layer, x, layer.weight_fake_quant(layer.weight), quantized_bias(layer))
+    return layer_forward(layer, x, *_quantized_parameters(layer))
+
+
+def _quantized_parameters(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's fake-quant weight and deployed bias, differentiable w.r.t. the float ones (STE rounding)."""
+    return layer.weight_fake_quant(layer.weight), quantized_bias(layer)
 
 
 def _quant_forward(layer: nn.Module, held: HeldSamples, x: torch.Tensor) -> torch.Tensor:
     """:func:`quant_layer_output` on held rows or windows of ``held``."""
-    return held.forward(layer, x, layer.weight_fake_quant(layer.weight), quantized_bias(layer))
+    return held.forward(layer, x, *_quantized_parameters(layer))
 
 
+@torch.no_grad()
 def _layer_mse(layer: nn.Module, held: HeldSamples, batch_size: int) -> float:
-    return held.mse(lambda rows: _quant_forward(layer, held, rows), batch_size)
+    return held.mse(layer, *_quantized_parameters(layer), batch_size)
 
 
 @contextlib.contextmanager

@@ -104,8 +104,7 @@ def _frozen_bias(layer: nn.Module) -> torch.Tensor | None:
 
 
 def _held_mse(layer: nn.Module, weight: torch.Tensor, held: HeldSamples, batch_size: int) -> float:
-    bias = _frozen_bias(layer)
-    return held.mse(lambda rows: held.forward(layer, rows, weight, bias), batch_size)
+    return held.mse(layer, weight, _frozen_bias(layer), batch_size)
 
 
 def _learn(

@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +113,7 @@ class HeldSamples:
         x = layer._maybe_quantize_input(x)
         return F.conv2d(x, weight, bias, layer.stride, 0, layer.dilation, layer.groups)
 
-    def mse(self, forward: Callable[[torch.Tensor], torch.Tensor], batch_size: int) -> float:
-        """Mean squared error of ``forward`` (on held rows) against ``y`` over every held sample and pixel."""
-        return held_mse(forward, self.x, self.y, batch_size)
+    def mse(self, layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, batch_size: int) -> float:
+        """Mean squared error of :meth:`forward` with ``weight`` / ``bias`` against ``y``, over every held sample
+        and pixel (whole maps, in chunks of ``batch_size`` rows)."""
+        return held_mse(lambda rows: self.forward(layer, rows, weight, bias), self.x, self.y, batch_size)
