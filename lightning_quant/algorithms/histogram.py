@@ -32,11 +32,43 @@ import torch
 from lightning_quant.quantizers.functional import qparams_from_range
 from lightning_quant.quantizers.observers import Observer
 
-__all__ = ["DEFAULT_BINS", "HistogramObserver"]
+__all__ = ["DEFAULT_BINS", "HistogramObserver", "bin_counts"]
 
 DEFAULT_BINS = 2048
 _MIN_BINS = 16
+_CHUNK = 1 << 20  # elements binned per pass on CPU (4 MB of float32: stays in cache)
 _TINY_WIDTH = 2.0**-40  # width used while everything seen is exactly 0; doubling grows it when real data arrives
+
+
+def bin_counts(x: torch.Tensor, width: float, offset: int, bins: int) -> torch.Tensor:
+    """Counts of ``x`` on the grid of ``bins`` bins ``[(offset + k) w, (offset + k + 1) w)``; values outside the
+    window land in the end bins. Equal to ``bincount(clamp(floor(x / w) - offset, 0, bins - 1))``.
+
+    On CPU the tensor is binned in cache-sized chunks through one reused float buffer, and the bin indices are
+    16-bit when they fit: allocating activation-sized temporaries (float quotient, int64 indices) cost 5-6x more
+    than the counting itself, which made histogram calibration 2-3x slower than float inference.
+
+    Example:
+        >>> bin_counts(torch.tensor([-0.5, 0.0, 0.3, 0.9, 7.0]), 0.5, -1, 4).tolist()
+        [1, 2, 1, 1]
+    """
+    flat = x.reshape(-1)
+    chunk = flat.numel() if flat.is_cuda else min(_CHUNK, flat.numel())
+    index_dtype = torch.int16 if bins <= torch.iinfo(torch.int16).max else torch.int32
+    buffer = torch.empty(chunk, dtype=torch.float32, device=flat.device)
+    counts = torch.zeros(bins, dtype=torch.int64, device=flat.device)
+    for start in range(0, flat.numel(), max(chunk, 1)):
+        part = flat[start : start + chunk]
+        scaled = buffer[: part.numel()]
+        # the power-of-two width makes ``* (1 / w)`` exactly ``/ w``; floor before the offset shift: floor(a) - n
+        # is exact where floor(a - n) can round a value just below an edge into the next bin
+        if part.dtype == torch.float32:
+            torch.mul(part, 1.0 / width, out=scaled)
+        else:
+            scaled.copy_(part).mul_(1.0 / width)
+        scaled.floor_().sub_(offset).clamp_(0, bins - 1)
+        counts.add_(torch.bincount(scaled.to(index_dtype), minlength=bins))
+    return counts
 
 
 def _pow2_at_least(value: float) -> float:
@@ -74,9 +106,7 @@ class HistogramObserver(Observer):
         if self.spec.per_channel:
             return
         self._fit_window()
-        width, offset = self.bin_width.item(), int(self.bin_offset.item())
-        idx = torch.floor(x.detach().float() / width).sub_(offset).clamp_(0, self.bins - 1).long()
-        self.histogram.add_(torch.bincount(idx.flatten(), minlength=self.bins))
+        self.histogram.add_(bin_counts(x.detach(), self.bin_width.item(), int(self.bin_offset.item()), self.bins))
 
     def clipped_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The estimated ``(min, max)`` to quantize (per-tensor specs); subclasses implement it."""

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from lightning_quant.algorithms import EntropyObserver, HistogramObserver, MSEObserver, PercentileObserver
+from lightning_quant.algorithms import histogram as histogram_module
+from lightning_quant.algorithms.histogram import bin_counts
 from lightning_quant.algorithms.entropy import kl_divergences, kl_threshold_bins
 from lightning_quant.algorithms.mse import NUM_CANDIDATES, expected_quant_error
 from lightning_quant.algorithms.percentile import histogram_quantile
@@ -48,6 +50,21 @@ def test_histogram_counts_everything_and_matches_numpy():
     assert np.abs(obs.histogram.numpy() - ref).sum() <= 4  # float32 vs float64 bucketing at bin edges only
     counts, width = obs.abs_histogram()
     assert counts.sum().item() == x.numel() and width == obs.bin_width.item()
+
+
+@pytest.mark.parametrize("bins", [64, 40000])  # 16-bit and 32-bit bin indices
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_chunked_bin_counts_equal_the_one_pass_reference(monkeypatch, bins, dtype):
+    monkeypatch.setattr(histogram_module, "_CHUNK", 1000)  # 7 chunks, the last one partial
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 2100, generator=g) * 3.0).to(dtype)
+    x[0, :5] = torch.tensor([-64.0, 63.9, 1.0, -1.0, 0.0])  # beyond the window, and exactly on bin edges
+    width, offset = 2.0**-3, -bins // 2
+    ref = torch.bincount(
+        torch.floor(x.float() / width).sub_(offset).clamp_(0, bins - 1).long().flatten(), minlength=bins
+    )
+    assert torch.equal(bin_counts(x, width, offset, bins), ref)
+    assert torch.equal(bin_counts(x, width, offset, bins), bin_counts(x.contiguous().t(), width, offset, bins))
 
 
 def test_memory_bound_under_growing_ranges():
