@@ -8,8 +8,8 @@ import torch
 
 from lightning_quant.algorithms import EntropyObserver, HistogramObserver, MSEObserver, PercentileObserver
 from lightning_quant.algorithms import histogram as histogram_module
-from lightning_quant.algorithms.histogram import bin_counts
 from lightning_quant.algorithms.entropy import kl_divergences, kl_threshold_bins
+from lightning_quant.algorithms.histogram import bin_counts
 from lightning_quant.algorithms.mse import NUM_CANDIDATES, expected_quant_error
 from lightning_quant.algorithms.percentile import histogram_quantile
 from lightning_quant.config import QuantSpec
