@@ -5,8 +5,8 @@ on, earlier layers already tuned) and its targets from a frozen float copy of th
 (every fake-quant off). Adam then moves the layer's float weight and bias to minimize the mean squared error
 between the layer's fake-quant output and the float target, with the weight (and bias) fake-quant in the loop at
 its calibrated, frozen scale and a straight-through gradient through the rounding; the learning rate decays to 0
-(cosine) and the best iterate on all held samples is tracked, since straight-through iterates oscillate across
-rounding boundaries. As in Vitis AI, the update is kept only if the layer's error on the held samples went down;
+(cosine) and the best iterate on all held samples is tracked (with ``window``: on a fixed probe of blocks), since
+straight-through iterates oscillate across rounding boundaries. As in Vitis AI, the update is kept only if the layer's error on the held samples went down;
 otherwise the layer is restored exactly.
 
 The weight scale is deliberately not recomputed after tuning: the weights were fitted to that grid, and a new
@@ -125,11 +125,12 @@ def _only_weight_and_bias_trainable(layer: nn.Module) -> Iterator[list[nn.Parame
 
 def _adam_steps(
     layer: nn.Module, held: HeldSamples, *, steps: int, lr: float, batch_size: int,
-    generator: torch.Generator, best: list,
+    generator: torch.Generator, best: list, error: Callable[[], float],
 ) -> None:  # fmt: skip
-    """Adam with a cosine-decayed learning rate; ``best`` ([mse, snapshot]) tracks the best iterate on all held rows.
+    """Adam with a cosine-decayed learning rate; ``best`` ([error, snapshot]) tracks the iterate with the lowest
+    ``error()`` (the held error, see :func:`_tune_layer`).
 
-    The held error is measured every ``max(1, steps // 20)`` steps and after the last: with coarse (e.g. 4-bit)
+    The error is measured every ``max(1, steps // 20)`` steps and after the last: with coarse (e.g. 4-bit)
     weights the straight-through iterates oscillate across rounding boundaries, so the last one is rarely the best.
     """
     every = max(1, steps // 20)
@@ -145,25 +146,45 @@ def _adam_steps(
             optimizer.step()
             schedule.step()
             if step % every == 0 or step == steps:
-                mse = _layer_mse(layer, held, batch_size)
-                if mse < best[0]:
-                    best[:] = [mse, [p.detach().clone() for p in params]]
+                value = error()
+                if value < best[0]:
+                    best[:] = [value, [p.detach().clone() for p in params]]
 
 
 def _tune_layer(
     name: str, layer: nn.Module, held: HeldSamples, *, steps: int, lr: float, batch_size: int,
     generator: torch.Generator,
 ) -> LayerTuning:  # fmt: skip
-    """Tune one layer; keep its best iterate only when the held-sample MSE went down, else restore it exactly."""
+    """Tune one layer; keep its best iterate only when the whole-map held MSE went down, else restore it exactly.
+
+    On whole maps the best iterate is picked by that same held MSE. With windows, measuring it every
+    ``steps // 20`` steps would cost more than all the windowed steps together, so iterates are compared on a
+    fixed probe (every held row, each chunk of ``batch_size`` rows on one fixed random block), and the held MSE
+    on whole maps is measured only for the winner, which is then kept or reverted on it.
+    """
     before = _layer_mse(layer, held, batch_size)
     params = [p for p in (layer.weight, layer.bias) if p is not None]
     originals = [p.detach().clone() for p in params]
-    best: list = [before, originals]
-    _adam_steps(layer, held, steps=steps, lr=lr, batch_size=batch_size, generator=generator, best=best)
+    if held.window is None:
+        error = lambda: _layer_mse(layer, held, batch_size)  # noqa: E731
+        best: list = [before, originals]
+    else:
+        probe = held.probe(batch_size, generator)
+        error = lambda: held.probe_mse(layer, *_quantized_parameters(layer), probe)  # noqa: E731
+        best = [error(), originals]
+    _adam_steps(layer, held, steps=steps, lr=lr, batch_size=batch_size, generator=generator, best=best, error=error)
+    _restore(params, best[1])
+    after = best[0] if held.window is None else _layer_mse(layer, held, batch_size)
+    if after >= before:
+        _restore(params, originals)
+        after = before
+    return LayerTuning(name, before, after, after < before, held.rows)
+
+
+def _restore(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
     with torch.no_grad():
-        for p, value in zip(params, best[1], strict=True):
+        for p, value in zip(params, values, strict=True):
             p.copy_(value)
-    return LayerTuning(name, before, best[0], best[0] < before, held.rows)
 
 
 def fast_finetune(
@@ -195,8 +216,8 @@ def fast_finetune(
         batch_size: samples per Adam step (drawn from the held samples).
         max_samples: rows (along dim 0) of one layer's input and target held in memory.
         window: output pixels per side of the random spatial block of a 2-D conv's maps that each Adam step
-            sees (see :mod:`~lightning_quant.algorithms.windows`); None (default) uses whole maps. The held error
-            that picks the best iterate is always measured on whole maps, which then dominates the cost.
+            sees (see :mod:`~lightning_quant.algorithms.windows`); None (default) uses whole maps. With windows
+            the best iterate is picked on a fixed probe of blocks and kept only if its whole-map error is lower.
         seed: seed of the sample order (and of the windows); the result is deterministic for a given seed.
         progress: show a progress bar over layers.
 

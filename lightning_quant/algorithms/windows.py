@@ -113,6 +113,25 @@ class HeldSamples:
         x = layer._maybe_quantize_input(x)
         return F.conv2d(x, weight, bias, layer.stride, 0, layer.dilation, layer.groups)
 
+    def probe(self, batch_size: int, generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A fixed sample for comparing iterates cheaply: every held row, in chunks of ``batch_size`` rows, each
+        chunk cut to its own random output block (:meth:`draw`). Only for windows: whole maps need no copy."""
+        if self.window is None:
+            raise ValueError("HeldSamples.probe is for windowed samples; use HeldSamples.mse on whole maps.")
+        starts = range(0, self.rows, batch_size)
+        return [self.draw(torch.arange(i, min(i + batch_size, self.rows)), generator) for i in starts]
+
+    def probe_mse(
+        self, layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None,
+        probe: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> float:  # fmt: skip
+        """Mean squared error of :meth:`forward` over the blocks of :meth:`probe` (summed in float64)."""
+        total, count = 0.0, 0
+        for x, y in probe:
+            total += (self.forward(layer, x, weight, bias) - y).double().pow(2).sum().item()
+            count += y.numel()
+        return total / count
+
     def mse(self, layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, batch_size: int) -> float:
         """Mean squared error of :meth:`forward` with ``weight`` / ``bias`` against ``y``, over every held sample
         and pixel (whole maps, in chunks of ``batch_size`` rows)."""

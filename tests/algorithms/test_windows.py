@@ -136,3 +136,34 @@ def test_bad_window_is_refused(window):
         adaround(qmodel, data, window=window, progress=False)
     with pytest.raises(ValueError, match=f"window={window!r} must be an integer >= 1"):
         fast_finetune(qmodel, data, window=window, progress=False)
+
+
+def test_probe_holds_every_row_once_on_fixed_blocks():
+    layer = _layer(nn.Conv2d(4, 6, 3, padding=1), torch.randn(2, 4, 30, 30))
+    x = torch.randn(10, 4, 30, 30)
+    held = HeldSamples.of(layer, x, layer(x).detach(), window=8)
+    probe = held.probe(4, torch.Generator().manual_seed(0))
+    assert [tuple(xb.shape[:1]) + tuple(yb.shape[1:]) for xb, yb in probe] == [(4, 6, 8, 8), (4, 6, 8, 8), (2, 6, 8, 8)]
+    weight = _qweight(layer)
+    direct = sum((held.forward(layer, xb, weight, layer.bias) - yb).double().pow(2).sum().item() for xb, yb in probe)
+    assert held.probe_mse(layer, weight, layer.bias, probe) == pytest.approx(direct / (10 * 6 * 8 * 8))
+    whole = HeldSamples.of(layer, x, layer(x).detach(), window=None)
+    with pytest.raises(ValueError, match="whole maps"):
+        whole.probe(4, torch.Generator())
+
+
+def test_windowed_fast_finetune_reports_the_whole_map_error_it_keeps():
+    data = _data()
+    base = quantize(_model(), data, scheme=scheme_for_target("tensorrt", weight_bits=4), progress=False)
+    tuned = copy.deepcopy(base)
+    report = fast_finetune(tuned, data, steps=40, lr=1e-3, window=6, progress=False, seed=2)
+    # a second pass measures the first layer's whole-map error (same inputs, same float targets) before its step;
+    # later layers' float targets would come from the tuned first layer
+    first = fast_finetune(copy.deepcopy(tuned), data, steps=1, lr=1e-12, progress=False).layers[0]
+    assert first.name == "0" and first.mse_before == pytest.approx(report.layers[0].mse_after, rel=1e-6)
+    base_modules, tuned_modules = dict(base.named_modules()), dict(tuned.named_modules())
+    for tuning in report.layers:
+        if not tuning.kept:
+            assert tuning.mse_after == tuning.mse_before
+            assert torch.equal(tuned_modules[tuning.name].weight, base_modules[tuning.name].weight)
+    assert any(t.kept and t.mse_after < t.mse_before for t in report.layers)
