@@ -6,8 +6,8 @@ on, earlier layers already tuned) and its targets from a frozen float copy of th
 between the layer's fake-quant output and the float target, with the weight (and bias) fake-quant in the loop at
 its calibrated, frozen scale and a straight-through gradient through the rounding; the learning rate decays to 0
 (cosine) and the best iterate on all held samples is tracked (with ``window``: on a fixed probe of blocks), since
-straight-through iterates oscillate across rounding boundaries. As in Vitis AI, the update is kept only if the layer's error on the held samples went down;
-otherwise the layer is restored exactly.
+straight-through iterates oscillate across rounding boundaries. As in Vitis AI, the update is kept only if the
+layer's error on the held samples (whole maps) went down; otherwise the layer is restored exactly.
 
 The weight scale is deliberately not recomputed after tuning: the weights were fitted to that grid, and a new
 min/max range would move every quantization level (re-running ``calibrate`` on the tuned model would do so).
