@@ -197,7 +197,7 @@ def fast_finetune(
     lr: float = 1e-4,
     batch_size: int = 32,
     max_samples: int = 128,
-    window: int | None = None,
+    window: int | None = 16,
     seed: int = 0,
     progress: bool = True,
 ) -> FastFinetuneReport:
@@ -216,8 +216,9 @@ def fast_finetune(
         batch_size: samples per Adam step (drawn from the held samples).
         max_samples: rows (along dim 0) of one layer's input and target held in memory.
         window: output pixels per side of the random spatial block of a 2-D conv's maps that each Adam step
-            sees (see :mod:`~lightning_quant.algorithms.windows`); None (default) uses whole maps. With windows
-            the best iterate is picked on a fixed probe of blocks and kept only if its whole-map error is lower.
+            sees (see :mod:`~lightning_quant.algorithms.windows`); None uses whole maps. With windows (default 16,
+            as AdaRound) the best iterate is picked on a fixed probe of blocks and kept only if its whole-map
+            error is lower.
         seed: seed of the sample order (and of the windows); the result is deterministic for a given seed.
         progress: show a progress bar over layers.
 

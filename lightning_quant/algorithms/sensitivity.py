@@ -357,14 +357,16 @@ def plot_quantizer_histograms(
     captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
 
     def hook(name: str):
-        def record(module: nn.Module, args: tuple, output: Any) -> None:
+        def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if kwargs.get("observe") is False:  # a shared use (max pool output): values already counted
+                return
             values = args[0].detach().float().flatten()
             step = max(1, values.numel() * num_batches // max_values)
             captured[name].append(values[::step].cpu())
 
         return record
 
-    handles = [quantizers[n].register_forward_hook(hook(n)) for n in names]
+    handles = [quantizers[n].register_forward_hook(hook(n), with_kwargs=True) for n in names]
     try:
         model_outputs(qmodel.eval(), inputs)
     finally:

@@ -4,7 +4,10 @@ The rule follows what onnxruntime's QDQ fusion and TensorRT expect:
 * inputs of quantized ops (conv, linear, matmul, add, mul, concat, pooling) are quantized;
 * outputs of those ops are quantized, after a fused ReLU/ReLU6 when the op's only user is one (never
   between a conv and its ReLU);
-* shape-only ops (flatten, reshape, dropout, ...) pass quantized values through, so no second quantizer.
+* shape-only ops (flatten, reshape, dropout, ...) pass quantized values through, so no second quantizer;
+* max pooling picks values of its quantized input, so its output is already on that grid: it reuses the input's
+  quantizer (:func:`shared_quant_points`; the fake-quant graph calls it again without observing), which exports as
+  a QuantizeLinear with the input's scale, the pattern onnxruntime runs as an integer max pool.
 
 Example:
     >>> from torch import fx, nn
@@ -22,7 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["activation_quant_points", "is_quantized_op", "is_shape_value", "source_through_passthrough"]
+__all__ = [
+    "activation_quant_points",
+    "is_quantized_op",
+    "is_shape_value",
+    "shared_quant_points",
+    "source_through_passthrough",
+]
 
 _FUSED_ACT_MODULES = (nn.ReLU, nn.ReLU6)
 _FUSED_ACT_FUNCS = {F.relu, F.relu6, torch.relu, torch.relu_, F.hardtanh}
@@ -51,6 +60,8 @@ _POOL_FUNCS = {
     torch.max_pool2d,
     torch.avg_pool1d,
 }
+_MAX_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool2d)
+_MAX_POOL_FUNCS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool2d}
 _BINARY_FUNCS = {operator.add, operator.iadd, torch.add, operator.mul, operator.imul, torch.mul}
 _CAT_FUNCS = {torch.cat, torch.concat}
 _MATMUL_FUNCS = {torch.matmul, operator.matmul, torch.bmm, torch.mm}
@@ -161,18 +172,49 @@ def source_through_passthrough(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     return node
 
 
+def _reuses_input_quantizer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A max pool returning values only (no indices) whose output is not followed by a fused activation."""
+    if node.op == "call_module":
+        module = _module(gm, node)
+        is_max = isinstance(module, _MAX_POOL_MODULES) and not getattr(module, "return_indices", False)
+    else:
+        is_max = node.op == "call_function" and node.target in _MAX_POOL_FUNCS and not node.kwargs.get("return_indices")
+    users = list(node.users)
+    return is_max and bool(node.args) and not (len(users) == 1 and is_fused_activation(gm, users[0]))
+
+
+def shared_quant_points(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+    """``{max pool node: the quantization point of its input}``: outputs that reuse their input's quantizer.
+
+    Example:
+        >>> from torch import fx, nn
+        >>> gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 2, 1)))
+        >>> {pool.name: source.name for pool, source in shared_quant_points(gm).items()}
+        {'_2': '_1'}
+    """
+    shared: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:  # graph order: a pool reading another pool resolves to that pool's source
+        if _reuses_input_quantizer(gm, node) and isinstance(node.args[0], fx.Node):
+            source = source_through_passthrough(gm, node.args[0])
+            shared[node] = shared.get(source, source)
+    return shared
+
+
 def activation_quant_points(gm: fx.GraphModule, is_weight_layer: Callable[[nn.Module], bool]) -> list[fx.Node]:
     """Nodes whose output gets an activation fake-quant, in graph order, without duplicates."""
     points: dict[fx.Node, None] = {}
+    shared = shared_quant_points(gm)
     for node in gm.graph.nodes:
         if not is_quantized_op(gm, node, is_weight_layer):
             continue
         for arg in _tensor_args(node):
-            points[source_through_passthrough(gm, arg)] = None
+            source = source_through_passthrough(gm, arg)
+            if source not in shared:
+                points[source] = None
         users = list(node.users)
         if len(users) == 1 and is_fused_activation(gm, users[0]):
             points[users[0]] = None
-        else:
+        elif node not in shared:
             points[node] = None
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     return sorted((p for p in points if p.op != "output"), key=order.__getitem__)

@@ -69,7 +69,8 @@ class DeployQuantize(nn.Module):
         self.register_buffer("scale", fq.scale.detach().clone().float().reshape(()))
         self.register_buffer("zero_point", fq.zero_point.detach().clone().reshape(()))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, observe: bool = True) -> torch.Tensor:
+        del observe  # frozen: the graph's shared uses (a max pool's output) pass observe=False
         if self.onnx_ops:
             return torch.ops.lightning_quant.qdq_tensor(
                 x, self.scale_value, self.zero_point_value, self.qmin, self.qmax

@@ -123,6 +123,12 @@ def quant_info(qmodel: nn.Module, graph_name: str | None = None) -> dict[str, An
     for name, fq in iter_quantizers(qmodel):
         if isinstance(fq, FakeQuantize) and not name.endswith(("weight_fake_quant", "bias_fake_quant")):
             output[f"{prefix}::{name.rpartition('.')[2]}"] = [[fq.spec.bits, fix_pos_from_scale(fq.scale)]]
+    # a max pool reuses its input's quantizer (called again with observe=False); Vitis AI lists its output too
+    for gm in (m for m in qmodel.modules() if isinstance(m, fx.GraphModule)):
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and node.kwargs.get("observe") is False:
+                fq = gm.get_submodule(node.target)
+                output[f"{prefix}::{node.args[0].name}"] = [[fq.spec.bits, fix_pos_from_scale(fq.scale)]]
     from lightning_quant import __version__
 
     steps = prepare_info(qmodel).refinements

@@ -76,8 +76,14 @@ class FakeQuantize(nn.Module):
         self.enable_fake_quant(False)
 
     # -- forward --------------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer_enabled.item():
+    def forward(self, x: torch.Tensor, observe: bool = True) -> torch.Tensor:
+        """Observe ``x`` (when the observer is on and ``observe``), then fake-quantize it (when on and calibrated).
+
+        ``observe=False`` is for a second use of the same quantizer on values already on its grid (a max pool's
+        output, see :func:`~lightning_quant.capture.patterns.shared_quant_points`): counting them again would skew
+        histogram estimates.
+        """
+        if observe and self.observer_enabled.item():
             self._observe(x)
         if self._stale and self.fake_quant_enabled.item():
             self.refresh_qparams()

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lightning_quant.capture.bn_fold import fold_batchnorm, foldable_pairs, set_submodule
-from lightning_quant.capture.patterns import activation_quant_points
+from lightning_quant.capture.patterns import activation_quant_points, shared_quant_points
 from lightning_quant.capture.trace import capture
 from lightning_quant.config import QuantMode, QuantScheme, Target, _coerce_enum
 from lightning_quant.errors import NotCalibratedError, NothingToQuantizeError
@@ -156,15 +156,24 @@ def _insert_activation_quantizers(gm: fx.GraphModule, path: str, scheme: QuantSc
     points = activation_quant_points(gm, _is_weight_layer)
     if not points:
         return 0
+    shared = shared_quant_points(gm)  # before the inserted quantizers change what the pools read
     quantizers = nn.ModuleDict()
     gm.add_module(_ACT_DICT, quantizers)
     for node in points:
         spec = input_spec(scheme.activation) if node.op == "placeholder" else scheme.activation
         quantizers[node.name] = FakeQuantize(spec, name=_join(path, node.name))
-        with gm.graph.inserting_after(node):
-            qnode = gm.graph.call_module(f"{_ACT_DICT}.{node.name}", (node,))
-        node.replace_all_uses_with(qnode, delete_user_cb=lambda user, q=qnode: user is not q)
+        _quantize_output(gm, node, node.name, {})
+    for pool, source in shared.items():  # already on the source's grid: fake-quantize again, observe nothing
+        if source.name in quantizers:
+            _quantize_output(gm, pool, source.name, {"observe": False})
     return len(points)
+
+
+def _quantize_output(gm: fx.GraphModule, node: fx.Node, quantizer: str, kwargs: dict) -> None:
+    """Route every user of ``node`` through ``activation_quantizers.<quantizer>``."""
+    with gm.graph.inserting_after(node):
+        qnode = gm.graph.call_module(f"{_ACT_DICT}.{quantizer}", (node,), kwargs)
+    node.replace_all_uses_with(qnode, delete_user_cb=lambda user, q=qnode: user is not q)
 
 
 def _prepare_graph(gm: fx.GraphModule, path: str, scheme, mode, exclude, info) -> fx.GraphModule | None:

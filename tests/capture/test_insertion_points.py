@@ -18,7 +18,7 @@ X86 = scheme_for_target("x86")
 
 # measured with torchvision 0.29 (weights=None): the placement the issue specifies
 EXPECTED = {
-    "resnet50": dict(weights=54, activations=73, folded_bn=53, head="fc"),
+    "resnet50": dict(weights=54, activations=72, folded_bn=53, head="fc"),  # the stem max pool reuses its input's
     "mobilenet_v2": dict(weights=53, activations=65, folded_bn=52, head="classifier.1"),
 }
 
@@ -108,6 +108,11 @@ def test_activation_placement_rules(prepared):
     assert [_is_act_q(gm, u) for u in head.users] == [True]
     (output,) = [n for n in graph_nodes if n.op == "output"]
     assert output.args[0] in head.users
+    # max pools reuse their input's quantizer (called again without observing), so they run as integer pools
+    for pool in (n for n in graph_nodes if isinstance(_module(gm, n), nn.MaxPool2d)):
+        (user,) = pool.users
+        assert _is_act_q(gm, user) and user.kwargs == {"observe": False}, pool.name
+        assert user.target == pool.args[0].target, "not the quantizer of the pool's input"
     # no quantizer is applied twice to the same value
     for node in graph_nodes:
         if _is_act_q(gm, node):
@@ -138,7 +143,7 @@ def test_qat_keeps_batchnorm_in_quant_conv_bn(resnet50):
     assert info.folded_bn == [] and len(info.quantized_layers) == 54
     assert isinstance(qmodel.get_submodule("fc"), QuantLinear)
     weights, activations = _split(qmodel)
-    assert (len(weights), len(activations)) == (54, 73)
+    assert (len(weights), len(activations)) == (54, 72)
     assert all(fq.spec.observer == "moving_average" for _, fq in iter_quantizers(qmodel) if not fq.spec.per_channel)
 
 
@@ -151,6 +156,46 @@ def test_tiny_conv_bn_exact_activation_points():
     assert activations == [f"activation_quantizers.{n}" for n in ("x", "relu", "conv2", "relu_1", "pool", "fc")]
     assert prepare_info(qmodel).folded_bn == ["bn1", "bn2"]
     assert prepare_info(qmodel).quantized_layers == ["conv1", "conv2", "fc"]
+
+
+class _Pools(nn.Module):
+    """conv -> relu -> max pool -> max pool -> conv, and a functional max pool before the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+        self.pool1, self.pool2 = nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(2)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv2(self.pool2(self.pool1(torch.relu(self.conv1(x)))))
+        return self.fc(torch.flatten(torch.nn.functional.max_pool2d(y, 4), 1))
+
+
+def test_max_pools_reuse_their_input_quantizer_without_observing_again():
+    qmodel = prepare(_Pools().eval(), X86)
+    _, activations = _split(qmodel)
+    assert activations == [f"activation_quantizers.{n}" for n in ("x", "relu", "conv2", "fc")]
+    calls = [(n.target, n.args[0].name, n.kwargs) for n in qmodel.graph.nodes if _is_act_q(qmodel, n)]
+    shared = [(t, src) for t, src, kw in calls if kw == {"observe": False}]
+    assert shared == [("activation_quantizers.relu", "pool1"), ("activation_quantizers.relu", "pool2"),
+                      ("activation_quantizers.conv2", "max_pool2d")]  # fmt: skip
+    # the pooled values are not counted again: the histogram holds exactly the ReLU output's elements
+    pct = prepare(_Pools().eval(), scheme_for_target("x86", activation_observer="percentile"))
+    with torch.no_grad():
+        pct(torch.randn(2, 3, 16, 16))
+    assert int(pct.get_submodule("activation_quantizers.relu").observer.histogram.sum()) == 2 * 8 * 16 * 16
+    # a pool's output is on its input's grid, so the shared call changes nothing once calibrated
+    qmodel.eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        qmodel(x)
+    for _, fq in iter_quantizers(qmodel):
+        fq.disable_observer()
+    relu_q = qmodel.get_submodule("activation_quantizers.relu")
+    on_grid = relu_q(torch.relu(torch.randn(2, 8, 16, 16)))
+    assert torch.equal(relu_q(torch.nn.functional.max_pool2d(on_grid, 2), observe=False),
+                       torch.nn.functional.max_pool2d(on_grid, 2))  # fmt: skip
 
 
 def test_exclude_keeps_layers_float_with_reason():

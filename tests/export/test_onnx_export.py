@@ -118,6 +118,29 @@ def test_onnxruntime_fuses_every_conv_add_and_gemm(tiny_exports):
     assert not {"Conv", "Gemm", "FusedConv", "Add", "Relu"} & set(optimized), optimized
 
 
+def test_max_pool_runs_as_an_integer_pool_and_matches_fake_quant(tmp_path):
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(3, 2, 1),
+        torch.nn.Conv2d(8, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(1), torch.nn.Linear(4 * 8 * 8, 5),
+    ).eval()  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(8, 3, 16, 16, generator=g) for _ in range(3)]
+    # with a clipping estimator a quantizer of its own would pick another range for the pooled (larger) values
+    scheme = scheme_for_target("x86", activation_observer="percentile", activation_percentile=99.0)
+    qmodel = quantize(model, data, scheme=scheme, progress=False)
+    path = export_onnx(qmodel, tmp_path / "pool.onnx", data[0][:1])
+    optimized = op_counts(ort_optimized(path, tmp_path))
+    # the pool reads and writes uint8 on one grid, so onnxruntime keeps it integer between the two QLinearConvs:
+    # the only float boundaries left are the model input (Q) and output (DQ)
+    assert optimized["QLinearConv"] == 2 and optimized["QGemm"] == 1, optimized
+    assert optimized["QuantizeLinear"] == optimized["DequantizeLinear"] == 1, optimized
+    x = torch.randn(4, 3, 16, 16, generator=g)
+    step = float(qmodel.get_submodule("activation_quantizers._6").scale)  # the output quantizer
+    diff = np.abs(run_ort(path, {"input": x.numpy()}) - fake_quant_output(qmodel, x))
+    assert diff.max() <= 1.01 * step and diff.mean() <= 0.1 * step  # integer requantization: a rare 1-step tie
+
+
 def test_ort_matches_fake_quant_on_tiny_model(tiny_exports, eval_batches):
     for target in ("x86", "tensorrt"):
         report = verify_export(
