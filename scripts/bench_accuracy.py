@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_accuracy.json")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --out; measure only the rest")
+    parser.add_argument(
+        "--replace", action="store_true", help="with --resume: measure --methods again and replace their rows"
+    )
     return parser.parse_args(argv)
 
 
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         parse_method(method)  # fail before any evaluation
     torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = resumed_rows(args)
-    done = {(r["model"], r["method"]) for r in rows}
+    done = {(r["model"], r["method"]) for r in rows if not (args.replace and r["method"] in args.methods)}
     for name in args.models:
         model, dm = load(name, args)
         if (name, "float") not in done:
@@ -156,7 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         for method in (m for m in args.methods if (name, m) not in done):
             row = {"model": name, **run_method(model, dm, method, args)}
             row["drop"] = row["top1"] - float_top1["top1"]
-            rows.append(row)
+            row["measured"] = time.strftime("%Y-%m-%d", time.gmtime())
+            old = next((i for i, r in enumerate(rows) if (r["model"], r["method"]) == (name, method)), None)
+            if old is None:
+                rows.append(row)
+            else:  # --replace: the new row takes the old one's place in the table
+                rows[old] = row
             save(args, argv, rows, complete=False)  # a stopped run keeps every finished row
             print(f"[bench] {name} {method} {row['top1']:.2f} ({row['drop']:+.2f})", file=sys.stderr, flush=True)
     print(save(args, argv, rows, complete=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -54,3 +55,26 @@ def test_schemes_and_their_targets():
 def test_dw8_names_only_depthwise_convolutions():
     model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 16, 1), nn.Conv2d(16, 16, 3, groups=4))
     assert bench_accuracy.depthwise_layers(model) == ["0"]
+
+
+def test_resume_keeps_rows_and_replace_measures_named_methods_again(tmp_path, monkeypatch):
+    out = tmp_path / "acc.json"
+    measured = []
+
+    def fake_run(model, dm, method, args):
+        measured.append(method)
+        return {"method": method, "target": "x86_vnni", "top1": 50.0 + len(measured), "images": 10, "ptq_s": 1.0}
+
+    monkeypatch.setattr(bench_accuracy, "load", lambda name, args: (nn.Identity(), None))
+    monkeypatch.setattr(bench_accuracy, "run_method", fake_run)
+    float_row = {"model": "resnet20", "method": "float", "top1": 60.0, "images": 10}
+    base = ["--models", "resnet20", "--out", str(out), "--threads", "1", "--resume"]
+    settings = {"calibration_size": 512, "seed": 0, "batch_size": 128, "limit_batches": None}
+    out.write_text(json.dumps({"settings": settings, "rows": [float_row]}))
+    bench_accuracy.main([*base, "--methods", "int8_pc", "int8_pt"])
+    bench_accuracy.main([*base, "--methods", "int8_pc", "int8_pt"])  # nothing left to measure
+    assert measured == ["int8_pc", "int8_pt"]
+    bench_accuracy.main([*base, "--methods", "int8_pc", "--replace"])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["top1"]) for r in rows] == [("float", 60.0), ("int8_pc", 53.0), ("int8_pt", 52.0)]
+    assert rows[1]["drop"] == -7.0 and len(rows[1]["measured"]) == 10  # YYYY-MM-DD
