@@ -67,6 +67,7 @@ def test_resume_keeps_rows_and_replace_measures_named_methods_again(tmp_path, mo
 
     monkeypatch.setattr(bench_accuracy, "load", lambda name, args: (nn.Identity(), None))
     monkeypatch.setattr(bench_accuracy, "run_method", fake_run)
+    monkeypatch.setattr(bench_accuracy.torch, "set_num_threads", lambda n: None)  # keep the test process's threads
     float_row = {"model": "resnet20", "method": "float", "top1": 60.0, "images": 10}
     base = ["--models", "resnet20", "--out", str(out), "--threads", "1", "--resume"]
     settings = {"calibration_size": 512, "seed": 0, "batch_size": 128, "limit_batches": None}
