@@ -6,10 +6,11 @@ what differs and how to fix it.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from lightning_quant.errors import CheckpointMismatchError
 
@@ -25,6 +26,20 @@ def is_quant_key(key: str) -> bool:
 def _sample(keys: set[str]) -> str:
     shown = sorted(keys)[:3]
     return ", ".join(shown) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+
+def _legacy_pool_keys(module: nn.Module, prefix: str, keys: set[str]) -> set[str]:
+    """Keys of max-pool output quantizers, which checkpoints held before max pools reused their input's quantizer
+    (the graph now calls the input's quantizer with ``observe=False`` there instead)."""
+    stale: set[str] = set()
+    for path, gm in module.named_modules():
+        if not isinstance(gm, fx.GraphModule):
+            continue
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and node.kwargs.get("observe") is False and node.args:
+                head = f"{prefix}{path + '.' if path else ''}activation_quantizers.{node.args[0].name}."
+                stale |= {k for k in keys if k.startswith(head)}
+    return stale
 
 
 def check_quant_state_keys(
@@ -50,6 +65,17 @@ def check_quant_state_keys(
         )
     all_own = set(own_state)
     all_saved = {k for k in state_dict if k.startswith(prefix)}
+    stale = _legacy_pool_keys(module, prefix, all_saved - all_own)
+    if stale:
+        for key in stale:
+            del state_dict[key]
+        all_saved -= stale
+        saved -= stale
+        warnings.warn(
+            f"the checkpoint holds {len(stale)} entries of max-pool output quantizers ({_sample(stale)}), written by "
+            "an older lightning_quant; max pools now reuse their input's quantizer, so these are ignored.",
+            stacklevel=2,
+        )
     missing, unexpected = all_own - all_saved, all_saved - all_own
     if missing or unexpected:
         qat_saved = any(k.endswith(".bn_frozen") for k in all_saved)

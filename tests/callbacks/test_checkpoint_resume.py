@@ -196,3 +196,30 @@ def test_loaded_quantizers_are_frozen_and_calibrated(tmp_path, qat_run):
     model = load_quantized_checkpoint(lit(seed=4), last)
     quantizers = list(iter_quantizers(model))
     assert quantizers and all(fq.calibrated.item() and not fq.observer_enabled.item() for _, fq in quantizers)
+
+
+def test_max_pool_quantizer_entries_of_older_checkpoints_are_dropped_with_a_warning():
+    from lightning_quant.callbacks.checkpoint_guard import check_quant_state_keys
+    from lightning_quant.config import scheme_for_target
+    from lightning_quant.quantizers import prepare
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Conv2d(4, 2, 1)
+    ).eval()
+    qmodel = prepare(model, scheme_for_target("x86"))
+    qmodel(torch.randn(2, 3, 8, 8))
+    state = qmodel.state_dict()
+    # an older version gave the pool (node "_2") a quantizer of its own
+    legacy = {k.replace("activation_quantizers._1.", "activation_quantizers._2."): v.clone()
+              for k, v in state.items() if k.startswith("activation_quantizers._1.")}  # fmt: skip
+    fresh = prepare(model, scheme_for_target("x86"))
+    fresh.register_load_state_dict_pre_hook(check_quant_state_keys)
+    with pytest.warns(UserWarning, match=r"max-pool output quantizers .*activation_quantizers\._2\."):
+        fresh.load_state_dict({**state, **legacy})
+    assert torch.equal(
+        fresh.get_submodule("activation_quantizers._1").scale, qmodel.get_submodule("activation_quantizers._1").scale
+    )
+    with pytest.raises(
+        CheckpointMismatchError, match="unexpected activation_quantizers._9"
+    ):  # anything else still fails
+        fresh.load_state_dict({**state, "activation_quantizers._9.scale": torch.ones(1)})
