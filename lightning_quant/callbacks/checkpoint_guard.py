@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from lightning_quant.capture.patterns import is_shared_quantizer_call
 from lightning_quant.errors import CheckpointMismatchError
 
 __all__ = ["check_quant_state_keys", "is_quant_key", "require_matching_config"]
@@ -36,7 +37,7 @@ def _legacy_pool_keys(module: nn.Module, prefix: str, keys: set[str]) -> set[str
         if not isinstance(gm, fx.GraphModule):
             continue
         for node in gm.graph.nodes:
-            if node.op == "call_module" and node.kwargs.get("observe") is False and node.args:
+            if is_shared_quantizer_call(node):
                 head = f"{prefix}{path + '.' if path else ''}activation_quantizers.{node.args[0].name}."
                 stale |= {k for k in keys if k.startswith(head)}
     return stale

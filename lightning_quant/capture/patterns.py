@@ -29,6 +29,7 @@ __all__ = [
     "activation_quant_points",
     "is_quantized_op",
     "is_shape_value",
+    "is_shared_quantizer_call",
     "shared_quant_points",
     "source_through_passthrough",
 ]
@@ -198,6 +199,12 @@ def shared_quant_points(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
             source = source_through_passthrough(gm, node.args[0])
             shared[node] = shared.get(source, source)
     return shared
+
+
+def is_shared_quantizer_call(node: fx.Node) -> bool:
+    """A prepared graph's second call of a quantizer, on a max pool's output (``observe=False``; see
+    :func:`shared_quant_points`); ``node.args[0]`` is the pool."""
+    return node.op == "call_module" and node.kwargs.get("observe") is False and bool(node.args)
 
 
 def activation_quant_points(gm: fx.GraphModule, is_weight_layer: Callable[[nn.Module], bool]) -> list[fx.Node]:

@@ -29,6 +29,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from lightning_quant.capture.patterns import is_shared_quantizer_call
 from lightning_quant.config import ScaleType
 from lightning_quant.export._atomic import atomic_path, check_output_path
 from lightning_quant.export.xir_builder import XIRBuilder, sanitize
@@ -126,7 +127,7 @@ def quant_info(qmodel: nn.Module, graph_name: str | None = None) -> dict[str, An
     # a max pool reuses its input's quantizer (called again with observe=False); Vitis AI lists its output too
     for gm in (m for m in qmodel.modules() if isinstance(m, fx.GraphModule)):
         for node in gm.graph.nodes:
-            if node.op == "call_module" and node.kwargs.get("observe") is False:
+            if is_shared_quantizer_call(node):
                 fq = gm.get_submodule(node.target)
                 output[f"{prefix}::{node.args[0].name}"] = [[fq.spec.bits, fix_pos_from_scale(fq.scale)]]
     from lightning_quant import __version__
