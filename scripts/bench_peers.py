@@ -69,6 +69,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from results_io import repo_relative
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)  # ImageNet mean/std: every model here uses them
@@ -759,8 +760,8 @@ def write_results(result: dict[str, Any], out: Path) -> None:
     finish_rows(rows)
     final = result | {"rows": rows, "loadavg_end": round(os.getloadavg()[0], 2)}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(final, indent=2, default=str) + "\n")
-    out.with_suffix(".md").write_text(markdown(final))
+    out.write_text(repo_relative(json.dumps(final, indent=2, default=str)) + "\n")
+    out.with_suffix(".md").write_text(repo_relative(markdown(final)))
 
 
 if __name__ == "__main__":

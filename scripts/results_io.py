@@ -29,6 +29,12 @@ import torch
 import lightning_quant
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = RESULTS_DIR.parents[1]
+
+
+def repo_relative(text: str) -> str:
+    """``text`` with this checkout's absolute path removed (interpreter paths, tracebacks): results stay portable."""
+    return text.replace(f"{REPO_ROOT}/", "")
 
 
 def run_header(script: str, argv: list[str] | None, args: argparse.Namespace) -> dict[str, Any]:
@@ -47,5 +53,5 @@ def run_header(script: str, argv: list[str] | None, args: argparse.Namespace) ->
 def write_results(out: Path, payload: dict[str, Any], table: str, footer: str = "") -> None:
     """Write ``payload`` to ``out`` (JSON) and ``table`` (+ ``footer``) to the ``.md`` file beside it."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    out.with_suffix(".md").write_text(table + "\n" + footer)
+    out.write_text(repo_relative(json.dumps(payload, indent=2)) + "\n")
+    out.with_suffix(".md").write_text(repo_relative(table + "\n" + footer))
