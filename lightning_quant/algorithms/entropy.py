@@ -58,14 +58,17 @@ def kl_divergences(counts: torch.Tensor, levels: int) -> tuple[torch.Tensor, tor
     cxlogx = torch.cat([torch.zeros(1, dtype=h.dtype, device=device), torch.cumsum(_xlogx(h), 0)])
     g = torch.arange(levels + 1, device=device)
     bounds = torch.div(g[None, :] * cand[:, None] + levels - 1, levels, rounding_mode="floor")  # ceil(g i / L)
-    group_sum = csum[bounds[:, 1:]] - csum[bounds[:, :-1]]  # (M, L): S_g
-    group_nz = cnz[bounds[:, 1:]] - cnz[bounds[:, :-1]]  # N_g
+    at_bounds = csum[bounds]  # one gather per cumulative sum, then differences along the groups
+    group_sum = at_bounds[:, 1:] - at_bounds[:, :-1]  # (M, L): S_g
+    nz_at_bounds = cnz[bounds]
+    group_nz = nz_at_bounds[:, 1:] - nz_at_bounds[:, :-1]  # N_g
     kept = csum[cand]  # H_i, mass of the first i bins
     outliers = total - kept
     last = h[cand - 1] + outliers  # P_{i-1}
     p_mass = group_sum.clone()
     p_mass[:, -1] += outliers  # the outliers sit in the last group of P
-    log_q = torch.where(group_sum > 0, torch.log(group_sum.clamp_min(1e-300)) - torch.log(group_nz.clamp_min(1)), 0.0)
+    log_count = torch.log(torch.arange(n + 1, dtype=h.dtype, device=device).clamp_min(1))  # N_g is an integer <= n
+    log_q = torch.where(group_sum > 0, torch.log(group_sum.clamp_min(1e-300)) - log_count[group_nz.long()], 0.0)
     plogp = cxlogx[cand - 1] + _xlogx(last)
     kl = (plogp - (p_mass * log_q).sum(1)) / total - torch.log(total) + torch.log(kept.clamp_min(1e-300))
     impossible = (kept <= 0) | ((h[cand - 1] == 0) & (outliers > 0))  # Q is 0 where P is not
