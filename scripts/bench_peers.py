@@ -69,9 +69,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from results_io import repo_relative
+from results_io import RESULTS_DIR, repo_relative
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)  # ImageNet mean/std: every model here uses them
 STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
 MODELS: dict[str, dict[str, Any]] = {

@@ -107,6 +107,11 @@ def _layer_mse(layer: nn.Module, held: HeldSamples, batch_size: int) -> float:
     return held.mse(layer, *_quantized_parameters(layer), batch_size)
 
 
+@torch.no_grad()
+def _probe_mse(layer: nn.Module, held: HeldSamples, probe: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    return held.probe_mse(layer, *_quantized_parameters(layer), probe)
+
+
 @contextlib.contextmanager
 def _only_weight_and_bias_trainable(layer: nn.Module) -> Iterator[list[nn.Parameter]]:
     """Make the layer's weight/bias require grad and its quantizers' (learnable) scales not; restore afterwards."""
@@ -170,7 +175,7 @@ def _tune_layer(
         best: list = [before, originals]
     else:
         probe = held.probe(batch_size, generator)
-        error = lambda: held.probe_mse(layer, *_quantized_parameters(layer), probe)  # noqa: E731
+        error = lambda: _probe_mse(layer, held, probe)  # noqa: E731
         best = [error(), originals]
     _adam_steps(layer, held, steps=steps, lr=lr, batch_size=batch_size, generator=generator, best=best, error=error)
     _restore(params, best[1])

@@ -43,6 +43,7 @@ __all__ = [
     "feed",
     "float_bias",
     "held_mse",
+    "pairs_mse",
     "layer_forward",
     "layer_targets",
     "quantized_bias",
@@ -272,15 +273,26 @@ def quantized_bias(layer: nn.Module) -> torch.Tensor | None:
 
 
 @torch.no_grad()
+def pairs_mse(
+    forward: Callable[[torch.Tensor], torch.Tensor], pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> float:
+    """Mean squared error of ``forward(x)`` against ``y`` over every element of the ``(x, y)`` pairs (summed in
+    float64)."""
+    total, count = 0.0, 0
+    for x, y in pairs:
+        total += (forward(x) - y).double().pow(2).sum().item()
+        count += y.numel()
+    return total / count
+
+
 def held_mse(
     forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, batch_size: int
 ) -> float:
     """Mean squared error of ``forward(x)`` against ``y`` over all held rows, in chunks of ``batch_size``
     (summed in float64)."""
-    total = 0.0
-    for i in range(0, x.shape[0], batch_size):
-        total += (forward(x[i : i + batch_size]) - y[i : i + batch_size]).double().pow(2).sum().item()
-    return total / y.numel()
+    return pairs_mse(
+        forward, ((x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, x.shape[0], batch_size))
+    )
 
 
 def record_float_bias(model: nn.Module, name: str, layer: nn.Module) -> None:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_quant.algorithms.layerwise import check_positive, held_mse, layer_forward
+from lightning_quant.algorithms.layerwise import check_positive, held_mse, layer_forward, pairs_mse
 from lightning_quant.quantizers.modules import QuantConv2d
 
 __all__ = ["HeldSamples", "check_window"]
@@ -126,11 +126,7 @@ class HeldSamples:
         probe: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> float:  # fmt: skip
         """Mean squared error of :meth:`forward` over the blocks of :meth:`probe` (summed in float64)."""
-        total, count = 0.0, 0
-        for x, y in probe:
-            total += (self.forward(layer, x, weight, bias) - y).double().pow(2).sum().item()
-            count += y.numel()
-        return total / count
+        return pairs_mse(lambda rows: self.forward(layer, rows, weight, bias), probe)
 
     def mse(self, layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, batch_size: int) -> float:
         """Mean squared error of :meth:`forward` with ``weight`` / ``bias`` against ``y``, over every held sample

@@ -10,9 +10,9 @@ import warnings
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
-from lightning_quant.capture.patterns import is_shared_quantizer_call
+from lightning_quant.capture.patterns import shared_quantizer_calls
 from lightning_quant.errors import CheckpointMismatchError
 
 __all__ = ["check_quant_state_keys", "is_quant_key", "require_matching_config"]
@@ -33,13 +33,9 @@ def _legacy_pool_keys(module: nn.Module, prefix: str, keys: set[str]) -> set[str
     """Keys of max-pool output quantizers, which checkpoints held before max pools reused their input's quantizer
     (the graph now calls the input's quantizer with ``observe=False`` there instead)."""
     stale: set[str] = set()
-    for path, gm in module.named_modules():
-        if not isinstance(gm, fx.GraphModule):
-            continue
-        for node in gm.graph.nodes:
-            if is_shared_quantizer_call(node):
-                head = f"{prefix}{path + '.' if path else ''}activation_quantizers.{node.args[0].name}."
-                stale |= {k for k in keys if k.startswith(head)}
+    for path, _, node in shared_quantizer_calls(module):
+        head = f"{prefix}{path + '.' if path else ''}activation_quantizers.{node.args[0].name}."
+        stale |= {k for k in keys if k.startswith(head)}
     return stale
 
 

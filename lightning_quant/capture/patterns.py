@@ -19,7 +19,7 @@ Example:
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ __all__ = [
     "activation_quant_points",
     "is_quantized_op",
     "is_shape_value",
-    "is_shared_quantizer_call",
+    "shared_quantizer_calls",
     "shared_quant_points",
     "source_through_passthrough",
 ]
@@ -201,10 +201,15 @@ def shared_quant_points(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
     return shared
 
 
-def is_shared_quantizer_call(node: fx.Node) -> bool:
-    """A prepared graph's second call of a quantizer, on a max pool's output (``observe=False``; see
-    :func:`shared_quant_points`); ``node.args[0]`` is the pool."""
-    return node.op == "call_module" and node.kwargs.get("observe") is False and bool(node.args)
+def shared_quantizer_calls(model: nn.Module) -> Iterator[tuple[str, fx.GraphModule, fx.Node]]:
+    """Every second call of a quantizer on a max pool's output (``observe=False``; see :func:`shared_quant_points`)
+    in ``model``'s prepared graphs, as ``(graph module path, graph module, node)``; ``node.args[0]`` is the pool and
+    ``node.target`` the quantizer."""
+    for path, gm in model.named_modules():
+        if isinstance(gm, fx.GraphModule):
+            for node in gm.graph.nodes:
+                if node.op == "call_module" and node.kwargs.get("observe") is False and node.args:
+                    yield path, gm, node
 
 
 def activation_quant_points(gm: fx.GraphModule, is_weight_layer: Callable[[nn.Module], bool]) -> list[fx.Node]:

@@ -29,7 +29,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from lightning_quant.capture.patterns import is_shared_quantizer_call
+from lightning_quant.capture.patterns import shared_quantizer_calls
 from lightning_quant.config import ScaleType
 from lightning_quant.export._atomic import atomic_path, check_output_path
 from lightning_quant.export.xir_builder import XIRBuilder, sanitize
@@ -125,11 +125,9 @@ def quant_info(qmodel: nn.Module, graph_name: str | None = None) -> dict[str, An
         if isinstance(fq, FakeQuantize) and not name.endswith(("weight_fake_quant", "bias_fake_quant")):
             output[f"{prefix}::{name.rpartition('.')[2]}"] = [[fq.spec.bits, fix_pos_from_scale(fq.scale)]]
     # a max pool reuses its input's quantizer (called again with observe=False); Vitis AI lists its output too
-    for gm in (m for m in qmodel.modules() if isinstance(m, fx.GraphModule)):
-        for node in gm.graph.nodes:
-            if is_shared_quantizer_call(node):
-                fq = gm.get_submodule(node.target)
-                output[f"{prefix}::{node.args[0].name}"] = [[fq.spec.bits, fix_pos_from_scale(fq.scale)]]
+    for _, gm, node in shared_quantizer_calls(qmodel):
+        fq = gm.get_submodule(node.target)
+        output[f"{prefix}::{node.args[0].name}"] = [[fq.spec.bits, fix_pos_from_scale(fq.scale)]]
     from lightning_quant import __version__
 
     steps = prepare_info(qmodel).refinements
