@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from lightning_quant.callbacks.quant_callback import QuantCallback
 from lightning_quant.checkpoint import callback_state, read_checkpoint
 from lightning_quant.config import QATSchedule, QuantScheme, scheme_for_target
+from lightning_quant.quantizers.prepare import prepare_info
 from lightning_quant.report import quantization_report
 from lightning_quant.run_accuracy_control import accuracy_control_enabled, choose_float_layers, report_metrics
 from lightning_quant.run_report import model_sizes, summary_table, write_run_report
@@ -167,6 +168,7 @@ def _build_callback(
         scheme=_scheme(cfg, mode),
         cross_layer_equalization=q.get("cross_layer_equalization", False),
         replace_relu6=q.get("replace_relu6", False),
+        range_search=q.get("range_search", False) and mode == "ptq",
         bias_correction=q.get("bias_correction", False) and mode == "ptq",
         fast_finetune=q.get("fast_finetune", False) and mode == "ptq",
         adaround=q.get("adaround", False) and mode == "ptq",
@@ -280,6 +282,9 @@ def _calibrate(cfg: DictConfig, model: pl.LightningModule, dm: Any, state_path: 
     trainer = _build_trainer(cfg, [callback])
     metrics.update(_evaluate(trainer, model, dm, "int8"))
     metrics["calibration_seconds"] = callback.calibration_seconds
+    search = prepare_info(callback.network(model)).range_search
+    if search is not None:  # the clipping percentile chosen per group of activations
+        metrics["range_search"] = dict(search.chosen)
     state_path.parent.mkdir(parents=True, exist_ok=True)
     trainer.save_checkpoint(state_path)
     metrics["state_file"] = str(state_path)

@@ -85,6 +85,7 @@ def choose_float_layers(
         progress=progress,
         cross_layer_equalization=q.get("cross_layer_equalization", False),
         replace_relu6=q.get("replace_relu6", False),
+        range_search=q.get("range_search", False),
         bias_correction=q.get("bias_correction", False),
         fast_finetune=q.get("fast_finetune", False),
         adaround=q.get("adaround", False),

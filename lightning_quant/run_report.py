@@ -100,6 +100,17 @@ def accuracy_control_line(control: dict[str, Any]) -> str:
     )
 
 
+def range_search_line(chosen: dict[str, float]) -> str:
+    """One line naming the clipping percentile the activation range search chose per group.
+
+    Example:
+        >>> range_search_line({"signed": 99.5, "non_negative": 99.9})
+        'activation range search: clipping percentile 99.5 for signed, 99.9 for non_negative activations'
+    """
+    parts = ", ".join(f"{p:g} for {group}" for group, p in chosen.items())
+    return f"activation range search: clipping percentile {parts} activations"
+
+
 def summary_table(metrics: dict[str, Any]) -> str:
     """A one-screen text table of the float and INT8 accuracy (and artefacts) of one run (the app prints it).
 
@@ -124,6 +135,8 @@ def summary_table(metrics: dict[str, Any]) -> str:
     control = metrics.get("accuracy_control")
     if control:
         lines.append(accuracy_control_line(control))
+    if metrics.get("range_search"):
+        lines.append(range_search_line(metrics["range_search"]))
     sizes = metrics.get("sizes")
     if sizes:
         lines.append(
@@ -146,6 +159,8 @@ def report_markdown(metrics: dict[str, Any], report: QuantReport | None, plot_na
     if metrics.get("accuracy_control"):
         line = accuracy_control_line(metrics["accuracy_control"])
         lines += ["", line[0].upper() + line[1:] + "."]  # not str.capitalize(): it lowercases "NOT met"
+    if metrics.get("range_search"):
+        lines += ["", "A" + range_search_line(metrics["range_search"])[1:] + "."]
     sizes = metrics.get("sizes") or {}
     if sizes:
         fp, q = sizes["float_bytes"], sizes["quantized_bytes"]

@@ -6,8 +6,9 @@ seed, top-1 on the full evaluation split (CIFAR-10 test, Imagenette val) unless 
 
 * schemes: ``int8_pc`` (x86_vnni: int8 per-channel weights, uint8 activations), ``int8_pt`` (the same, per-tensor
   weights), ``pow2`` (the Vitis AI DPU scheme), ``w4a8`` / ``w6a8`` (4/6-bit per-channel weights, 8-bit activations);
-* algorithms: ``relu`` (ReLU6 -> ReLU, so CLE pairs MobileNet layers), ``cle`` (cross-layer equalization), ``bc``
-  (bias correction), ``adaround``, ``ff`` (fast finetune);
+* algorithms: ``relu`` (ReLU6 -> ReLU, so CLE pairs MobileNet layers), ``cle`` (cross-layer equalization), ``rs``
+  (activation range search: the clipping percentile per group of activations, with ``pct``), ``bc`` (bias
+  correction), ``adaround``, ``ff`` (fast finetune);
 * mixed precision: ``dw8`` keeps depthwise convolutions (``groups == in_channels > 1``) at 8-bit weights
   (``layer_weight_bits``), the usual choice for W4A8 MobileNets;
 * activation range estimators (default min/max): ``mse`` (MSE-optimal clipping), ``pct`` (99.99th percentile;
@@ -33,6 +34,7 @@ from results_io import RESULTS_DIR, run_header, write_results
 from lightning_quant import quantize, scheme_for_target
 from lightning_quant.config import Granularity
 from lightning_quant.models import top1_accuracy
+from lightning_quant.quantizers.prepare import prepare_info
 
 CIFAR_MODELS = ("resnet20", "resnet56")
 MODELS = (*CIFAR_MODELS, "mobilenet_v2", "resnet50")
@@ -40,6 +42,7 @@ DEFAULT_METHODS = ("int8_pc", "int8_pt", "pow2", "w6a8", "w4a8", "w4a8+adaround"
 ALGORITHMS = {
     "relu": "replace_relu6",
     "cle": "cross_layer_equalization",
+    "rs": "range_search",
     "bc": "bias_correction",
     "adaround": "adaround",
     "ff": "fast_finetune",
@@ -121,7 +124,12 @@ def run_method(model: torch.nn.Module, dm: Any, method: str, args: argparse.Name
     qmodel = quantize(model, dm.calibration_dataloader(), scheme=scheme, progress=False, **flags)
     seconds = time.perf_counter() - start
     top1 = top1_accuracy(qmodel, dm.val_dataloader(), num_batches=args.limit_batches, progress=False)
-    return {"method": method, "target": target, "top1": top1["top1"], "images": top1["images"], "ptq_s": seconds}
+    row = {"method": method, "target": target, "top1": top1["top1"], "images": top1["images"], "ptq_s": seconds}
+    search = prepare_info(qmodel).range_search
+    if search is not None:  # what the range search chose, per group of activations
+        chosen = search.chosen.items()
+        row["range_search"] = {g: {"percentile": p, "quantizers": len(search.groups[g])} for g, p in chosen}
+    return row
 
 
 def depthwise_layers(model: torch.nn.Module) -> list[str]:

@@ -12,14 +12,16 @@ Protocol (the same for every method, not tuned per tool):
   so every method sees bit-identical inputs (checked at start-up against the datasets' own transform).
 
 Methods: ``ours`` (the model's best default recipe: ``x86`` target, 7-bit per-channel weights, uint8 activations,
-min/max ranges; ResNet50 99.9th-percentile activation ranges as ``recipes/recipe/resnet50_ptq_imagenette.yaml``),
+min/max ranges; ResNet50 99.9th-percentile activation ranges and the activation range search, as
+``recipes/recipe/resnet50_ptq_imagenette.yaml``, in every variant but ``ours_dpu``),
 ``ours_per_tensor`` (same with per-tensor weights), ``ours_pow2`` (power-of-two scales, symmetric int8 activations),
 ``ours_per_tensor_cle`` (8-bit per-tensor weights with the data-free recipe: ReLU6 -> ReLU, cross-layer
 equalization, bias correction; ``recipes/recipe/mobilenetv2_ptq_imagenette_per_tensor.yaml``), ``ours_dpu`` (the Vitis
 AI DPU scheme, power-of-two per-tensor, with the same three algorithms, as Vitis AI applies CLE and bias correction),
 ``ours_best`` (our most accurate per-channel PTQ in ``scripts/bench_accuracy.py``: ``x86_vnni`` 8-bit per-channel
 weights, bias correction, and the model's best activation estimator: MSE for MobileNetV2 as
-``recipes/recipe/mobilenetv2_ptq_imagenette_mse_bc.yaml``, the 99.9th percentile for ResNet50, min/max otherwise),
+``recipes/recipe/mobilenetv2_ptq_imagenette_mse_bc.yaml``, the 99.9th percentile + range search for ResNet50,
+min/max otherwise),
 ``nncf`` (``nncf.quantize`` defaults), ``pt2e`` (``torch.export`` + ``prepare_pt2e`` with torchao's
 ``X86InductorQuantizer`` default config + ``convert_pt2e``), ``mct`` (``mct.ptq.pytorch_post_training_quantization``
 defaults), ``ort`` (float ONNX -> ``quant_pre_process`` -> ``quantize_static``: QDQ, per-channel, QUInt8 activations,
@@ -84,6 +86,7 @@ MODELS: dict[str, dict[str, Any]] = {
         "data": "imagenette",
         "recipe": "resnet50_ptq_imagenette",
         "act": {"activation_observer": "percentile", "activation_percentile": 99.9},
+        "options": {"range_search": True},  # quantize() flags of every variant but ours_dpu (its own observer)
     },
     "resnet20": {"data": "cifar10", "recipe": "resnet20_ptq_cifar10", "act": {}},
     "resnet56": {"data": "cifar10", "recipe": "resnet20_ptq_cifar10 settings (no resnet56 recipe)", "act": {}},
@@ -94,6 +97,7 @@ METHODS += ("nncf", "pt2e", "mct", "ort")
 DATA_FREE = {"replace_relu6": True, "cross_layer_equalization": True, "bias_correction": True}
 VARIANT_OPTIONS = {"ours_per_tensor_cle": DATA_FREE, "ours_dpu": DATA_FREE, "ours_best": {"bias_correction": True}}
 NOTES = {"replace_relu6": "ReLU6 -> ReLU", "cross_layer_equalization": "CLE", "bias_correction": "bias correction"}
+NOTES["range_search"] = "activation range search"
 PEERS = {"nncf": "nncf", "pt2e": "torchao", "mct": "model_compression_toolkit", "ort": "onnxruntime.quantization"}
 PIP_NAMES = {"nncf": "nncf", "pt2e": "torchao", "mct": "model-compression-toolkit", "ort": "onnxruntime"}
 VERSIONED = ("lightning-quant", "torch", "torchvision", "onnx", "onnxruntime", "nncf", "torchao")
@@ -391,7 +395,7 @@ def run_ours(name: str, data: Data, opts: dict[str, Any], variant: str = "ours")
         f"{'sym' if a.symmetric else 'asym'} {a.scale_type.value} {a.observer}"
         + (f" {a.percentile}" if a.observer == "percentile" else "")
     )
-    options = VARIANT_OPTIONS.get(variant, {})
+    options = {**(MODELS[name].get("options", {}) if variant != "ours_dpu" else {}), **VARIANT_OPTIONS.get(variant, {})}
     with calibration_cost(result):
         qmodel = quantize(model, data.calib, scheme=scheme, progress=False, **options)
     if options:

@@ -1,4 +1,5 @@
-"""PTQ algorithms: histogram range estimators (``percentile``, ``mse``, ``entropy``), CLE, bias correction,
+"""PTQ algorithms: histogram range estimators (``percentile``, ``mse``, ``entropy``), the output-aware activation
+range search, CLE, bias correction,
 AdaRound (learned weight rounding), fast finetuning (AdaQuant), sensitivity analysis and accuracy-controlled
 mixed precision.
 
@@ -19,6 +20,7 @@ from lightning_quant.algorithms.entropy import EntropyObserver
 from lightning_quant.algorithms.histogram import HistogramObserver
 from lightning_quant.algorithms.mse import MSEObserver
 from lightning_quant.algorithms.percentile import PercentileObserver
+from lightning_quant.algorithms.range_search import RangeSearchReport, search_activation_ranges
 from lightning_quant.algorithms.sensitivity import (
     KindSensitivity,
     QuantizerSensitivity,
@@ -40,6 +42,7 @@ __all__ = [
     "PercentileObserver",
     "KindSensitivity",
     "QuantizerSensitivity",
+    "RangeSearchReport",
     "SensitivityReport",
     "adaround",
     "correct_bias",
@@ -47,6 +50,7 @@ __all__ = [
     "equalize",
     "fast_finetune",
     "relu6_to_relu",
+    "search_activation_ranges",
     "plot_quantizer_histograms",
     "quantize_with_accuracy_control",
     "sensitivity_analysis",

@@ -1,5 +1,6 @@
-"""What runs after calibration, in one place for ``quantize()`` and ``QuantCallback``: bias correction, the DPU's
-shift constraints, AdaRound (learned weight rounding), then fast finetune (AdaQuant, Vitis AI's ``--fast_finetune``).
+"""What runs after calibration, in one place for ``quantize()`` and ``QuantCallback``: the activation range search,
+bias correction, the DPU's shift constraints, AdaRound (learned weight rounding), then fast finetune (AdaQuant, Vitis
+AI's ``--fast_finetune``).
 
 Example:
     >>> import torch
@@ -25,13 +26,15 @@ from lightning_quant.quantizers.prepare import prepare_info
 
 __all__ = ["REFINEMENT_STEPS", "record_refinements", "refine_calibrated"]
 
-REFINEMENT_STEPS = ("bias_correction", "adaround", "fast_finetune")  # the flags that name a step (QuantCallback's too)
+# the flags that name a step, in the order they run (QuantCallback's flags and checkpoint state keys too)
+REFINEMENT_STEPS = ("range_search", "bias_correction", "adaround", "fast_finetune")
 
 
 def refine_calibrated(
     qmodel: nn.Module,
     calibration_data: Iterable[Any],
     *,
+    range_search: bool = False,
     bias_correction: bool = False,
     fast_finetune: bool = False,
     adaround: bool = False,
@@ -42,18 +45,21 @@ def refine_calibrated(
 ) -> list[str]:
     """Refine a calibrated PTQ model in place; returns the steps that ran, in order.
 
-    Order: bias correction, then (``target="dpu"``) the DPU's shift constraints, then AdaRound, then fast
+    Order: the activation range search (:func:`~lightning_quant.algorithms.search_activation_ranges`), bias
+    correction, then (``target="dpu"``) the DPU's shift constraints, then AdaRound, then fast
     finetune, so that rounding and tuning see the final, frozen scales.
 
     Raises:
-        NotCalibratedError: (bias correction / AdaRound / fast finetune) the model was not calibrated.
-        ValueError: a QAT model or a model ``prepare()`` did not produce (named by the algorithm).
+        NotCalibratedError: (range search / bias correction / AdaRound / fast finetune) the model was not calibrated.
+        ValueError: a QAT model or a model ``prepare()`` did not produce (named by the algorithm); range search
+            with another activation estimator than ``percentile``.
     """
     tune = dict(transform_fn=transform_fn, num_batches=num_batches, progress=progress)
     # Lightning calls the callback inside ``torch.inference_mode()`` (validate/test); fast finetune needs autograd and
     # tensors it can save for backward, so leave inference mode for the refinement.
     with torch.inference_mode(False):
-        steps = _refine(qmodel, calibration_data, bias_correction, adaround, fast_finetune, target, tune)
+        flags = dict(range_search=range_search, bias_correction=bias_correction, adaround=adaround)
+        steps = _refine(qmodel, calibration_data, flags, fast_finetune, target, tune)
     record_refinements(qmodel, steps)
     return steps
 
@@ -69,11 +75,16 @@ def record_refinements(qmodel: nn.Module, steps: Iterable[str]) -> None:
 
 
 def _refine(
-    qmodel: nn.Module, calibration_data: Iterable[Any], bias_correction: bool, adaround: bool, fast_finetune: bool,
+    qmodel: nn.Module, calibration_data: Iterable[Any], flags: dict[str, bool], fast_finetune: bool,
     target: Target | str | None, tune: dict[str, Any],
 ) -> list[str]:  # fmt: skip
     steps = []
-    if bias_correction:
+    if flags["range_search"]:
+        from lightning_quant.algorithms.range_search import search_activation_ranges
+
+        search_activation_ranges(qmodel, calibration_data, **tune)
+        steps.append("range_search")
+    if flags["bias_correction"]:
         from lightning_quant.algorithms.bias_correction import correct_bias
 
         correct_bias(qmodel, calibration_data, **tune)
@@ -81,7 +92,7 @@ def _refine(
     if target is not None and Target(target) is Target.DPU:
         _enforce_dpu_shifts(qmodel)
         steps.append("dpu_shifts")
-    if adaround:
+    if flags["adaround"]:
         from lightning_quant.algorithms.adaround import adaround as _adaround
 
         _adaround(qmodel, calibration_data, **tune)

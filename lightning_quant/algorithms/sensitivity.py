@@ -185,14 +185,14 @@ def restored_switches(quantizers: list[FakeQuantize]) -> Iterator[None]:
 
 
 @torch.no_grad()
-def model_outputs(model: nn.Module, inputs: list[Any]) -> list[torch.Tensor]:
-    """The model's float32 output tensor for each input (a clear error when the output is not a tensor)."""
+def model_outputs(model: nn.Module, inputs: list[Any], action: str = "sensitivity_analysis") -> list[torch.Tensor]:
+    """The model's float32 output tensor for each input (a clear error, naming ``action``, when it is not a tensor)."""
     outs = []
     for x in inputs:
         out = call_model(model, x)
         if not isinstance(out, torch.Tensor):
             raise ValueError(
-                f"sensitivity_analysis compares tensor outputs; the model returned {type(out).__name__}. Wrap it so "
+                f"{action} compares tensor outputs; the model returned {type(out).__name__}. Wrap it so "
                 "forward returns one tensor (e.g. the logits)."
             )
         outs.append(out.detach().float())

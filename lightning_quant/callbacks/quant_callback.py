@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_quant.algorithms.post_calibration import refine_calibrated
+from lightning_quant.algorithms.post_calibration import REFINEMENT_STEPS, refine_calibrated
 from lightning_quant.calibration import calibrate, default_transform, move_to_device
 from lightning_quant.callbacks.calibration_source import SOURCES, calibration_loader
 from lightning_quant.callbacks.checkpoint_guard import check_quant_state_keys, require_matching_config
@@ -73,6 +73,9 @@ class QuantCallback(Callback):
         cross_layer_equalization: equalize consecutive conv pairs of the float network (with bias absorption,
             :func:`lightning_quant.algorithms.equalize`) in ``setup()``, before quantizers are inserted. It changes
             the network's weights (not its function), so a checkpoint written with it restores with it.
+        range_search: (PTQ) after calibration, choose the activation clipping percentile per group (signed /
+            non-negative) against the float outputs (:func:`lightning_quant.algorithms.search_activation_ranges`;
+            needs ``activation_observer='percentile'``).
         bias_correction: (PTQ) after calibration, correct each layer's bias for the mean quantization error on
             the first 4 calibration batches (:func:`lightning_quant.algorithms.correct_bias`).
         fast_finetune: (PTQ) after calibration, tune weights layer by layer against the float outputs
@@ -104,6 +107,7 @@ class QuantCallback(Callback):
         report: bool = True,
         progress: bool = True,
         cross_layer_equalization: bool = False,
+        range_search: bool = False,
         bias_correction: bool = False,
         fast_finetune: bool = False,
         adaround: bool = False,
@@ -136,12 +140,12 @@ class QuantCallback(Callback):
         self.progress = progress
         self.cross_layer_equalization = bool(cross_layer_equalization)
         self.replace_relu6 = bool(replace_relu6)
-        if self.mode is QuantMode.QAT and (bias_correction or fast_finetune or adaround):
+        if self.mode is QuantMode.QAT and (range_search or bias_correction or fast_finetune or adaround):
             raise ValueError(
-                "bias_correction / fast_finetune / adaround refine a PTQ calibration; QAT trains the weights itself. "
-                "Use mode='ptq' with them, or drop them for mode='qat'."
+                "range_search / bias_correction / fast_finetune / adaround refine a PTQ calibration; QAT trains the "
+                "weights itself. Use mode='ptq' with them, or drop them for mode='qat'."
             )
-        self.bias_correction = bool(bias_correction)
+        self.range_search, self.bias_correction = bool(range_search), bool(bias_correction)
         self.fast_finetune = bool(fast_finetune)
         self.adaround = bool(adaround)
         self.last_report: QuantReport | None = None
@@ -211,9 +215,7 @@ class QuantCallback(Callback):
             steps = refine_calibrated(
                 network,
                 loader,
-                bias_correction=self.bias_correction,
-                fast_finetune=self.fast_finetune,
-                adaround=self.adaround,
+                **{step: getattr(self, step) for step in REFINEMENT_STEPS},
                 target=self.scheme.target,
                 transform_fn=self.transform_fn,
                 num_batches=min(self.calibration_batches, 4),
@@ -222,6 +224,8 @@ class QuantCallback(Callback):
             if steps:
                 broadcast_state(network)
                 rank_zero_info(f"lightning_quant: after calibration: {', '.join(steps)}")
+                if self.range_search:
+                    rank_zero_info(f"lightning_quant: {prepare_info(network).range_search}")
         self.calibration_seconds = time.perf_counter() - start
         ranks = f" across {trainer.world_size} processes" if trainer.world_size > 1 else ""
         rank_zero_info(
@@ -387,9 +391,7 @@ class QuantCallback(Callback):
             "module_name": self.module_name,
             "cross_layer_equalization": self.cross_layer_equalization,
             "replace_relu6": self.replace_relu6,
-            "bias_correction": self.bias_correction,
-            "fast_finetune": self.fast_finetune,
-            "adaround": self.adaround,
+            **{step: getattr(self, step) for step in REFINEMENT_STEPS},
         }
 
     @override

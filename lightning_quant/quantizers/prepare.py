@@ -21,6 +21,7 @@ import dataclasses
 import fnmatch
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch.nn.functional as F
 from torch import fx, nn
@@ -76,6 +77,7 @@ class PrepareInfo:
     refinements: list[str] = field(default_factory=list)  # post-calibration steps that ran (refine_calibrated)
     layer_weight_bits: dict[str, int] = field(default_factory=dict)  # the prepare() argument: pattern -> bits
     weight_bits: dict[str, int] = field(default_factory=dict)  # layers whose weights use other bits than the scheme
+    range_search: Any = None  # the RangeSearchReport of search_activation_ranges, when it ran
 
     def layer_scheme(self, name: str) -> QuantScheme:
         """The scheme of layer ``name``: ``scheme`` with the weight bits of the first matching

@@ -1,0 +1,221 @@
+"""Output-aware activation range search: the clipping percentile, per group of activation quantizers, that keeps
+the network's output closest to the float model's on calibration batches.
+
+One percentile for every activation rarely suits them all. In ResNets the tensors that feed a residual add
+(signed: no ReLU before them) carry rare outliers hundreds of times the typical value, and need far more clipping
+than the ReLU outputs; clip the ReLU outputs as hard and accuracy falls instead. Local criteria cannot tell: the
+MSE-optimal range of such a tensor keeps the outliers, as their squared error outweighs the rounding error of
+everything else. So the search judges a range by what it does to the model output:
+
+- groups: ``signed`` activations (some value below 0 was seen: residual-branch and linear-bottleneck outputs)
+  and ``non_negative`` ones (after a ReLU). The model's inputs and outputs keep their calibrated ranges.
+- objective: the mean over samples of ``||y_q - y||^2 / ||y||^2`` (``y`` the float output, ``y_q`` the
+  fake-quant one). Each sample weighs the same, so the few images with huge activations, which dominate a pooled
+  error or SQNR, do not decide for the rest.
+- search: one pass of coordinate descent: each group in turn tries every candidate percentile with the other
+  groups fixed, and keeps the best (the calibrated one unless a candidate lowers the error). Histograms recorded
+  at calibration give every candidate's range at once: a trial is one forward pass over the held batches.
+
+It needs the ``percentile`` activation estimator (the histograms and the percentile are what it tunes) and runs
+before bias correction, AdaRound and fast finetune, which then see the final activation ranges.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_quant import quantize
+    >>> from lightning_quant.config import scheme_for_target
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(128, 4))
+    >>> data = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    >>> scheme = scheme_for_target("x86", activation_observer="percentile")
+    >>> qmodel = quantize(model.eval(), data, scheme=scheme, progress=False)
+    >>> report = search_activation_ranges(qmodel, data, progress=False)
+    >>> sorted(report.groups), report.final_error <= report.start_error
+    (['non_negative', 'signed'], True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from lightning_quant.algorithms.layerwise import bounded_inputs, require_any_calibrated
+from lightning_quant.algorithms.percentile import PercentileObserver
+from lightning_quant.algorithms.sensitivity import model_outputs, restored_switches
+from lightning_quant.quantizers.fake_quant import FakeQuantize
+from lightning_quant.quantizers.prepare import iter_quantizers, prepare_info, set_fake_quant
+
+__all__ = ["DEFAULT_CANDIDATES", "RangeSearchReport", "activation_groups", "search_activation_ranges"]
+
+DEFAULT_CANDIDATES = (99.0, 99.5, 99.9, 99.99, 100.0)
+_NOT_ACTIVATIONS = ("weight_fake_quant", "bias_fake_quant")
+
+
+@dataclass
+class RangeSearchReport:
+    """What :func:`search_activation_ranges` chose.
+
+    Attributes:
+        chosen: group -> clipping percentile kept.
+        groups: group -> names of its activation quantizers.
+        trials: ``(group, percentile, error)`` of every forward pass, in order.
+        start_error / final_error: the objective before and after (mean per-sample relative output error).
+        batches: calibration batches the objective was measured on.
+    """
+
+    chosen: dict[str, float] = field(default_factory=dict)
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    trials: list[tuple[str, float, float]] = field(default_factory=list)
+    start_error: float = float("nan")
+    final_error: float = float("nan")
+    batches: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        chosen = ", ".join(f"{g} ({len(self.groups[g])} quantizers) {p:g}" for g, p in self.chosen.items())
+        return (
+            f"range search: percentiles {chosen}; relative output error {self.start_error:.4g} -> "
+            f"{self.final_error:.4g} on {self.batches} batches"
+        )
+
+
+def _graph_ends(model: nn.Module) -> set[str]:
+    """Qualified names of the activation quantizers that read a graph input or feed a graph output."""
+    ends: set[str] = set()
+    for path, module in model.named_modules():
+        if not isinstance(module, fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            if node.op != "call_module" or not isinstance(module.get_submodule(node.target), FakeQuantize):
+                continue
+            reads_input = any(isinstance(a, fx.Node) and a.op == "placeholder" for a in node.args)
+            if reads_input or any(user.op == "output" for user in node.users):
+                ends.add(f"{path}.{node.target}" if path else str(node.target))
+    return ends
+
+
+def activation_groups(qmodel: nn.Module) -> dict[str, list[tuple[str, FakeQuantize]]]:
+    """The calibrated activation quantizers the search tunes, as ``{"signed": [...], "non_negative": [...]}``
+    (model inputs and outputs left out).
+
+    Raises:
+        ValueError: an activation quantizer does not use the ``percentile`` estimator, or none is left to tune.
+    """
+    ends = _graph_ends(qmodel)
+    groups: dict[str, list[tuple[str, FakeQuantize]]] = {"signed": [], "non_negative": []}
+    for name, fq in iter_quantizers(qmodel):
+        if name.rsplit(".", 1)[-1] in _NOT_ACTIVATIONS or name in ends or not fq.calibrated.item():
+            continue
+        if not isinstance(fq.observer, PercentileObserver) or fq.spec.per_channel:
+            raise ValueError(
+                f"range search tunes the clipping percentile of the 'percentile' activation estimator, but quantizer "
+                f"{name!r} uses {fq.spec.observer!r}; calibrate with activation_observer='percentile' (Python: "
+                "scheme_for_target(target, activation_observer='percentile'); recipes: "
+                "quant.scheme.activation_observer=percentile)."
+            )
+        groups["signed" if fq.observer.min_val.item() < 0 else "non_negative"].append((name, fq))
+    if not any(groups.values()):
+        raise ValueError(
+            "range search found no calibrated activation quantizer between the model's inputs and outputs; "
+            "calibrate first (quantize() or QuantCallback) on a model with at least two quantized layers."
+        )
+    return {g: members for g, members in groups.items() if members}
+
+
+def _set_percentile(members: Sequence[tuple[str, FakeQuantize]], percentile: float) -> None:
+    for _, fq in members:
+        spec = dataclasses.replace(fq.spec, percentile=percentile)
+        fq.spec = spec
+        fq.observer.spec = spec
+        fq.refresh_qparams()
+
+
+def _per_sample(out: torch.Tensor) -> torch.Tensor:
+    return out.reshape(out.shape[0], -1) if out.dim() > 1 else out.reshape(1, -1)
+
+
+def relative_output_error(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
+    """Mean over samples of ``||y_q - y||^2 / ||y||^2`` (rows of each output batch are samples).
+
+    Example:
+        >>> relative_output_error([torch.tensor([[1.0, 0.0], [0.0, 10.0]])], [torch.tensor([[1.0, 0.5], [0.0, 9.0]])])
+        0.13
+    """
+    errors = []
+    for ref, out in zip(reference, outputs, strict=True):
+        ref, out = _per_sample(ref).double(), _per_sample(out).double()
+        errors.append((out - ref).square().sum(1) / ref.square().sum(1).clamp_min(1e-12))
+    return round(torch.cat(errors).mean().item(), 12)
+
+
+def search_activation_ranges(
+    qmodel: nn.Module,
+    data: Iterable[Any],
+    *,
+    candidates: Sequence[float] = DEFAULT_CANDIDATES,
+    transform_fn: Callable[[Any], Any] | None = None,
+    num_batches: int = 4,
+    progress: bool = True,
+) -> RangeSearchReport:
+    """Choose the clipping percentile of each activation group (see the module docstring); the model is updated
+    in place and the report is also kept in ``prepare_info(qmodel).range_search``.
+
+    Args:
+        qmodel: a PTQ model calibrated with the ``percentile`` activation estimator.
+        data: calibration batches (never the evaluation data); the first ``num_batches`` are used.
+        candidates: percentiles to try, each in (50, 100]; 100 is the observed min/max.
+        transform_fn: maps one item of ``data`` to the model input (as in ``quantize``).
+        num_batches: batches the objective is measured on.
+        progress: show a progress bar.
+
+    Raises:
+        NotCalibratedError: no quantizer has seen data.
+        ValueError: another activation estimator than ``percentile``, a percentile outside (50, 100], empty
+            data, or a model whose output is not a tensor.
+    """
+    require_any_calibrated(qmodel, "range search")
+    candidates = [float(p) for p in candidates]
+    for p in candidates:
+        if not 50.0 < p <= 100.0:
+            raise ValueError(f"range search candidate percentile {p!r} must be in (50, 100]; e.g. 99.0, 99.9, 100.0.")
+    groups = activation_groups(qmodel)
+    inputs = bounded_inputs(data, transform_fn, num_batches, qmodel, "range search")
+    report = RangeSearchReport(groups={g: [n for n, _ in m] for g, m in groups.items()}, batches=len(inputs))
+    quantizers = [fq for _, fq in iter_quantizers(qmodel)]
+    total = 1 + sum(len([p for p in candidates if p != members[0][1].spec.percentile]) for members in groups.values())
+    bar = tqdm(total=total, desc="Range search", disable=not progress, leave=False)
+    with restored_switches(quantizers), torch.no_grad():
+        set_fake_quant(qmodel, False)
+        reference = model_outputs(qmodel, inputs, action="range search")
+        set_fake_quant(qmodel, True)
+
+        def error() -> float:
+            bar.update(1)
+            return relative_output_error(reference, model_outputs(qmodel, inputs, action="range search"))
+
+        best = report.start_error = error()
+        for group, members in groups.items():
+            kept = members[0][1].spec.percentile
+            if any(fq.spec.percentile != kept for _, fq in members):  # set by hand: one percentile per group
+                _set_percentile(members, kept)
+                best = error()
+            for percentile in [p for p in candidates if p != kept]:  # a list: ``kept`` changes in the loop
+                _set_percentile(members, percentile)
+                trial = error()
+                report.trials.append((group, percentile, trial))
+                if trial < best:
+                    best, kept = trial, percentile
+            _set_percentile(members, kept)
+            report.chosen[group] = kept
+    bar.close()
+    report.final_error = best
+    prepare_info(qmodel).range_search = report
+    return report
