@@ -7,14 +7,17 @@ than the ReLU outputs; clip the ReLU outputs as hard and accuracy falls instead.
 MSE-optimal range of such a tensor keeps the outliers, as their squared error outweighs the rounding error of
 everything else. So the search judges a range by what it does to the model output:
 
-- groups: ``signed`` activations (some value below 0 was seen: residual-branch and linear-bottleneck outputs)
-  and ``non_negative`` ones (after a ReLU). The model's inputs and outputs keep their calibrated ranges.
+- groups, by their place in the graph: ``signed`` (some value below 0 was seen: residual-branch and
+  linear-bottleneck outputs), ``residual_sum`` (the output of a residual add, or of the ReLU right after it: the
+  running sum of a residual stage) and ``non_negative`` (every other activation, after a ReLU). The model's inputs
+  and outputs keep their calibrated ranges.
 - objective: the mean over samples of ``||y_q - y||^2 / ||y||^2`` (``y`` the float output, ``y_q`` the
   fake-quant one). Each sample weighs the same, so the few images with huge activations, which dominate a pooled
   error or SQNR, do not decide for the rest.
 - search: one pass of coordinate descent: each group in turn tries every candidate percentile with the other
-  groups fixed, and keeps the best (the calibrated one unless a candidate lowers the error). Histograms recorded
-  at calibration give every candidate's range at once: a trial is one forward pass over the held batches.
+  groups fixed, then the two percentiles halfway (in the share of values clipped) between the best one and its
+  neighbours, and keeps the best (the calibrated one unless a trial lowers the error). Histograms recorded at
+  calibration give every candidate's range at once: a trial is one forward pass over the held batches.
 
 It needs the ``percentile`` activation estimator (the histograms and the percentile are what it tunes) and runs
 before bias correction, AdaRound and fast finetune, which then see the final activation ranges.
@@ -30,18 +33,21 @@ Example:
     >>> scheme = scheme_for_target("x86", activation_observer="percentile")
     >>> qmodel = quantize(model.eval(), data, scheme=scheme, progress=False)
     >>> report = search_activation_ranges(qmodel, data, progress=False)
-    >>> sorted(report.groups), report.final_error <= report.start_error
-    (['non_negative', 'signed'], True)
+    >>> list(report.groups), report.final_error <= report.start_error  # no residual add here: two groups
+    (['signed', 'non_negative'], True)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from tqdm.auto import tqdm
 
@@ -51,9 +57,10 @@ from lightning_quant.algorithms.sensitivity import model_outputs, restored_switc
 from lightning_quant.quantizers.fake_quant import FakeQuantize
 from lightning_quant.quantizers.prepare import iter_quantizers, prepare_info, set_fake_quant
 
-__all__ = ["DEFAULT_CANDIDATES", "RangeSearchReport", "activation_groups", "search_activation_ranges"]
+__all__ = ["DEFAULT_CANDIDATES", "GROUPS", "RangeSearchReport", "activation_groups", "search_activation_ranges"]
 
 DEFAULT_CANDIDATES = (99.0, 99.5, 99.9, 99.99, 100.0)
+GROUPS = ("signed", "residual_sum", "non_negative")  # searched in this order
 _NOT_ACTIVATIONS = ("weight_fake_quant", "bias_fake_quant")
 
 
@@ -87,32 +94,60 @@ class RangeSearchReport:
         )
 
 
-def _graph_ends(model: nn.Module) -> set[str]:
-    """Qualified names of the activation quantizers that read a graph input or feed a graph output."""
-    ends: set[str] = set()
+_ADDS = {operator.add, operator.iadd, torch.add}
+_RELUS = {torch.relu, torch.relu_, F.relu, F.relu6, F.hardtanh}
+
+
+def _is_add(node: Any) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    return (node.op == "call_function" and node.target in _ADDS) or (
+        node.op == "call_method" and node.target in ("add", "add_")
+    )
+
+
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), (nn.ReLU, nn.ReLU6, nn.Hardtanh))
+    return (node.op == "call_function" and node.target in _RELUS) or (
+        node.op == "call_method" and node.target in ("relu", "relu_")
+    )
+
+
+def _graph_roles(model: nn.Module) -> dict[str, str]:
+    """Qualified name -> role of the activation quantizers of every traced graph: ``end`` (reads a graph input or
+    feeds a graph output) or ``residual_sum`` (quantizes a residual add's output, or the ReLU right after it)."""
+    roles: dict[str, str] = {}
     for path, module in model.named_modules():
         if not isinstance(module, fx.GraphModule):
             continue
         for node in module.graph.nodes:
             if node.op != "call_module" or not isinstance(module.get_submodule(node.target), FakeQuantize):
                 continue
-            reads_input = any(isinstance(a, fx.Node) and a.op == "placeholder" for a in node.args)
-            if reads_input or any(user.op == "output" for user in node.users):
-                ends.add(f"{path}.{node.target}" if path else str(node.target))
-    return ends
+            name = f"{path}.{node.target}" if path else str(node.target)
+            source = node.args[0] if node.args else None
+            if any(isinstance(a, fx.Node) and a.op == "placeholder" for a in node.args) or any(
+                user.op == "output" for user in node.users
+            ):
+                roles[name] = "end"
+            elif _is_add(source) or (
+                isinstance(source, fx.Node) and _is_relu(module, source) and source.args and _is_add(source.args[0])
+            ):
+                roles[name] = "residual_sum"
+    return roles
 
 
 def activation_groups(qmodel: nn.Module) -> dict[str, list[tuple[str, FakeQuantize]]]:
-    """The calibrated activation quantizers the search tunes, as ``{"signed": [...], "non_negative": [...]}``
-    (model inputs and outputs left out).
+    """The calibrated activation quantizers the search tunes, by group (see :data:`GROUPS`; model inputs and
+    outputs left out, empty groups dropped).
 
     Raises:
         ValueError: an activation quantizer does not use the ``percentile`` estimator, or none is left to tune.
     """
-    ends = _graph_ends(qmodel)
-    groups: dict[str, list[tuple[str, FakeQuantize]]] = {"signed": [], "non_negative": []}
+    roles = _graph_roles(qmodel)
+    groups: dict[str, list[tuple[str, FakeQuantize]]] = {group: [] for group in GROUPS}
     for name, fq in iter_quantizers(qmodel):
-        if name.rsplit(".", 1)[-1] in _NOT_ACTIVATIONS or name in ends or not fq.calibrated.item():
+        if name.rsplit(".", 1)[-1] in _NOT_ACTIVATIONS or roles.get(name) == "end" or not fq.calibrated.item():
             continue
         if not isinstance(fq.observer, PercentileObserver) or fq.spec.per_channel:
             raise ValueError(
@@ -121,7 +156,8 @@ def activation_groups(qmodel: nn.Module) -> dict[str, list[tuple[str, FakeQuanti
                 "scheme_for_target(target, activation_observer='percentile'); recipes: "
                 "quant.scheme.activation_observer=percentile)."
             )
-        groups["signed" if fq.observer.min_val.item() < 0 else "non_negative"].append((name, fq))
+        group = roles.get(name) or ("signed" if fq.observer.min_val.item() < 0 else "non_negative")
+        groups[group].append((name, fq))
     if not any(groups.values()):
         raise ValueError(
             "range search found no calibrated activation quantizer between the model's inputs and outputs; "
@@ -140,6 +176,22 @@ def _set_percentile(members: Sequence[tuple[str, FakeQuantize]], percentile: flo
 
 def _per_sample(out: torch.Tensor) -> torch.Tensor:
     return out.reshape(out.shape[0], -1) if out.dim() > 1 else out.reshape(1, -1)
+
+
+def _between(grid: list[float], best: float) -> list[float]:
+    """The percentiles halfway between ``best`` and its neighbours on the sorted ``grid``, halfway in the share of
+    values clipped (``100 - p``, geometric mean; arithmetic next to 100, which clips nothing).
+
+    Example:
+        >>> _between([99.0, 99.5, 99.9, 99.99, 100.0], 99.9), _between([99.0, 99.99, 100.0], 100.0)
+        ([99.7764, 99.9684], [99.995])
+    """
+    i = grid.index(best)
+    halfway = []
+    for neighbour in grid[max(i - 1, 0) : i] + grid[i + 1 : i + 2]:
+        a, b = 100.0 - neighbour, 100.0 - best
+        halfway.append(round(100.0 - math.sqrt(a * b) if a > 0 and b > 0 else (neighbour + best) / 2.0, 4))
+    return halfway
 
 
 def relative_output_error(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
@@ -190,7 +242,8 @@ def search_activation_ranges(
     inputs = bounded_inputs(data, transform_fn, num_batches, qmodel, "range search")
     report = RangeSearchReport(groups={g: [n for n, _ in m] for g, m in groups.items()}, batches=len(inputs))
     quantizers = [fq for _, fq in iter_quantizers(qmodel)]
-    total = 1 + sum(len([p for p in candidates if p != members[0][1].spec.percentile]) for members in groups.values())
+    starts = [members[0][1].spec.percentile for members in groups.values()]
+    total = 1 + sum(len(set(candidates) - {start}) + 2 for start in starts)  # + 2: at most two halfway trials
     bar = tqdm(total=total, desc="Range search", disable=not progress, leave=False)
     with restored_switches(quantizers), torch.no_grad():
         set_fake_quant(qmodel, False)
@@ -207,12 +260,14 @@ def search_activation_ranges(
             if any(fq.spec.percentile != kept for _, fq in members):  # set by hand: one percentile per group
                 _set_percentile(members, kept)
                 best = error()
-            for percentile in [p for p in candidates if p != kept]:  # a list: ``kept`` changes in the loop
-                _set_percentile(members, percentile)
-                trial = error()
-                report.trials.append((group, percentile, trial))
-                if trial < best:
-                    best, kept = trial, percentile
+            tried = {kept: best}
+            for round_ in (candidates, None):  # the candidates, then halfway to the best one's neighbours
+                for percentile in [p for p in round_ or _between(sorted(tried), kept) if p not in tried]:
+                    _set_percentile(members, percentile)
+                    tried[percentile] = trial = error()
+                    report.trials.append((group, percentile, trial))
+                    if trial < best:
+                        best, kept = trial, percentile
             _set_percentile(members, kept)
             report.chosen[group] = kept
     bar.close()

@@ -53,11 +53,14 @@ def _calibrated(scheme=PCT) -> nn.Module:
 def _reference_search(qmodel: nn.Module, data: list[torch.Tensor], candidates: list[float]) -> tuple[dict, float]:
     """Coordinate descent written out: quantizers grouped by name, ranges from each histogram, numpy objective."""
     quantizers = dict(iter_quantizers(qmodel))
-    groups = {"signed": [], "non_negative": []}
+    groups = {"signed": [], "residual_sum": [], "non_negative": []}
     for name, fq in quantizers.items():
         if "weight" in name or name.endswith((".x", ".head_2")):  # weights, the input, the output
             continue
-        groups["signed" if fq.observer.min_val.item() < 0 else "non_negative"].append(fq)
+        if name.endswith(".relu"):  # torch.relu(x + branch(x))
+            groups["residual_sum"].append(fq)
+        else:
+            groups["signed" if fq.observer.min_val.item() < 0 else "non_negative"].append(fq)
 
     def set_range(fqs, p):
         for fq in fqs:
@@ -75,8 +78,18 @@ def _reference_search(qmodel: nn.Module, data: list[torch.Tensor], candidates: l
 
     best, chosen = objective(), {}
     for group, fqs in groups.items():
-        keep = 99.9
+        keep, tried = 99.9, [99.9]
         for p in [c for c in candidates if c != keep]:
+            set_range(fqs, p)
+            tried.append(p)
+            err = objective()
+            if err < best:
+                best, keep = err, p
+        grid = sorted(tried)
+        at = grid.index(keep)
+        neighbours = [grid[j] for j in (at - 1, at + 1) if 0 <= j < len(grid)]
+        for n in neighbours:  # halfway in the clipped share: sqrt((100 - n) * (100 - keep)) clipped
+            p = round(100 - float(np.sqrt((100 - n) * (100 - keep))) if n < 100 and keep < 100 else (n + keep) / 2, 4)
             set_range(fqs, p)
             err = objective()
             if err < best:
@@ -86,12 +99,13 @@ def _reference_search(qmodel: nn.Module, data: list[torch.Tensor], candidates: l
     return chosen, best
 
 
-def test_groups_split_signed_from_relu_outputs_and_leave_inputs_and_outputs():
+def test_groups_split_branch_outputs_sums_and_relu_outputs_and_leave_inputs_and_outputs():
     groups = {g: [n for n, _ in m] for g, m in activation_groups(_calibrated()).items()}
+    assert list(groups) == ["signed", "residual_sum", "non_negative"]  # the search order
     assert groups["signed"] == ["activation_quantizers.branch_2"]  # the residual branch output, before the add
+    assert groups["residual_sum"] == ["activation_quantizers.relu"]  # relu(x + branch(x))
     assert sorted(groups["non_negative"]) == [  # after a ReLU (head_0: the pooled ReLU output)
-        "activation_quantizers.branch_1", "activation_quantizers.head_0", "activation_quantizers.relu",
-        "activation_quantizers.stem_1",
+        "activation_quantizers.branch_1", "activation_quantizers.head_0", "activation_quantizers.stem_1",
     ]  # fmt: skip
     every = {n for n, _ in iter_quantizers(_calibrated()) if n.startswith("activation_quantizers.")}
     assert every - set(sum(groups.values(), [])) == {"activation_quantizers.x", "activation_quantizers.head_2"}
@@ -107,7 +121,7 @@ def test_search_matches_the_reference_coordinate_descent():
     assert report.chosen == chosen
     assert report.final_error == pytest.approx(best, rel=1e-6)
     assert report.final_error <= report.start_error
-    assert len(report.trials) == 2 * (len(candidates) - 1)
+    assert len(report.trials) in range(3 * len(candidates), 3 * (len(candidates) + 1) + 1)  # + 1 or 2 halfway
     for (_, a), (_, b) in zip(iter_quantizers(qmodel), iter_quantizers(reference), strict=True):
         assert torch.equal(a.scale, b.scale) and torch.equal(a.zero_point, b.zero_point)
 
@@ -132,7 +146,7 @@ def test_search_result_is_the_measured_state_and_survives_a_qparams_refresh():
 def test_outlier_branch_gets_more_clipping_than_relu_outputs():
     report = search_activation_ranges(_calibrated(), _data(), progress=False)
     assert report.chosen["signed"] < 99.9  # the outlier image's branch values are clipped harder
-    assert report.chosen["non_negative"] == 99.9 and report.final_error < report.start_error
+    assert report.chosen["non_negative"] > report.chosen["signed"] and report.final_error < report.start_error
     assert "signed (1 quantizers)" in str(report)
 
 
@@ -151,7 +165,7 @@ def test_relative_output_error_weighs_every_sample_the_same():
 def test_quantize_and_callback_run_it_and_record_it():
     qmodel = quantize(Residual().eval(), _data(), scheme=PCT, range_search=True, progress=False)
     assert prepare_info(qmodel).refinements == ["range_search"]
-    assert prepare_info(qmodel).range_search.chosen.keys() == {"signed", "non_negative"}
+    assert prepare_info(qmodel).range_search.chosen.keys() == {"signed", "residual_sum", "non_negative"}
     callback = QuantCallback("ptq", scheme=PCT, range_search=True)
     assert callback.state_dict()["range_search"] is True
     with pytest.raises(ValueError, match="range_search / bias_correction"):
@@ -171,3 +185,14 @@ def test_bad_candidates_and_uncalibrated_models_are_refused():
         search_activation_ranges(prepare(Residual().eval(), PCT), _data(), progress=False)
     with pytest.raises(ValueError, match="calibration data is empty"):
         search_activation_ranges(_calibrated(), [], progress=False)
+
+
+def test_groups_on_torchvision_resnet18():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(num_classes=10).eval()  # out += identity; out = self.relu(out)
+    data = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))]
+    groups = activation_groups(quantize(model, data, scheme=PCT, progress=False))
+    names = {g: sorted(n.rsplit(".", 1)[-1] for n, _ in m) for g, m in groups.items()}
+    assert len(names["residual_sum"]) == 8 and all(n.endswith("relu_1") for n in names["residual_sum"])
+    assert len(names["signed"]) == 11  # 8 conv2 + 3 downsample outputs: what each add sums
+    assert all(n.endswith(("conv2", "downsample_0")) for n in names["signed"])
