@@ -51,13 +51,20 @@ class QuantReport:
     untraced: dict[str, str]
     output_sqnr_db: float
     notes: list[str] = field(default_factory=list)
+    # the median over samples of each sample's output SQNR: a few outlier samples can pull the pooled value far down
+    output_sqnr_median_db: float = float("nan")
 
     def metrics(self, prefix: str = "quant") -> dict[str, float]:
         """Flat metrics for a Lightning logger (finite values only)."""
         out = {f"{prefix}/output_sqnr_db": self.output_sqnr_db, f"{prefix}/min_layer_sqnr_db": self.min_sqnr()}
+        out[f"{prefix}/output_sqnr_median_db"] = self.output_sqnr_median_db
         out.update({f"{prefix}/sqnr_db/{r.name}": r.sqnr_db for r in self.rows})
         out[f"{prefix}/float_layers"] = float(len(self.float_layers))
         return {k: float(v) for k, v in out.items() if v == v and abs(v) != float("inf")}
+
+    def median_note(self) -> str:
+        """``median over samples ... dB``: read beside the pooled output SQNR."""
+        return f"median over samples {self.output_sqnr_median_db:.2f} dB"
 
     def min_sqnr(self) -> float:
         return min((r.sqnr_db for r in self.rows), default=float("nan"))
@@ -73,8 +80,8 @@ class QuantReport:
                 f"{r.weight_scale_min:>11.3e}..{r.weight_scale_max:.3e}"
             )
         lines.append(
-            f"model output SQNR: {self.output_sqnr_db:.2f} dB; {len(self.rows)} layers quantized, "
-            f"{len(self.activations)} activation quantizers"
+            f"model output SQNR: {self.output_sqnr_db:.2f} dB ({self.median_note()}); {len(self.rows)} layers "
+            f"quantized, {len(self.activations)} activation quantizers"
         )
         if self.untraced:
             lines.append("not captured as a graph (their own ops stay float; conv/linear inside are quantized):")
@@ -156,6 +163,7 @@ def quantization_report(model: nn.Module, inputs: Any) -> QuantReport:
     activations = {name: fq.describe() for name, fq in quantizers if not name.endswith("weight_fake_quant")}
     ref_t, q_t = _first_tensor(ref_out), _first_tensor(q_out)
     out_sqnr = sqnr_db(ref_t.float(), q_t.float()) if ref_t is not None and q_t is not None else float("nan")
+    median = _median_sample_sqnr(ref_t, q_t) if ref_t is not None and q_t is not None else float("nan")
     try:
         info = prepare_info(model)
         float_layers, untraced = dict(info.float_layers), dict(info.untraced)
@@ -166,4 +174,13 @@ def quantization_report(model: nn.Module, inputs: Any) -> QuantReport:
         )
     except ValueError:
         float_layers, untraced, notes = {}, {}, []
-    return QuantReport(rows, activations, float_layers, untraced, out_sqnr, notes)
+    return QuantReport(rows, activations, float_layers, untraced, out_sqnr, notes, median)
+
+
+def _median_sample_sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Median over the rows (samples) of ``10 log10(||ref||^2 / ||ref - approx||^2)``; inf where a row is exact."""
+    if reference.dim() < 2:
+        return sqnr_db(reference.float(), approx.float())
+    ref, q = reference.double().flatten(1), approx.double().flatten(1)
+    per_sample = 10.0 * torch.log10(ref.square().sum(1) / (ref - q).square().sum(1))
+    return float(per_sample.median())

@@ -177,7 +177,12 @@ def report_markdown(metrics: dict[str, Any], report: QuantReport | None, plot_na
             f"{art.get('verify_images', '-')} val images (fake-quant model on them: {_fmt(art.get('model_top1'))} %)."
         )
     if report is not None:
-        lines += ["", f"Model output SQNR: {report.output_sqnr_db:.2f} dB (fake-quant vs float, same batch).", ""]
+        lines += [
+            "",
+            f"Model output SQNR: {report.output_sqnr_db:.2f} dB ({report.median_note()}; fake-quant vs float, same "
+            "batch).",
+            "",
+        ]
         if plot_name:
             lines += [f"![per-layer SQNR]({plot_name})", ""]
         lines += ["| layer | type | SQNR dB | weight scale min | weight scale max |", "|---|---|---|---|---|"]
@@ -244,6 +249,7 @@ def write_run_report(
             for r in report.rows  # fmt: skip
         ]
         payload["output_sqnr_db"] = report.output_sqnr_db
+        payload["output_sqnr_median_db"] = report.output_sqnr_median_db
         payload["float_parts"] = {**report.untraced, **report.float_layers}
     for kind, name, text in (
         ("json", "report.json", json.dumps(payload, indent=2, default=str) + "\n"),

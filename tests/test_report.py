@@ -79,6 +79,7 @@ def test_metrics_keys_and_values(tiny, batch):
     metrics = report.metrics()
     assert set(metrics) == {
         "quant/output_sqnr_db",
+        "quant/output_sqnr_median_db",
         "quant/min_layer_sqnr_db",
         "quant/sqnr_db/conv1",
         "quant/sqnr_db/conv2",
@@ -166,3 +167,20 @@ def test_report_without_prepare_info(batch):
     assert report.float_layers == {} and report.untraced == {} and report.notes == []
     assert set(report.activations) == {"0.input_fake_quant"}
     assert "kept in float" not in report.to_table() and "not captured" not in report.to_table()
+
+
+def test_median_output_sqnr_is_not_pulled_down_by_one_outlier_sample():
+    from lightning_quant.report import _median_sample_sqnr
+
+    ref = torch.ones(5, 4)
+    approx = ref + torch.tensor([0.01, 0.01, 0.01, 0.01, 10.0]).view(5, 1)  # four samples at 40 dB, one at -20 dB
+    assert _median_sample_sqnr(ref, approx) == pytest.approx(40.0)
+    assert sqnr_db(ref, approx) < 0.0  # the pooled value is the outlier's
+
+
+def test_report_carries_the_median_output_sqnr(tiny):
+    qmodel = quantize(tiny, _images(2, 0), progress=False)
+    report = quantization_report(qmodel, _images(1, 1)[0])
+    assert math.isfinite(report.output_sqnr_median_db)
+    assert "median over samples" in report.to_table()
+    assert report.metrics()["quant/output_sqnr_median_db"] == report.output_sqnr_median_db
