@@ -87,6 +87,7 @@ MODELS: dict[str, dict[str, Any]] = {
         "recipe": "resnet50_ptq_imagenette",
         "act": {"activation_observer": "percentile", "activation_percentile": 99.9},
         "options": {"range_search": True},  # quantize() flags of every variant but ours_dpu (its own observer)
+        "calib_batch": 128,  # the recipe's batch size: the range search sees all 4 x 128 calibration images
     },
     "resnet20": {"data": "cifar10", "recipe": "resnet20_ptq_cifar10", "act": {}},
     "resnet56": {"data": "cifar10", "recipe": "resnet20_ptq_cifar10 settings (no resnet56 recipe)", "act": {}},
@@ -396,8 +397,10 @@ def run_ours(name: str, data: Data, opts: dict[str, Any], variant: str = "ours")
         + (f" {a.percentile}" if a.observer == "percentile" else "")
     )
     options = {**(MODELS[name].get("options", {}) if variant != "ours_dpu" else {}), **VARIANT_OPTIONS.get(variant, {})}
+    per = MODELS[name].get("calib_batch", CALIB_BATCH) // CALIB_BATCH  # the same images, in the recipe's batches
+    calib = [torch.cat(data.calib[i : i + per]) for i in range(0, len(data.calib), per)]
     with calibration_cost(result):
-        qmodel = quantize(model, data.calib, scheme=scheme, progress=False, **options)
+        qmodel = quantize(model, calib, scheme=scheme, progress=False, **options)
     if options:
         result["notes"].append(", ".join(NOTES[k] for k in options))
     result |= evaluate(qmodel, data)
