@@ -86,10 +86,11 @@ def quantize(
         progress: show a progress bar.
         cross_layer_equalization: run :func:`lightning_quant.algorithms.equalize` (with bias absorption) on a copy
             of the float model first; pairs through a ReLU6 are left as they are (see ``docs/algorithms.md``).
-        range_search: after calibration, choose the activation clipping percentile of each group (signed /
-            non-negative tensors) that keeps the output closest to float on the first ``min(num_batches, 4)`` batches
-            (:func:`lightning_quant.algorithms.search_activation_ranges`; needs the ``percentile`` activation
-            estimator). ResNets need it: their residual-branch outputs want far more clipping than ReLU outputs.
+        range_search: after calibration, choose the activation clipping percentile of each group (branch outputs,
+            residual sums, other ReLU outputs) that keeps the output closest to float on the first
+            ``min(num_batches, 4)`` batches (:func:`lightning_quant.algorithms.search_activation_ranges`; needs the
+            ``percentile`` activation estimator). ResNets need it: their residual-branch outputs want far more
+            clipping than ReLU outputs.
         bias_correction: after calibration, run :func:`lightning_quant.algorithms.correct_bias` (empirical bias
             correction) on the first ``min(num_batches, 4)`` batches; for ``dpu`` before the shift constraints.
         fast_finetune: after calibration (and bias correction), run :func:`lightning_quant.algorithms.fast_finetune`
@@ -106,10 +107,10 @@ def quantize(
             ``{"conv1": 8}`` in a W4A8 model (see :func:`~lightning_quant.quantizers.prepare`).
 
     Raises:
-        ValueError: unknown target, empty calibration data, batches the model cannot take, or (with
-            ``cross_layer_equalization``) a BatchNorm in training mode or a model torch.fx cannot trace.
+        ValueError: unknown target, empty calibration data, batches the model cannot take, (with
+            ``cross_layer_equalization``) a BatchNorm in training mode or a model torch.fx cannot trace, or (with
+            ``range_search``) another activation estimator than ``percentile``.
         NothingToQuantizeError: no Conv/Linear layer found.
-        ValueError: ``range_search`` with another activation estimator than ``percentile``.
         NotCalibratedError: (with ``bias_correction``/``adaround``/``fast_finetune``) calibration reached no quantizer.
     """
     scheme = scheme or scheme_for_target(target, QuantMode.PTQ)

@@ -73,8 +73,8 @@ class QuantCallback(Callback):
         cross_layer_equalization: equalize consecutive conv pairs of the float network (with bias absorption,
             :func:`lightning_quant.algorithms.equalize`) in ``setup()``, before quantizers are inserted. It changes
             the network's weights (not its function), so a checkpoint written with it restores with it.
-        range_search: (PTQ) after calibration, choose the activation clipping percentile per group (signed /
-            non-negative) against the float outputs (:func:`lightning_quant.algorithms.search_activation_ranges`;
+        range_search: (PTQ) after calibration, choose the activation clipping percentile per group of activations
+            by the model's output error against float (:func:`lightning_quant.algorithms.search_activation_ranges`;
             needs ``activation_observer='percentile'``).
         bias_correction: (PTQ) after calibration, correct each layer's bias for the mean quantization error on
             the first 4 calibration batches (:func:`lightning_quant.algorithms.correct_bias`).
