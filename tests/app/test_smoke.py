@@ -50,7 +50,7 @@ def test_offline_recipe_runs(recipe, tmp_path):
     assert json.loads((run / "metrics.json").read_text())["int8_top1"] == metrics["int8_top1"]
     assert (run / "quant_state.ckpt").is_file()
     if cfg.quant.range_search:
-        assert set(metrics["range_search"]) <= {"signed", "non_negative"}
+        assert set(metrics["range_search"]) <= {"signed", "residual_sum", "non_negative"}
     if cfg.deploy:
         assert sorted(metrics["artefacts"]) == sorted(cfg.export.formats)
         assert (run / "model_int8.pt").is_file()
