@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lightning_quant.calibration import call_model, move_to_device
-from lightning_quant.quantizers.functional import sqnr_db
+from lightning_quant.quantizers.functional import per_sample_noise_ratio, sqnr_db
 from lightning_quant.quantizers.modules import QuantConv1d, QuantConv2d, QuantConv3d, QuantConvBn, QuantLinear
 from lightning_quant.quantizers.prepare import iter_quantizers, prepare_info
 
@@ -181,6 +181,4 @@ def _median_sample_sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Median over the rows (samples) of ``10 log10(||ref||^2 / ||ref - approx||^2)``; inf where a row is exact."""
     if reference.dim() < 2:
         return sqnr_db(reference.float(), approx.float())
-    ref, q = reference.double().flatten(1), approx.double().flatten(1)
-    per_sample = 10.0 * torch.log10(ref.square().sum(1) / (ref - q).square().sum(1))
-    return float(per_sample.median())
+    return float((-10.0 * torch.log10(per_sample_noise_ratio(reference, approx))).median())

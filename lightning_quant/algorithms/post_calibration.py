@@ -58,8 +58,10 @@ def refine_calibrated(
     # Lightning calls the callback inside ``torch.inference_mode()`` (validate/test); fast finetune needs autograd and
     # tensors it can save for backward, so leave inference mode for the refinement.
     with torch.inference_mode(False):
-        flags = dict(range_search=range_search, bias_correction=bias_correction, adaround=adaround)
-        steps = _refine(qmodel, calibration_data, flags, fast_finetune, target, tune)
+        flags = dict(
+            range_search=range_search, bias_correction=bias_correction, adaround=adaround, fast_finetune=fast_finetune
+        )
+        steps = _refine(qmodel, calibration_data, flags, target, tune)
     record_refinements(qmodel, steps)
     return steps
 
@@ -75,8 +77,8 @@ def record_refinements(qmodel: nn.Module, steps: Iterable[str]) -> None:
 
 
 def _refine(
-    qmodel: nn.Module, calibration_data: Iterable[Any], flags: dict[str, bool], fast_finetune: bool,
-    target: Target | str | None, tune: dict[str, Any],
+    qmodel: nn.Module, calibration_data: Iterable[Any], flags: dict[str, bool], target: Target | str | None,
+    tune: dict[str, Any],
 ) -> list[str]:  # fmt: skip
     steps = []
     if flags["range_search"]:
@@ -97,7 +99,7 @@ def _refine(
 
         _adaround(qmodel, calibration_data, **tune)
         steps.append("adaround")
-    if fast_finetune:
+    if flags["fast_finetune"]:
         from lightning_quant.algorithms.adaquant import fast_finetune as _fast_finetune
 
         _fast_finetune(qmodel, calibration_data, **tune)

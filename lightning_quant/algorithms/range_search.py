@@ -47,14 +47,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from tqdm.auto import tqdm
 
 from lightning_quant.algorithms.layerwise import bounded_inputs, require_any_calibrated
 from lightning_quant.algorithms.percentile import PercentileObserver
 from lightning_quant.algorithms.sensitivity import model_outputs, restored_switches
+from lightning_quant.capture.patterns import is_fused_activation
 from lightning_quant.quantizers.fake_quant import FakeQuantize
+from lightning_quant.quantizers.functional import per_sample_noise_ratio
 from lightning_quant.quantizers.prepare import iter_quantizers, prepare_info, set_fake_quant
 
 __all__ = ["DEFAULT_CANDIDATES", "GROUPS", "RangeSearchReport", "activation_groups", "search_activation_ranges"]
@@ -95,7 +96,6 @@ class RangeSearchReport:
 
 
 _ADDS = {operator.add, operator.iadd, torch.add}
-_RELUS = {torch.relu, torch.relu_, F.relu, F.relu6, F.hardtanh}
 
 
 def _is_add(node: Any) -> bool:
@@ -103,14 +103,6 @@ def _is_add(node: Any) -> bool:
         return False
     return (node.op == "call_function" and node.target in _ADDS) or (
         node.op == "call_method" and node.target in ("add", "add_")
-    )
-
-
-def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), (nn.ReLU, nn.ReLU6, nn.Hardtanh))
-    return (node.op == "call_function" and node.target in _RELUS) or (
-        node.op == "call_method" and node.target in ("relu", "relu_")
     )
 
 
@@ -131,7 +123,10 @@ def _graph_roles(model: nn.Module) -> dict[str, str]:
             ):
                 roles[name] = "end"
             elif _is_add(source) or (
-                isinstance(source, fx.Node) and _is_relu(module, source) and source.args and _is_add(source.args[0])
+                isinstance(source, fx.Node)
+                and is_fused_activation(module, source)
+                and bool(source.args)
+                and _is_add(source.args[0])
             ):
                 roles[name] = "residual_sum"
     return roles
@@ -174,10 +169,6 @@ def _set_percentile(members: Sequence[tuple[str, FakeQuantize]], percentile: flo
         fq.refresh_qparams()
 
 
-def _per_sample(out: torch.Tensor) -> torch.Tensor:
-    return out.reshape(out.shape[0], -1) if out.dim() > 1 else out.reshape(1, -1)
-
-
 def _between(grid: list[float], best: float) -> list[float]:
     """The percentiles halfway between ``best`` and its neighbours on the sorted ``grid``, halfway in the share of
     values clipped (``100 - p``, geometric mean; arithmetic next to 100, which clips nothing).
@@ -201,11 +192,9 @@ def relative_output_error(reference: list[torch.Tensor], outputs: list[torch.Ten
         >>> relative_output_error([torch.tensor([[1.0, 0.0], [0.0, 10.0]])], [torch.tensor([[1.0, 0.5], [0.0, 9.0]])])
         0.13
     """
-    errors = []
-    for ref, out in zip(reference, outputs, strict=True):
-        ref, out = _per_sample(ref).double(), _per_sample(out).double()
-        errors.append((out - ref).square().sum(1) / ref.square().sum(1).clamp_min(1e-12))
-    return round(torch.cat(errors).mean().item(), 12)
+    pairs = zip(reference, outputs, strict=True)
+    errors = torch.cat([per_sample_noise_ratio(ref, out, min_signal=1e-12) for ref, out in pairs])
+    return round(errors.mean().item(), 12)
 
 
 def search_activation_ranges(

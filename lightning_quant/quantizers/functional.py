@@ -22,6 +22,7 @@ from lightning_quant.config import QuantSpec, RoundingMode, ScaleType
 __all__ = [
     "dequantize",
     "fake_quantize",
+    "per_sample_noise_ratio",
     "qparams_from_range",
     "quantize",
     "round_ste",
@@ -184,6 +185,19 @@ def _fused_fake_quantize(
             x, scale.reshape(-1), zp.reshape(-1), spec.ch_axis % x.dim(), qmin, qmax
         )
     return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zp.reshape(()), qmin, qmax)
+
+
+def per_sample_noise_ratio(reference: torch.Tensor, approx: torch.Tensor, min_signal: float = 0.0) -> torch.Tensor:
+    """Per sample (the rows along dim 0; a 0-D/1-D tensor is one sample): ``|ref - approx|^2 / |ref|^2`` in float64,
+    the denominator clamped to at least ``min_signal``. ``-10 log10`` of it is the sample's SQNR in dB.
+
+    Example:
+        >>> per_sample_noise_ratio(torch.tensor([[1.0, 0.0], [0.0, 10.0]]), torch.tensor([[1.0, 0.5], [0.0, 9.0]]))
+        tensor([0.2500, 0.0100], dtype=torch.float64)
+    """
+    ref = reference.double().reshape(reference.shape[0] if reference.dim() > 1 else 1, -1)
+    noise = (approx.double().reshape(ref.shape) - ref).square().sum(1)
+    return noise / ref.square().sum(1).clamp_min(min_signal)
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
