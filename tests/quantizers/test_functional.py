@@ -374,5 +374,40 @@ def test_inference_fake_quantize_equals_the_autograd_path(mode, per_channel, dty
     assert torch.equal(x, before)  # the input is left alone
     slow = fake_quantize(x.clone().requires_grad_(True), scale, zero_point, spec).detach()
     if mode is RoundingMode.HALF_EVEN and dtype is torch.float32:
-        slow = fake_quantize(x, scale, zero_point, spec)  # the fused kernel is the reference there
+        slow = torch_fake_quantize(x, scale, zero_point, spec)  # the fused kernel is the reference there
     assert torch.equal(fast, slow)
+
+
+def torch_fake_quantize(x, scale, zero_point, spec):
+    qmin, qmax = spec.quant_range()
+    zp = zero_point.to(torch.int32)
+    if spec.per_channel:
+        return torch.fake_quantize_per_channel_affine(x, scale, zp, spec.ch_axis % x.dim(), qmin, qmax)
+    return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zp.reshape(()), qmin, qmax)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("seed", range(4))
+def test_no_grad_fast_path_is_bit_identical_to_torch_kernel(per_channel, symmetric, seed):
+    """Without autograd on CPU, fake_quantize skips torch's fused kernel: same values bit for bit, for scales that
+    are not powers of two (1/scale inexact), values on and around the kernel's rounding ties, and the clamp."""
+    g = torch.Generator().manual_seed(seed)
+    granularity = Granularity.PER_CHANNEL if per_channel else Granularity.PER_TENSOR
+    spec = QuantSpec(granularity=granularity, ch_axis=0 if seed % 2 else 1, symmetric=symmetric)
+    channels = 5
+    scale = torch.rand(channels if per_channel else (), generator=g) * 0.1 + 1e-3
+    zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    if not symmetric:
+        zero_point = torch.randint(0, 60, scale.shape, generator=g, dtype=torch.int32)
+    x = torch.randn(channels, channels, 400, generator=g) * 4
+    shape = [1, 1, 1]
+    shape[spec.ch_axis] = -1
+    inverse = 1.0 / scale.reshape(shape if per_channel else ())  # the kernel's multiplier; ties are where it rounds
+    ties = (torch.randint(-300, 300, (channels, channels, 100), generator=g) + 0.5) / inverse
+    x[..., :100] = ties
+    x[..., 100:200] = torch.nextafter(ties, torch.full_like(ties, math.inf))
+    with torch.no_grad():
+        fast = fake_quantize(x, scale, zero_point, spec)
+    assert torch.equal(fast, torch_fake_quantize(x, scale, zero_point, spec))
+    assert fast.min() < 0 and (fast == fast.max()).sum() > 1  # the clamp was reached
