@@ -211,6 +211,23 @@ def test_prepare_info_requires_prepared_model(tiny):
         prepare_info(tiny)
 
 
+def test_deepcopy_of_a_quantized_model_keeps_its_info(tiny, image_batches):
+    """fx rebuilds a deep-copied GraphModule from its code; the copy must still be a lightning_quant model (range
+    search, export and the callback read prepare_info), with its own record."""
+    qmodel = quantize(tiny, image_batches, progress=False)
+    assert isinstance(qmodel, torch.fx.GraphModule)
+    copied = copy.deepcopy(qmodel)
+    info, copied_info = prepare_info(qmodel), prepare_info(copied)
+    assert copied_info is not info and copied_info.quantized_layers == info.quantized_layers
+    assert copied_info.scheme == info.scheme
+    copied_info.refinements.append("bias_correction")
+    assert info.refinements == []
+    x = torch.randn(2, 3, 16, 16, generator=_gen(3))
+    with torch.no_grad():
+        assert torch.equal(copied(x), qmodel(x))
+    assert prepare_info(convert(copied)) is copied_info
+
+
 def test_unknown_mode():
     with pytest.raises(ValueError, match="mode='int4' is not supported"):
         prepare(TinyConvBN(), scheme_for_target("x86"), mode="int4")

@@ -58,6 +58,7 @@ __all__ = [
 ]
 
 _INFO_ATTR = "_lightning_quant_info"
+_FX_PRESERVED_ATTRIBUTES = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
 _ACT_DICT = "activation_quantizers"
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d)
 
@@ -258,8 +259,16 @@ def prepare(
             f"nothing to quantize in {type(model).__name__} ({found}). lightning_quant quantizes nn.Conv1d/2d/3d and "
             "nn.Linear layers; check `exclude=` patterns, or pass the submodule that holds the network."
         )
-    prepared.__dict__[_INFO_ATTR] = info
+    _attach_info(prepared, info)
     return prepared
+
+
+def _attach_info(model: nn.Module, info: PrepareInfo) -> None:
+    """Keep ``info`` on ``model``, also through ``copy.deepcopy``: fx rebuilds a copied GraphModule from its code and
+    keeps only the attributes listed in its ``meta`` (a plain module copies its ``__dict__``)."""
+    model.__dict__[_INFO_ATTR] = info
+    if isinstance(model, fx.GraphModule):
+        model.meta.setdefault(_FX_PRESERVED_ATTRIBUTES, {})[_INFO_ATTR] = info
 
 
 def _check_layer_weight_bits(
@@ -348,5 +357,5 @@ def convert(model: nn.Module) -> nn.Module:
     set_observers(frozen, False)
     set_fake_quant(frozen, True)
     if _INFO_ATTR in model.__dict__:
-        frozen.__dict__[_INFO_ATTR] = model.__dict__[_INFO_ATTR]
+        _attach_info(frozen, model.__dict__[_INFO_ATTR])  # the same record: steps noted later reach both
     return frozen.eval()
