@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_quant import quantize
 from lightning_quant.algorithms import search_activation_ranges
-from lightning_quant.algorithms.range_search import activation_groups, relative_output_error
+from lightning_quant.algorithms.range_search import activation_groups, first_rows, relative_output_error
 from lightning_quant.callbacks import QuantCallback
 from lightning_quant.config import scheme_for_target
 from lightning_quant.errors import NotCalibratedError
@@ -124,6 +124,32 @@ def test_search_matches_the_reference_coordinate_descent():
     assert len(report.trials) in range(3 * len(candidates), 3 * (len(candidates) + 1) + 1)  # + 1 or 2 halfway
     for (_, a), (_, b) in zip(iter_quantizers(qmodel), iter_quantizers(reference), strict=True):
         assert torch.equal(a.scale, b.scale) and torch.equal(a.zero_point, b.zero_point)
+
+
+def test_max_samples_bounds_the_rows_the_objective_sees():
+    """The ranking uses the first max_samples rows (the last batch cut); the ranges still come from every image."""
+    candidates = [99.0, 99.9, 100.0]
+    data = _data()  # 3 batches of 8
+    qmodel, reference = _calibrated(), _calibrated()
+    report = search_activation_ranges(qmodel, data, candidates=candidates, max_samples=12, progress=False)
+    assert (report.batches, report.samples) == (2, 12) and "on 12 samples" in str(report)
+    chosen, best = _reference_search(reference, [data[0], data[1][:4]], candidates)
+    assert report.chosen == chosen and report.final_error == pytest.approx(best, rel=1e-6)
+    everything = search_activation_ranges(_calibrated(), data, candidates=candidates, max_samples=None, progress=False)
+    assert (everything.batches, everything.samples) == (3, 24)
+
+
+def test_first_rows_cuts_every_batch_tensor_of_structured_inputs():
+    batch = {"image": torch.zeros(5, 3), "mask": torch.ones(5, 2), "table": torch.ones(7)}
+    (cut,) = first_rows([batch, batch], 3)
+    assert {k: tuple(v.shape) for k, v in cut.items()} == {"image": (3, 3), "mask": (3, 2), "table": (7,)}
+    assert len(first_rows([batch, batch], 6)) == 2 and first_rows([batch], None) == [batch]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_bad_max_samples_is_refused(bad):
+    with pytest.raises(ValueError, match="max_samples"):
+        search_activation_ranges(_calibrated(), _data(), max_samples=bad, progress=False)
 
 
 def test_search_result_is_the_measured_state_and_survives_a_qparams_refresh():

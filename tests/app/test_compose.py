@@ -25,6 +25,7 @@ EXPECTED = {  # recipe: (mode, target, model builder, datamodule)
     "resnet20_ptq_cifar10_tensorrt": ("ptq", "tensorrt", "cifar_resnet", "CIFAR10DataModule"),
     "resnet20_qat_cifar10": ("qat", "x86", "cifar_resnet", "CIFAR10DataModule"),
     "mobilenetv2_ptq_imagenette_dpu": ("ptq", "dpu", "mobilenet_v2_imagenette", "ImagenetteDataModule"),
+    "mobilenetv2_ptq_imagenette_dpu_ff": ("ptq", "dpu", "mobilenet_v2_imagenette", "ImagenetteDataModule"),
     "resnet50_ptq_imagenette_dpu": ("ptq", "dpu", "resnet50_imagenette", "ImagenetteDataModule"),
     "mobilenetv2_ptq_imagenette_per_tensor": ("ptq", "x86_vnni", "mobilenet_v2_imagenette", "ImagenetteDataModule"),
     "mobilenetv2_ptq_imagenette_accuracy_control": ("ptq", "x86", "mobilenet_v2_imagenette", "ImagenetteDataModule"),

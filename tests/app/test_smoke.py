@@ -19,6 +19,7 @@ OFFLINE = {
     "resnet20_ptq_cifar10_tensorrt": [],
     "resnet20_ptq_cifar10_dpu": ["deploy=true", "export.verify_batches=1", "export.formats=[torchscript,onnx,xmodel]"],
     "mobilenetv2_ptq_imagenette_dpu": ["deploy=true", "export.verify_batches=1"],
+    "mobilenetv2_ptq_imagenette_dpu_ff": ["deploy=true", "export.verify_batches=1"],
     "resnet50_ptq_imagenette_dpu": ["deploy=true", "export.verify_batches=1"],
     "resnet20_qat_cifar10": ["trainer.max_epochs=1", "trainer.limit_train_batches=2"],
     "mobilenetv2_ptq_imagenette": [],
