@@ -35,7 +35,10 @@ OFFLINE = {
     "mobilenetv2_ptq_imagenette_mse_bc": [],
     "mobilenetv2_ptq_imagenette_w4a8": [],
 }
-SLOW = {"mobilenetv2_ptq_imagenette_w4a8"}  # AdaRound on 53 layers at 224 px: ~10 min even on 4 images
+SLOW = {  # per-layer tuning of 53 layers at 224 px, even on 4 images
+    "mobilenetv2_ptq_imagenette_w4a8",  # AdaRound: ~10 min
+    "mobilenetv2_ptq_imagenette_dpu_ff",  # fast finetune: ~4 min
+}
 
 
 @pytest.mark.parametrize(
