@@ -89,8 +89,9 @@ def quantize(
         range_search: after calibration, choose the activation clipping percentile of each group (branch outputs,
             residual sums, other ReLU outputs) that keeps the output closest to float on the first
             ``min(num_batches, 4)`` batches (:func:`lightning_quant.algorithms.search_activation_ranges`; needs the
-            ``percentile`` activation estimator). ResNets need it: their residual-branch outputs want far more
-            clipping than ReLU outputs.
+            ``percentile`` activation estimator, or power-of-two scales: with ``target="dpu"`` it shifts each group's
+            fix positions instead). ResNets need it: their residual-branch outputs want far more clipping than ReLU
+            outputs.
         bias_correction: after calibration, run :func:`lightning_quant.algorithms.correct_bias` (empirical bias
             correction) on the first ``min(num_batches, 4)`` batches; for ``dpu`` before the shift constraints.
         fast_finetune: after calibration (and bias correction), run :func:`lightning_quant.algorithms.fast_finetune`
@@ -109,7 +110,7 @@ def quantize(
     Raises:
         ValueError: unknown target, empty calibration data, batches the model cannot take, (with
             ``cross_layer_equalization``) a BatchNorm in training mode or a model torch.fx cannot trace, or (with
-            ``range_search``) another activation estimator than ``percentile``.
+            ``range_search``) activations with neither the ``percentile`` estimator nor power-of-two scales.
         NothingToQuantizeError: no Conv/Linear layer found.
         NotCalibratedError: (with ``bias_correction``/``adaround``/``fast_finetune``) calibration reached no quantizer.
     """

@@ -283,8 +283,9 @@ def _calibrate(cfg: DictConfig, model: pl.LightningModule, dm: Any, state_path: 
     metrics.update(_evaluate(trainer, model, dm, "int8"))
     metrics["calibration_seconds"] = callback.calibration_seconds
     search = prepare_info(callback.network(model)).range_search
-    if search is not None:  # the clipping percentile chosen per group of activations
+    if search is not None:  # the clipping percentile (power-of-two scales: fix position shift) chosen per group
         metrics["range_search"] = dict(search.chosen)
+        metrics["range_search_parameter"] = search.parameter
     state_path.parent.mkdir(parents=True, exist_ok=True)
     trainer.save_checkpoint(state_path)
     metrics["state_file"] = str(state_path)

@@ -100,13 +100,19 @@ def accuracy_control_line(control: dict[str, Any]) -> str:
     )
 
 
-def range_search_line(chosen: dict[str, float]) -> str:
-    """One line naming the clipping percentile the activation range search chose per group.
+def range_search_line(chosen: dict[str, float], parameter: str = "percentile") -> str:
+    """One line naming what the activation range search chose per group: the clipping percentile, or (power-of-two
+    scales, ``parameter="fix_pos_offset"``) the shift of the calibrated fix positions.
 
     Example:
         >>> range_search_line({"signed": 99.5, "non_negative": 99.9})
         'activation range search: clipping percentile 99.5 for signed, 99.9 for non_negative activations'
+        >>> range_search_line({"signed": 1, "non_negative": 0}, "fix_pos_offset")[25:]
+        'fix position shift +1 for signed, +0 for non_negative activations (+1: half the scale)'
     """
+    if parameter == "fix_pos_offset":
+        parts = ", ".join(f"{p:+g} for {group}" for group, p in chosen.items())
+        return f"activation range search: fix position shift {parts} activations (+1: half the scale)"
     parts = ", ".join(f"{p:g} for {group}" for group, p in chosen.items())
     return f"activation range search: clipping percentile {parts} activations"
 
@@ -136,7 +142,7 @@ def summary_table(metrics: dict[str, Any]) -> str:
     if control:
         lines.append(accuracy_control_line(control))
     if metrics.get("range_search"):
-        lines.append(range_search_line(metrics["range_search"]))
+        lines.append(range_search_line(metrics["range_search"], metrics.get("range_search_parameter", "percentile")))
     sizes = metrics.get("sizes")
     if sizes:
         lines.append(
@@ -160,7 +166,8 @@ def report_markdown(metrics: dict[str, Any], report: QuantReport | None, plot_na
         line = accuracy_control_line(metrics["accuracy_control"])
         lines += ["", line[0].upper() + line[1:] + "."]  # not str.capitalize(): it lowercases "NOT met"
     if metrics.get("range_search"):
-        lines += ["", "A" + range_search_line(metrics["range_search"])[1:] + "."]
+        line = range_search_line(metrics["range_search"], metrics.get("range_search_parameter", "percentile"))
+        lines += ["", "A" + line[1:] + "."]
     sizes = metrics.get("sizes") or {}
     if sizes:
         fp, q = sizes["float_bytes"], sizes["quantized_bytes"]

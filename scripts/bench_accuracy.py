@@ -7,8 +7,8 @@ seed, top-1 on the full evaluation split (CIFAR-10 test, Imagenette val) unless 
 * schemes: ``int8_pc`` (x86_vnni: int8 per-channel weights, uint8 activations), ``int8_pt`` (the same, per-tensor
   weights), ``pow2`` (the Vitis AI DPU scheme), ``w4a8`` / ``w6a8`` (4/6-bit per-channel weights, 8-bit activations);
 * algorithms: ``relu`` (ReLU6 -> ReLU, so CLE pairs MobileNet layers), ``cle`` (cross-layer equalization), ``rs``
-  (activation range search: the clipping percentile per group of activations, with ``pct``), ``bc`` (bias
-  correction), ``adaround``, ``ff`` (fast finetune);
+  (activation range search: the clipping percentile per group of activations, with ``pct``; with ``pow2``, the fix
+  position shift per group), ``bc`` (bias correction), ``adaround``, ``ff`` (fast finetune);
 * mixed precision: ``dw8`` keeps depthwise convolutions (``groups == in_channels > 1``) at 8-bit weights
   (``layer_weight_bits``), the usual choice for W4A8 MobileNets;
 * activation range estimators (default min/max): ``mse`` (MSE-optimal clipping), ``pct`` (99.99th percentile;
@@ -128,7 +128,7 @@ def run_method(model: torch.nn.Module, dm: Any, method: str, args: argparse.Name
     search = prepare_info(qmodel).range_search
     if search is not None:  # what the range search chose, per group of activations
         chosen = search.chosen.items()
-        row["range_search"] = {g: {"percentile": p, "quantizers": len(search.groups[g])} for g, p in chosen}
+        row["range_search"] = {g: {search.parameter: p, "quantizers": len(search.groups[g])} for g, p in chosen}
     return row
 
 

@@ -23,8 +23,13 @@ everything else. So the search judges a range by what it does to the model outpu
   ResNet50 of ``scripts/bench_accuracy.py`` 128 images chose the same percentiles as all 512, for a quarter of
   the cost (19 forward passes of 128 images instead of 512).
 
-It needs the ``percentile`` activation estimator (the histograms and the percentile are what it tunes) and runs
-before bias correction, AdaRound and fast finetune, which then see the final activation ranges.
+It needs the ``percentile`` activation estimator (the histograms and the percentile are what it tunes), or
+power-of-two activation scales (the Vitis AI DPU scheme, ``target="dpu"``): there the knob is a shift of each
+quantizer's calibrated fix position, the same shift for a whole group (``fix_pos_offsets``; +1 halves the scale and
+clips twice as much, -1 doubles it), and when the best shift is the largest (smallest) one tried, one more step in
+that direction is tried. The DPU's per-batch squared-error choice keeps rare outliers like the MSE estimator does;
+the shift is how a deployable power-of-two model clips them. It runs before bias correction, the DPU's shift
+constraints, AdaRound and fast finetune, which then see the final activation ranges.
 
 Example:
     >>> import torch
@@ -59,12 +64,15 @@ from lightning_quant.algorithms.layerwise import bounded_inputs, require_any_cal
 from lightning_quant.algorithms.percentile import PercentileObserver
 from lightning_quant.algorithms.sensitivity import model_outputs, restored_switches
 from lightning_quant.capture.patterns import is_fused_activation
+from lightning_quant.config import ScaleType
+from lightning_quant.quantizers.dpu import MAX_FIX_POS, MIN_FIX_POS, fix_pos_from_scale
 from lightning_quant.quantizers.fake_quant import FakeQuantize
 from lightning_quant.quantizers.functional import per_sample_noise_ratio
 from lightning_quant.quantizers.prepare import iter_quantizers, prepare_info, set_fake_quant
 
 __all__ = [
     "DEFAULT_CANDIDATES",
+    "DEFAULT_FIX_POS_OFFSETS",
     "GROUPS",
     "RangeSearchReport",
     "activation_groups",
@@ -73,6 +81,7 @@ __all__ = [
 ]
 
 DEFAULT_CANDIDATES = (99.0, 99.5, 99.9, 99.99, 100.0)
+DEFAULT_FIX_POS_OFFSETS = (-1, 1, 2)  # power-of-two scales: shifts of the calibrated fix positions
 GROUPS = ("signed", "residual_sum", "non_negative")  # searched in this order
 _NOT_ACTIVATIONS = ("weight_fake_quant", "bias_fake_quant")
 
@@ -82,14 +91,17 @@ class RangeSearchReport:
     """What :func:`search_activation_ranges` chose.
 
     Attributes:
-        chosen: group -> clipping percentile kept.
+        chosen: group -> the value of ``parameter`` kept.
+        parameter: ``"percentile"`` (the clipping percentile) or ``"fix_pos_offset"`` (power-of-two scales: the
+            shift of the calibrated fix positions, +1 = half the scale).
         groups: group -> names of its activation quantizers.
-        trials: ``(group, percentile, error)`` of every forward pass, in order.
+        trials: ``(group, value, error)`` of every forward pass, in order.
         start_error / final_error: the objective before and after (mean per-sample relative output error).
         batches / samples: calibration batches and rows (along dim 0) the objective was measured on.
     """
 
     chosen: dict[str, float] = field(default_factory=dict)
+    parameter: str = "percentile"
     groups: dict[str, list[str]] = field(default_factory=dict)
     trials: list[tuple[str, float, float]] = field(default_factory=list)
     start_error: float = float("nan")
@@ -101,9 +113,11 @@ class RangeSearchReport:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
-        chosen = ", ".join(f"{g} ({len(self.groups[g])} quantizers) {p:g}" for g, p in self.chosen.items())
+        shifts = self.parameter == "fix_pos_offset"
+        fmt, what = ("+g", "fix position shifts") if shifts else ("g", "percentiles")
+        chosen = ", ".join(f"{g} ({len(self.groups[g])} quantizers) {p:{fmt}}" for g, p in self.chosen.items())
         return (
-            f"range search: percentiles {chosen}; relative output error {self.start_error:.4g} -> "
+            f"range search: {what} {chosen}; relative output error {self.start_error:.4g} -> "
             f"{self.final_error:.4g} on {self.samples} samples"
         )
 
@@ -150,19 +164,21 @@ def activation_groups(qmodel: nn.Module) -> dict[str, list[tuple[str, FakeQuanti
     outputs left out, empty groups dropped).
 
     Raises:
-        ValueError: an activation quantizer does not use the ``percentile`` estimator, or none is left to tune.
+        ValueError: an activation quantizer has neither the ``percentile`` estimator nor a power-of-two per-tensor
+            scale, the groups mix the two, or none is left to tune.
     """
     roles = _graph_roles(qmodel)
     groups: dict[str, list[tuple[str, FakeQuantize]]] = {group: [] for group in GROUPS}
     for name, fq in iter_quantizers(qmodel):
         if name.rsplit(".", 1)[-1] in _NOT_ACTIVATIONS or roles.get(name) == "end" or not fq.calibrated.item():
             continue
-        if not isinstance(fq.observer, PercentileObserver) or fq.spec.per_channel:
+        if _parameter_of(fq) is None:
             raise ValueError(
-                f"range search tunes the clipping percentile of the 'percentile' activation estimator, but quantizer "
-                f"{name!r} uses {fq.spec.observer!r}; calibrate with activation_observer='percentile' (Python: "
+                f"range search tunes the clipping percentile of the 'percentile' activation estimator, or the fix "
+                f"position of power-of-two scales, but quantizer {name!r} uses {fq.spec.observer!r} with "
+                f"{fq.spec.scale_type.value} scales; calibrate with activation_observer='percentile' (Python: "
                 "scheme_for_target(target, activation_observer='percentile'); recipes: "
-                "quant.scheme.activation_observer=percentile)."
+                "quant.scheme.activation_observer=percentile) or use the power-of-two target='dpu'."
             )
         group = roles.get(name) or ("signed" if fq.observer.min_val.item() < 0 else "non_negative")
         groups[group].append((name, fq))
@@ -171,7 +187,22 @@ def activation_groups(qmodel: nn.Module) -> dict[str, list[tuple[str, FakeQuanti
             "range search found no calibrated activation quantizer between the model's inputs and outputs; "
             "calibrate first (quantize() or QuantCallback) on a model with at least two quantized layers."
         )
+    kinds = {_parameter_of(fq) for members in groups.values() for _, fq in members}
+    if len(kinds) > 1:
+        raise ValueError(
+            "range search found both percentile-estimated and power-of-two activation quantizers; give every "
+            "activation one scheme (scheme_for_target('dpu') or activation_observer='percentile')."
+        )
     return {g: members for g, members in groups.items() if members}
+
+
+def _parameter_of(fq: FakeQuantize) -> str | None:
+    """What the search tunes in this quantizer: ``percentile``, ``fix_pos_offset`` or nothing (None)."""
+    if fq.spec.per_channel:
+        return None
+    if isinstance(fq.observer, PercentileObserver):
+        return "percentile"
+    return "fix_pos_offset" if fq.spec.scale_type is ScaleType.POWER_OF_TWO and fq.spec.symmetric else None
 
 
 def _leading_rows(batch: Any) -> int | None:
@@ -210,12 +241,58 @@ def first_rows(inputs: list[Any], max_samples: int | None) -> list[Any]:
     return kept
 
 
-def _set_percentile(members: Sequence[tuple[str, FakeQuantize]], percentile: float) -> None:
-    for _, fq in members:
-        spec = dataclasses.replace(fq.spec, percentile=percentile)
-        fq.spec = spec
-        fq.observer.spec = spec
-        fq.refresh_qparams()
+class _PercentileKnob:
+    """The clipping percentile of a group's ``percentile`` estimators (their histograms give each range)."""
+
+    def __init__(self, members: Sequence[tuple[str, FakeQuantize]]) -> None:
+        self.members = members
+
+    def start(self) -> tuple[float, bool]:
+        """The calibrated percentile, and whether the group had to be set to it (it differed within the group)."""
+        kept = self.members[0][1].spec.percentile
+        if any(fq.spec.percentile != kept for _, fq in self.members):  # set by hand: one percentile per group
+            self.set(kept)
+            return kept, True
+        return kept, False
+
+    def set(self, percentile: float) -> None:
+        for _, fq in self.members:
+            spec = dataclasses.replace(fq.spec, percentile=percentile)
+            fq.spec = spec
+            fq.observer.spec = spec
+            fq.refresh_qparams()
+
+    @staticmethod
+    def more(tried: list[float], best: float) -> list[float]:
+        return _between(tried, best)
+
+
+class _FixPosKnob:
+    """The shift of a group's calibrated power-of-two fix positions (each kept in the DPU's position range)."""
+
+    def __init__(self, members: Sequence[tuple[str, FakeQuantize]]) -> None:
+        self.members = members
+        self.base = [fix_pos_from_scale(fq.scale) for _, fq in members]
+
+    @staticmethod
+    def start() -> tuple[int, bool]:
+        return 0, False
+
+    def set(self, offset: int) -> None:
+        for (_, fq), base in zip(self.members, self.base, strict=True):
+            fq.scale.fill_(2.0 ** -min(max(base + offset, MIN_FIX_POS), MAX_FIX_POS))
+
+    @staticmethod
+    def more(tried: list[int], best: int) -> list[int]:
+        """One step past the largest (smallest) shift tried, when that one is the best so far.
+
+        Example:
+            >>> _FixPosKnob.more([-1, 0, 1, 2], 2), _FixPosKnob.more([-1, 0, 1, 2], -1), _FixPosKnob.more([0, 1], 0)
+            ([3], [-2], [])
+        """
+        if best == max(tried) and best > 0:
+            return [best + 1]
+        return [best - 1] if best == min(tried) and best < 0 else []
 
 
 def _between(grid: list[float], best: float) -> list[float]:
@@ -246,23 +323,48 @@ def relative_output_error(reference: list[torch.Tensor], outputs: list[torch.Ten
     return round(errors.mean().item(), 12)
 
 
+def _percentiles(candidates: Sequence[float]) -> list[float]:
+    values = [float(p) for p in candidates]
+    if not values:
+        raise ValueError("range search needs at least one candidate percentile; e.g. candidates=(99.0, 99.9, 100.0).")
+    for p in values:
+        if not 50.0 < p <= 100.0:
+            raise ValueError(f"range search candidate percentile {p!r} must be in (50, 100]; e.g. 99.0, 99.9, 100.0.")
+    return values
+
+
+def _fix_pos_offsets(offsets: Sequence[int]) -> list[int]:
+    values = list(offsets)
+    if not values:
+        raise ValueError("range search needs at least one fix position shift; e.g. fix_pos_offsets=(-1, 1, 2).")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or not -8 <= v <= 8:
+            raise ValueError(f"range search fix position shift {v!r} must be an integer in [-8, 8]; e.g. (-1, 1, 2).")
+    return values
+
+
 def search_activation_ranges(
     qmodel: nn.Module,
     data: Iterable[Any],
     *,
     candidates: Sequence[float] = DEFAULT_CANDIDATES,
+    fix_pos_offsets: Sequence[int] = DEFAULT_FIX_POS_OFFSETS,
     transform_fn: Callable[[Any], Any] | None = None,
     num_batches: int = 4,
     max_samples: int | None = 128,
     progress: bool = True,
 ) -> RangeSearchReport:
-    """Choose the clipping percentile of each activation group (see the module docstring); the model is updated
-    in place and the report is also kept in ``prepare_info(qmodel).range_search``.
+    """Choose the clipping percentile (power-of-two scales: the fix position shift) of each activation group (see
+    the module docstring); the model is updated in place and the report is also kept in
+    ``prepare_info(qmodel).range_search``.
 
     Args:
-        qmodel: a PTQ model calibrated with the ``percentile`` activation estimator.
+        qmodel: a PTQ model calibrated with the ``percentile`` activation estimator, or with power-of-two activation
+            scales (``target="dpu"``).
         data: calibration batches (never the evaluation data); the first ``num_batches`` are used.
         candidates: percentiles to try, each in (50, 100]; 100 is the observed min/max.
+        fix_pos_offsets: (power-of-two scales) fix position shifts to try besides 0, integers in [-8, 8]; +1 halves
+            every scale of the group.
         transform_fn: maps one item of ``data`` to the model input (as in ``quantize``).
         num_batches: batches the objective is measured on (at most).
         max_samples: rows (along dim 0) of those batches the objective is measured on; None keeps them all.
@@ -270,26 +372,29 @@ def search_activation_ranges(
 
     Raises:
         NotCalibratedError: no quantizer has seen data.
-        ValueError: another activation estimator than ``percentile``, a percentile outside (50, 100], empty
-            data, ``max_samples`` < 1, or a model whose output is not a tensor.
+        ValueError: activations with neither the ``percentile`` estimator nor power-of-two scales, no candidate, a
+            percentile outside (50, 100], a shift that is not an integer in [-8, 8], empty data, ``max_samples`` < 1,
+            or a model whose output is not a tensor.
     """
     require_any_calibrated(qmodel, "range search")
     if max_samples is not None and (
         isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
     ):
         raise ValueError(f"range search max_samples={max_samples!r} must be a positive integer or None (every row).")
-    candidates = [float(p) for p in candidates]
-    for p in candidates:
-        if not 50.0 < p <= 100.0:
-            raise ValueError(f"range search candidate percentile {p!r} must be in (50, 100]; e.g. 99.0, 99.9, 100.0.")
+    percentiles, offsets = _percentiles(candidates), _fix_pos_offsets(fix_pos_offsets)
     groups = activation_groups(qmodel)
+    parameter = _parameter_of(next(iter(groups.values()))[0][1])
+    grid = offsets if parameter == "fix_pos_offset" else percentiles
+    knobs = {g: (_FixPosKnob if parameter == "fix_pos_offset" else _PercentileKnob)(m) for g, m in groups.items()}
     inputs = first_rows(bounded_inputs(data, transform_fn, num_batches, qmodel, "range search"), max_samples)
     report = RangeSearchReport(
-        groups={g: [n for n, _ in m] for g, m in groups.items()}, batches=len(inputs), samples=_rows(inputs)
+        parameter=parameter,
+        groups={g: [n for n, _ in m] for g, m in groups.items()},
+        batches=len(inputs),
+        samples=_rows(inputs),
     )
     quantizers = [fq for _, fq in iter_quantizers(qmodel)]
-    starts = [members[0][1].spec.percentile for members in groups.values()]
-    total = 1 + sum(len(set(candidates) - {start}) + 2 for start in starts)  # + 2: at most two halfway trials
+    total = 1 + len(groups) * (len(grid) + 2)  # + 2: at most two more trials around the best one
     bar = tqdm(total=total, desc="Range search", disable=not progress, leave=False)
     with restored_switches(quantizers), torch.no_grad():
         set_fake_quant(qmodel, False)
@@ -301,20 +406,19 @@ def search_activation_ranges(
             return relative_output_error(reference, model_outputs(qmodel, inputs, action="range search"))
 
         best = report.start_error = error()
-        for group, members in groups.items():
-            kept = members[0][1].spec.percentile
-            if any(fq.spec.percentile != kept for _, fq in members):  # set by hand: one percentile per group
-                _set_percentile(members, kept)
+        for group, knob in knobs.items():
+            kept, changed = knob.start()
+            if changed:
                 best = error()
             tried = {kept: best}
-            for round_ in (candidates, None):  # the candidates, then halfway to the best one's neighbours
-                for percentile in [p for p in round_ or _between(sorted(tried), kept) if p not in tried]:
-                    _set_percentile(members, percentile)
-                    tried[percentile] = trial = error()
-                    report.trials.append((group, percentile, trial))
+            for round_ in (grid, None):  # the grid, then around the best one (halfway trials / one step further)
+                for value in [v for v in round_ or knob.more(sorted(tried), kept) if v not in tried]:
+                    knob.set(value)
+                    tried[value] = trial = error()
+                    report.trials.append((group, value, trial))
                     if trial < best:
-                        best, kept = trial, percentile
-            _set_percentile(members, kept)
+                        best, kept = trial, value
+            knob.set(kept)
             report.chosen[group] = kept
     bar.close()
     report.final_error = best

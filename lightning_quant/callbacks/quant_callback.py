@@ -75,7 +75,7 @@ class QuantCallback(Callback):
             the network's weights (not its function), so a checkpoint written with it restores with it.
         range_search: (PTQ) after calibration, choose the activation clipping percentile per group of activations
             by the model's output error against float (:func:`lightning_quant.algorithms.search_activation_ranges`;
-            needs ``activation_observer='percentile'``).
+            needs ``activation_observer='percentile'``, or ``target="dpu"``, where it shifts fix positions).
         bias_correction: (PTQ) after calibration, correct each layer's bias for the mean quantization error on
             the first 4 calibration batches (:func:`lightning_quant.algorithms.correct_bias`).
         fast_finetune: (PTQ) after calibration, tune weights layer by layer against the float outputs

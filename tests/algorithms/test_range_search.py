@@ -200,7 +200,7 @@ def test_quantize_and_callback_run_it_and_record_it():
 
 def test_other_estimators_are_refused_with_the_fix():
     qmodel = _calibrated(scheme_for_target("x86", activation_observer="mse"))
-    with pytest.raises(ValueError, match="uses 'mse'; calibrate with activation_observer='percentile'"):
+    with pytest.raises(ValueError, match="uses 'mse' with float scales; calibrate with activation_observer='perc"):
         search_activation_ranges(qmodel, _data(), progress=False)
 
 
