@@ -50,6 +50,16 @@ def _calibrated(scheme=PCT) -> nn.Module:
 
 
 @torch.no_grad()
+def reference_objective(qmodel: nn.Module, data: list[torch.Tensor]) -> float:
+    """The search's objective written out in numpy: mean over samples of ||y_q - y||^2 / ||y||^2."""
+    set_fake_quant(qmodel, False)
+    ref = np.concatenate([qmodel(x).numpy() for x in data])
+    set_fake_quant(qmodel, True)
+    out = np.concatenate([qmodel(x).numpy() for x in data])
+    return float(np.mean(((out - ref) ** 2).sum(1) / (ref**2).sum(1)))
+
+
+@torch.no_grad()
 def _reference_search(qmodel: nn.Module, data: list[torch.Tensor], candidates: list[float]) -> tuple[dict, float]:
     """Coordinate descent written out: quantizers grouped by name, ranges from each histogram, numpy objective."""
     quantizers = dict(iter_quantizers(qmodel))
@@ -70,11 +80,7 @@ def _reference_search(qmodel: nn.Module, data: list[torch.Tensor], candidates: l
             fq.scale.copy_(scale), fq.zero_point.copy_(zp)
 
     def objective():
-        set_fake_quant(qmodel, False)
-        ref = np.concatenate([qmodel(x).numpy() for x in data])
-        set_fake_quant(qmodel, True)
-        out = np.concatenate([qmodel(x).numpy() for x in data])
-        return float(np.mean(((out - ref) ** 2).sum(1) / (ref**2).sum(1)))
+        return reference_objective(qmodel, data)
 
     best, chosen = objective(), {}
     for group, fqs in groups.items():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,7 +15,7 @@ from lightning_quant.quantizers.dpu import fix_pos_from_scale
 from lightning_quant.quantizers.dpu_shifts import check_dpu_shifts
 from lightning_quant.quantizers.prepare import iter_quantizers, prepare_info, set_fake_quant
 from lightning_quant.run_report import range_search_line
-from tests.algorithms.test_range_search import PCT, Residual, _data
+from tests.algorithms.test_range_search import PCT, Residual, _data, reference_objective
 
 
 def _dpu() -> torch.nn.Module:
@@ -39,11 +38,7 @@ def _reference_search(qmodel, data, offsets) -> tuple[dict, float]:
             quantizers[n].scale.fill_(2.0 ** -(base[n] + offset))
 
     def objective():
-        set_fake_quant(qmodel, False)
-        ref = np.concatenate([qmodel(x).numpy() for x in data])
-        set_fake_quant(qmodel, True)
-        out = np.concatenate([qmodel(x).numpy() for x in data])
-        return float(np.mean(((out - ref) ** 2).sum(1) / (ref**2).sum(1)))
+        return reference_objective(qmodel, data)
 
     best, chosen = objective(), {}
     for group, names in groups.items():
