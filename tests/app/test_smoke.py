@@ -96,6 +96,18 @@ def test_calib_then_test_gives_identical_metrics(tmp_path):
     assert calib_layers and calib["reports"]["markdown"].endswith("report.md")
 
 
+def test_dpu_range_search_shifts_survive_the_state_file(tmp_path):
+    """quant=dpu + range search: fix position shifts per group, kept by mode=test and named in report.md."""
+    extra = ("quant.range_search=true", "quant.bias_correction=false")
+    calib = train(tiny_config("resnet20_ptq_cifar10_dpu", tmp_path, "mode=calib", *extra))
+    assert calib["range_search_parameter"] == "fix_pos_offset"
+    assert set(calib["range_search"]) <= {"signed", "residual_sum", "non_negative"}
+    assert all(isinstance(v, int) for v in calib["range_search"].values())
+    assert "fix position shift" in (tmp_path / "run" / "report.md").read_text()
+    test = train(tiny_config("resnet20_ptq_cifar10_dpu", tmp_path, "mode=test", *extra))
+    assert test["int8_top1"] == calib["int8_top1"] and test["int8_top5"] == calib["int8_top5"]
+
+
 def test_float_mode_evaluates_only(tmp_path):
     metrics = train(tiny_config("resnet20_ptq_cifar10", tmp_path, "mode=float"))
     assert "int8_top1" not in metrics and metrics["float_top1"] > 50.0
