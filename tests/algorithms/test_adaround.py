@@ -124,3 +124,48 @@ def test_uncalibrated_and_qat_models_refused():
     bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
     with pytest.raises(ValueError, match="adaround works on PTQ models"):
         adaround(prepare(bn, scheme_for_target("x86", mode="qat"), mode="qat"), _data(1), progress=False)
+
+
+def _outlier_data() -> list[torch.Tensor]:
+    data = _data()
+    data[0][:2] *= 100.0  # two images with huge activations, as in ResNet50 on Imagenette
+    return data
+
+
+def test_per_sample_error_is_the_mean_relative_error_of_each_sample():
+    """Reference: mean over samples of ||W_q x_i - y_i||^2 / ||y_i||^2 (whole maps), against the pooled MSE."""
+    from lightning_quant.algorithms.adaround import _held_error, _row_power
+    from lightning_quant.algorithms.windows import HeldSamples
+
+    layer = _w4(_model(), _outlier_data()).get_submodule("2")
+    x = torch.randn(6, 16, 8, 8, generator=torch.Generator().manual_seed(2))
+    x[0] *= 50.0
+    y = torch.nn.functional.conv2d(x, layer.weight.detach() * 1.01, layer.bias.detach(), padding=1)
+    held = HeldSamples.of(layer, x, y, window=4)
+    weight = layer.weight_fake_quant(layer.weight).detach()
+    with torch.no_grad():
+        out = layer(x)
+    per_sample = ((out - y).double().pow(2).flatten(1).sum(1) / y.double().pow(2).flatten(1).sum(1)).mean().item()
+    pooled = (out - y).double().pow(2).mean().item()
+    assert _held_error(layer, weight, held, 4, _row_power(held)) == pytest.approx(per_sample, rel=1e-6)
+    assert _held_error(layer, weight, held, 4, None) == pytest.approx(pooled, rel=1e-6)
+
+
+def test_per_sample_weighting_serves_the_typical_images_when_a_few_are_huge():
+    data = _outlier_data()
+    model = _model()
+    pooled, per_sample = _w4(model, data), _w4(model, data)
+    adaround(pooled, data, steps=300, progress=False)
+    report = adaround(per_sample, data, steps=300, per_sample=True, progress=False)
+    assert all(t.mse_after <= t.mse_before for t in report.layers) and report.kept
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(7))  # typical held-out images
+    with torch.no_grad():
+        ref = model(x)
+
+        def typical_error(qmodel):
+            return ((qmodel(x) - ref).pow(2).sum(1) / ref.pow(2).sum(1)).mean().item()
+
+        assert typical_error(per_sample) < typical_error(pooled)
+    again = _w4(model, data)
+    adaround(again, data, steps=300, per_sample=True, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(again.parameters(), per_sample.parameters(), strict=True))
