@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_quant.algorithms.post_calibration import refine_calibrated
+from lightning_quant.algorithms.post_calibration import check_adaround_options, refine_calibrated
 from lightning_quant.calibration import calibrate
 from lightning_quant.config import QuantMode, QuantScheme, Target, scheme_for_target
 from lightning_quant.quantizers.prepare import prepare
@@ -64,6 +64,7 @@ def quantize(
     bias_correction: bool = False,
     fast_finetune: bool = False,
     adaround: bool = False,
+    adaround_per_sample: bool = False,
     replace_relu6: bool = False,
     layer_weight_bits: Mapping[str, int] | None = None,
 ) -> nn.Module:
@@ -100,6 +101,9 @@ def quantize(
         adaround: after calibration (and bias correction), learn each weight's rounding direction layer by layer
             (:func:`lightning_quant.algorithms.adaround`, Nagel et al. 2020) on the same batches; before
             ``fast_finetune`` when both are on. Worth it at 4-6 bit weights.
+        adaround_per_sample: with ``adaround``, weigh every calibration image's layer output error the same (each
+            divided by its float output's power) instead of pooling them, so a few images with huge activations
+            do not decide the rounding for the rest (ResNet50 on Imagenette; see ``docs/algorithms.md``).
         replace_relu6: swap every ``nn.ReLU6`` for ``nn.ReLU`` on a copy of the model first
             (:func:`lightning_quant.algorithms.relu6_to_relu`): cross-layer equalization can then pair the layers
             around them (MobileNetV2 per-tensor needs it) and the DPU runs ReLU natively. It changes the float
@@ -110,10 +114,12 @@ def quantize(
     Raises:
         ValueError: unknown target, empty calibration data, batches the model cannot take, (with
             ``cross_layer_equalization``) a BatchNorm in training mode or a model torch.fx cannot trace, or (with
-            ``range_search``) activations with neither the ``percentile`` estimator nor power-of-two scales.
+            ``range_search``) activations with neither the ``percentile`` estimator nor power-of-two scales, or
+            ``adaround_per_sample`` without ``adaround``.
         NothingToQuantizeError: no Conv/Linear layer found.
         NotCalibratedError: (with ``bias_correction``/``adaround``/``fast_finetune``) calibration reached no quantizer.
     """
+    check_adaround_options(adaround, adaround_per_sample)
     scheme = scheme or scheme_for_target(target, QuantMode.PTQ)
     model = float_model_for_quantization(
         model, cross_layer_equalization=cross_layer_equalization, replace_relu6=replace_relu6
@@ -127,6 +133,7 @@ def quantize(
         bias_correction=bias_correction,
         fast_finetune=fast_finetune,
         adaround=adaround,
+        adaround_per_sample=adaround_per_sample,
         target=scheme.target,
         transform_fn=transform_fn,
         num_batches=min(num_batches or 4, 4),

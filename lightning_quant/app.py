@@ -172,6 +172,7 @@ def _build_callback(
         bias_correction=q.get("bias_correction", False) and mode == "ptq",
         fast_finetune=q.get("fast_finetune", False) and mode == "ptq",
         adaround=q.get("adaround", False) and mode == "ptq",
+        adaround_per_sample=q.get("adaround_per_sample", False) and mode == "ptq",
         calibration_batches=q.calibration_batches,
         calibration_data=_calibration_data(cfg, dm),
         calibration_source=q.calibration_source,

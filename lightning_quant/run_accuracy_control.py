@@ -89,6 +89,7 @@ def choose_float_layers(
         bias_correction=q.get("bias_correction", False),
         fast_finetune=q.get("fast_finetune", False),
         adaround=q.get("adaround", False),
+        adaround_per_sample=q.get("adaround_per_sample", False),
     )
     print(report)
     return report

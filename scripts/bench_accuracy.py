@@ -8,7 +8,8 @@ seed, top-1 on the full evaluation split (CIFAR-10 test, Imagenette val) unless 
   weights), ``pow2`` (the Vitis AI DPU scheme), ``w4a8`` / ``w6a8`` (4/6-bit per-channel weights, 8-bit activations);
 * algorithms: ``relu`` (ReLU6 -> ReLU, so CLE pairs MobileNet layers), ``cle`` (cross-layer equalization), ``rs``
   (activation range search: the clipping percentile per group of activations, with ``pct``; with ``pow2``, the fix
-  position shift per group), ``bc`` (bias correction), ``adaround``, ``ff`` (fast finetune);
+  position shift per group), ``bc`` (bias correction), ``adaround`` (``ps``: with every calibration image's error
+  weighing the same), ``ff`` (fast finetune);
 * mixed precision: ``dw8`` keeps depthwise convolutions (``groups == in_channels > 1``) at 8-bit weights
   (``layer_weight_bits``), the usual choice for W4A8 MobileNets;
 * activation range estimators (default min/max): ``mse`` (MSE-optimal clipping), ``pct`` (99.99th percentile;
@@ -45,6 +46,7 @@ ALGORITHMS = {
     "rs": "range_search",
     "bc": "bias_correction",
     "adaround": "adaround",
+    "ps": "adaround_per_sample",
     "ff": "fast_finetune",
 }
 ESTIMATORS = {"mse": "mse", "pct": "percentile", "kl": "entropy"}

@@ -261,8 +261,8 @@ def quantize_with_accuracy_control(
             ``prepare_info(qmodel).weight_bits``.
         progress: progress bars for calibration, ranking and the search.
         **quantize_options: passed to :func:`~lightning_quant.quantize` (``num_batches``,
-            ``cross_layer_equalization``, ``range_search``, ``bias_correction``, ``adaround``, ``fast_finetune``,
-            ``replace_relu6``).
+            ``cross_layer_equalization``, ``range_search``, ``bias_correction``, ``adaround``, ``adaround_per_sample``,
+            ``fast_finetune``, ``replace_relu6``).
 
     Returns:
         ``(qmodel, report)``: the quantized model with ``report.kept_float`` in float, and an
@@ -280,7 +280,7 @@ def quantize_with_accuracy_control(
     max_accuracy_drop = _check_drop(max_accuracy_drop)
     check_positive("ranking_batches", ranking_batches)
     known = {"num_batches", "cross_layer_equalization", "range_search", "bias_correction", "adaround", "fast_finetune",
-             "replace_relu6", "layer_weight_bits"}  # fmt: skip
+             "adaround_per_sample", "replace_relu6", "layer_weight_bits"}  # fmt: skip
     unknown = sorted(set(quantize_options) - known)
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)}; quantize_with_accuracy_control passes on "

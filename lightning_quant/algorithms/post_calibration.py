@@ -24,10 +24,23 @@ from torch import nn
 from lightning_quant.config import Target
 from lightning_quant.quantizers.prepare import prepare_info
 
-__all__ = ["REFINEMENT_STEPS", "record_refinements", "refine_calibrated"]
+__all__ = ["REFINEMENT_STEPS", "check_adaround_options", "record_refinements", "refine_calibrated"]
 
 # the flags that name a step, in the order they run (QuantCallback's flags and checkpoint state keys too)
 REFINEMENT_STEPS = ("range_search", "bias_correction", "adaround", "fast_finetune")
+
+
+def check_adaround_options(adaround: bool, adaround_per_sample: bool) -> None:
+    """``adaround_per_sample`` only means something with ``adaround``.
+
+    Raises:
+        ValueError: ``adaround_per_sample`` without ``adaround``, naming the fix.
+    """
+    if adaround_per_sample and not adaround:
+        raise ValueError(
+            "adaround_per_sample=True changes how AdaRound weighs the calibration images, but adaround is off; set "
+            "adaround=True too (recipes: quant.adaround=true) or drop adaround_per_sample."
+        )
 
 
 def refine_calibrated(
@@ -38,12 +51,16 @@ def refine_calibrated(
     bias_correction: bool = False,
     fast_finetune: bool = False,
     adaround: bool = False,
+    adaround_per_sample: bool = False,
     target: Target | str | None = None,
     transform_fn: Callable[[Any], Any] | None = None,
     num_batches: int = 4,
     progress: bool = True,
 ) -> list[str]:
     """Refine a calibrated PTQ model in place; returns the steps that ran, in order.
+
+    ``adaround_per_sample`` runs AdaRound with ``per_sample=True`` (every calibration image's output error weighs
+    the same; see :func:`~lightning_quant.algorithms.adaround`).
 
     Order: the activation range search (:func:`~lightning_quant.algorithms.search_activation_ranges`), bias
     correction, then (``target="dpu"``) the DPU's shift constraints, then AdaRound, then fast
@@ -52,8 +69,9 @@ def refine_calibrated(
     Raises:
         NotCalibratedError: (range search / bias correction / AdaRound / fast finetune) the model was not calibrated.
         ValueError: a QAT model or a model ``prepare()`` did not produce (named by the algorithm); range search
-            with another activation estimator than ``percentile``.
+            with another activation estimator than ``percentile``; ``adaround_per_sample`` without ``adaround``.
     """
+    check_adaround_options(adaround, adaround_per_sample)
     tune = dict(transform_fn=transform_fn, num_batches=num_batches, progress=progress)
     # Lightning calls the callback inside ``torch.inference_mode()`` (validate/test); fast finetune needs autograd and
     # tensors it can save for backward, so leave inference mode for the refinement.
@@ -61,7 +79,7 @@ def refine_calibrated(
         flags = dict(
             range_search=range_search, bias_correction=bias_correction, adaround=adaround, fast_finetune=fast_finetune
         )
-        steps = _refine(qmodel, calibration_data, flags, target, tune)
+        steps = _refine(qmodel, calibration_data, flags, target, tune, adaround_per_sample)
     record_refinements(qmodel, steps)
     return steps
 
@@ -78,7 +96,7 @@ def record_refinements(qmodel: nn.Module, steps: Iterable[str]) -> None:
 
 def _refine(
     qmodel: nn.Module, calibration_data: Iterable[Any], flags: dict[str, bool], target: Target | str | None,
-    tune: dict[str, Any],
+    tune: dict[str, Any], adaround_per_sample: bool = False,
 ) -> list[str]:  # fmt: skip
     steps = []
     if flags["range_search"]:
@@ -97,7 +115,7 @@ def _refine(
     if flags["adaround"]:
         from lightning_quant.algorithms.adaround import adaround as _adaround
 
-        _adaround(qmodel, calibration_data, **tune)
+        _adaround(qmodel, calibration_data, per_sample=adaround_per_sample, **tune)
         steps.append("adaround")
     if flags["fast_finetune"]:
         from lightning_quant.algorithms.adaquant import fast_finetune as _fast_finetune

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_quant.algorithms.post_calibration import REFINEMENT_STEPS, refine_calibrated
+from lightning_quant.algorithms.post_calibration import REFINEMENT_STEPS, check_adaround_options, refine_calibrated
 from lightning_quant.calibration import calibrate, default_transform, move_to_device
 from lightning_quant.callbacks.calibration_source import SOURCES, calibration_loader
 from lightning_quant.callbacks.checkpoint_guard import check_quant_state_keys, require_matching_config
@@ -82,6 +82,8 @@ class QuantCallback(Callback):
             (AdaQuant, Vitis AI's ``--fast_finetune``; :func:`lightning_quant.algorithms.fast_finetune`).
         adaround: (PTQ) after calibration, learn each weight's rounding direction layer by layer
             (:func:`lightning_quant.algorithms.adaround`); runs before ``fast_finetune`` when both are on.
+        adaround_per_sample: (PTQ, with ``adaround``) weigh every calibration image's layer output error the same
+            instead of pooling them (:func:`lightning_quant.algorithms.adaround`'s ``per_sample``).
         replace_relu6: swap every ``nn.ReLU6`` of the network for ``nn.ReLU`` in ``setup()`` (before equalization),
             so CLE can pair the layers around them and the DPU runs them natively; changes the function above 6.
 
@@ -111,6 +113,7 @@ class QuantCallback(Callback):
         bias_correction: bool = False,
         fast_finetune: bool = False,
         adaround: bool = False,
+        adaround_per_sample: bool = False,
         replace_relu6: bool = False,
         layer_weight_bits: Mapping[str, int] | None = None,
     ) -> None:
@@ -145,9 +148,11 @@ class QuantCallback(Callback):
                 "range_search / bias_correction / fast_finetune / adaround refine a PTQ calibration; QAT trains the "
                 "weights itself. Use mode='ptq' with them, or drop them for mode='qat'."
             )
+        check_adaround_options(adaround, adaround_per_sample)
         self.range_search, self.bias_correction = bool(range_search), bool(bias_correction)
         self.fast_finetune = bool(fast_finetune)
         self.adaround = bool(adaround)
+        self.adaround_per_sample = bool(adaround_per_sample)
         self.last_report: QuantReport | None = None
         self.calibration_seconds: float | None = None  # wall time of the last calibration pass
         self._report_inputs: Any = None
@@ -216,6 +221,7 @@ class QuantCallback(Callback):
                 network,
                 loader,
                 **{step: getattr(self, step) for step in REFINEMENT_STEPS},
+                adaround_per_sample=self.adaround_per_sample,
                 target=self.scheme.target,
                 transform_fn=self.transform_fn,
                 num_batches=min(self.calibration_batches, 4),
@@ -392,6 +398,7 @@ class QuantCallback(Callback):
             "cross_layer_equalization": self.cross_layer_equalization,
             "replace_relu6": self.replace_relu6,
             **{step: getattr(self, step) for step in REFINEMENT_STEPS},
+            "adaround_per_sample": self.adaround_per_sample,
         }
 
     @override
