@@ -169,3 +169,26 @@ def test_per_sample_weighting_serves_the_typical_images_when_a_few_are_huge():
     again = _w4(model, data)
     adaround(again, data, steps=300, per_sample=True, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(again.parameters(), per_sample.parameters(), strict=True))
+
+
+def test_quantize_and_callback_pass_adaround_per_sample_on():
+    from lightning_quant.callbacks import QuantCallback
+
+    data = _outlier_data()
+    w4 = scheme_for_target("tensorrt", weight_bits=4)
+    pooled = quantize(_model(), data, scheme=w4, progress=False, adaround=True)
+    per_sample = quantize(_model(), data, scheme=w4, progress=False, adaround=True, adaround_per_sample=True)
+    direct = _w4(_model(), data)
+    adaround(direct, data, per_sample=True, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(per_sample.parameters(), direct.parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(per_sample.parameters(), pooled.parameters(), strict=True))
+    assert QuantCallback("ptq", adaround=True, adaround_per_sample=True).state_dict()["adaround_per_sample"] is True
+
+
+def test_adaround_per_sample_without_adaround_is_refused():
+    from lightning_quant.callbacks import QuantCallback
+
+    with pytest.raises(ValueError, match="adaround_per_sample=True .* set adaround=True too"):
+        quantize(_model(), _data(1), progress=False, adaround_per_sample=True)
+    with pytest.raises(ValueError, match="adaround_per_sample=True .* set adaround=True too"):
+        QuantCallback("ptq", adaround_per_sample=True)
