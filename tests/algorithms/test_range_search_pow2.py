@@ -160,3 +160,18 @@ def test_report_line_names_the_shift():
     line = range_search_line({"signed": 1, "residual_sum": 0}, "fix_pos_offset")
     assert "fix position shift +1 for signed, +0 for residual_sum" in line
     assert "clipping percentile 99.9 for signed" in range_search_line({"signed": 99.9})
+
+
+def test_dpu_with_percentile_ranges_searches_percentiles_and_stays_deployable(tmp_path):
+    """The DPU scheme calibrated with the percentile estimator: the search tunes percentiles, scales stay powers of
+    two (rounded up from the clipped range), the shift constraints hold and the XModel writes."""
+    from lightning_quant.config import scheme_for_target
+
+    scheme = scheme_for_target("dpu", activation_observer="percentile", activation_percentile=99.9)
+    qmodel = quantize(Residual().eval(), _data(), scheme=scheme, target="dpu", range_search=True, progress=False)
+    report = prepare_info(qmodel).range_search
+    assert report.parameter == "percentile" and set(report.chosen) == {"signed", "residual_sum", "non_negative"}
+    assert all(isinstance(p, int) for p in _positions(qmodel).values())  # fix_pos_from_scale accepts every scale
+    assert check_dpu_shifts(qmodel) == []
+    export_xmodel(qmodel, tmp_path / "m.xmodel", _data()[0][:1])
+    assert (tmp_path / "quant_info.json").is_file()
