@@ -77,9 +77,10 @@ def refine_calibrated(
     # tensors it can save for backward, so leave inference mode for the refinement.
     with torch.inference_mode(False):
         flags = dict(
-            range_search=range_search, bias_correction=bias_correction, adaround=adaround, fast_finetune=fast_finetune
-        )
-        steps = _refine(qmodel, calibration_data, flags, target, tune, adaround_per_sample)
+            range_search=range_search, bias_correction=bias_correction, adaround=adaround, fast_finetune=fast_finetune,
+            adaround_per_sample=adaround_per_sample,
+        )  # fmt: skip
+        steps = _refine(qmodel, calibration_data, flags, target, tune)
     record_refinements(qmodel, steps)
     return steps
 
@@ -96,7 +97,7 @@ def record_refinements(qmodel: nn.Module, steps: Iterable[str]) -> None:
 
 def _refine(
     qmodel: nn.Module, calibration_data: Iterable[Any], flags: dict[str, bool], target: Target | str | None,
-    tune: dict[str, Any], adaround_per_sample: bool = False,
+    tune: dict[str, Any],
 ) -> list[str]:  # fmt: skip
     steps = []
     if flags["range_search"]:
@@ -115,7 +116,7 @@ def _refine(
     if flags["adaround"]:
         from lightning_quant.algorithms.adaround import adaround as _adaround
 
-        _adaround(qmodel, calibration_data, per_sample=adaround_per_sample, **tune)
+        _adaround(qmodel, calibration_data, per_sample=flags["adaround_per_sample"], **tune)
         steps.append("adaround")
     if flags["fast_finetune"]:
         from lightning_quant.algorithms.adaquant import fast_finetune as _fast_finetune

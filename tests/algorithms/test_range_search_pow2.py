@@ -10,7 +10,8 @@ import torch
 
 from lightning_quant import export_xmodel, quantize
 from lightning_quant.algorithms import search_activation_ranges
-from lightning_quant.algorithms.range_search import _FixPosKnob, activation_groups, relative_output_error
+from lightning_quant.algorithms.range_knobs import _FixPosKnob
+from lightning_quant.algorithms.range_search import activation_groups, relative_output_error
 from lightning_quant.quantizers.dpu import fix_pos_from_scale
 from lightning_quant.quantizers.dpu_shifts import check_dpu_shifts
 from lightning_quant.quantizers.prepare import iter_quantizers, prepare_info, set_fake_quant
