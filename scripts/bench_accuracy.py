@@ -11,7 +11,8 @@ seed, top-1 on the full evaluation split (CIFAR-10 test, Imagenette val) unless 
   position shift per group), ``bc`` (bias correction), ``adaround`` (``ps``: with every calibration image's error
   weighing the same), ``ff`` (fast finetune);
 * mixed precision: ``dw8`` keeps depthwise convolutions (``groups == in_channels > 1``) at 8-bit weights
-  (``layer_weight_bits``), the usual choice for W4A8 MobileNets;
+  (``layer_weight_bits``), the usual choice for W4A8 MobileNets; ``fl8`` keeps the first and the last Conv/Linear
+  layer at 8-bit weights, the convention of the low-bit literature (AdaRound, BRECQ report W4A8 that way);
 * activation range estimators (default min/max): ``mse`` (MSE-optimal clipping), ``pct`` (99.99th percentile;
   ``pct99.9`` names another), ``kl`` (entropy / KL). Drops are against the unmodified float model.
 
@@ -86,10 +87,10 @@ def parse_method(method: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """``(scheme name, scheme overrides, quantize() flags)`` of ``<scheme>[+<token>...]``."""
     scheme, *tokens = method.split("+")
     overrides: dict[str, Any] = {}
-    for token in (t for t in tokens if t not in ALGORITHMS and t != "dw8"):
+    for token in (t for t in tokens if t not in ALGORITHMS and t not in MIXED_PRECISION):
         name, value = ("pct", token[3:]) if token.startswith("pct") and token[3:] else (token, None)
         if name not in ESTIMATORS or (value is not None and not value.replace(".", "", 1).isdigit()):
-            known = ", ".join([*ALGORITHMS, *ESTIMATORS, "pct<percentile>"])
+            known = ", ".join([*ALGORITHMS, *ESTIMATORS, "pct<percentile>", *MIXED_PRECISION])
             raise ValueError(f"unknown algorithm {token!r} in {method!r}; use {known}.")
         if overrides:
             choices = ", ".join(ESTIMATORS)
@@ -120,8 +121,11 @@ def load(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
 def run_method(model: torch.nn.Module, dm: Any, method: str, args: argparse.Namespace) -> dict[str, Any]:
     scheme_name, overrides, flags = parse_method(method)
     scheme, target = scheme_for(scheme_name, **overrides)
-    if "dw8" in method.split("+"):
-        flags = {**flags, "layer_weight_bits": dict.fromkeys(depthwise_layers(model), 8)}
+    eight_bit = [
+        name for token in method.split("+") if token in MIXED_PRECISION for name in MIXED_PRECISION[token](model)
+    ]
+    if eight_bit:
+        flags = {**flags, "layer_weight_bits": dict.fromkeys(eight_bit, 8)}
     start = time.perf_counter()
     qmodel = quantize(model, dm.calibration_dataloader(), scheme=scheme, progress=False, **flags)
     seconds = time.perf_counter() - start
@@ -138,6 +142,16 @@ def depthwise_layers(model: torch.nn.Module) -> list[str]:
     """Names of the depthwise convolutions (one input channel per group, more than one group)."""
     convs = ((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d))
     return [n for n, m in convs if m.groups > 1 and m.groups == m.in_channels]
+
+
+def end_layers(model: torch.nn.Module) -> list[str]:
+    """Names of the first and the last Conv2d/Linear layer, in module order (the stem and the classifier)."""
+    layers = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    return list(dict.fromkeys(layers[:1] + layers[-1:]))
+
+
+# mixed-precision tokens: the layers each one keeps at 8-bit weights
+MIXED_PRECISION = {"dw8": depthwise_layers, "fl8": end_layers}
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -57,6 +57,13 @@ def test_dw8_names_only_depthwise_convolutions():
     assert bench_accuracy.depthwise_layers(model) == ["0"]
 
 
+def test_fl8_names_the_stem_and_the_classifier():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8, 10))
+    assert bench_accuracy.end_layers(model) == ["0", "3"]
+    assert bench_accuracy.end_layers(nn.Sequential(nn.Linear(4, 2))) == ["0"]  # one layer is both ends
+    assert bench_accuracy.parse_method("w4a8+fl8+dw8+adaround")[1:] == ({}, {"adaround": True})
+
+
 def test_resume_keeps_rows_and_replace_measures_named_methods_again(tmp_path, monkeypatch):
     out = tmp_path / "acc.json"
     measured = []
