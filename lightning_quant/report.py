@@ -1,7 +1,9 @@
 """Quantization report: per-layer SQNR, scales and ranges, and which parts stay in float and why.
 
 SQNR compares each quantized layer's output with fake-quant on against the same model with fake-quant off
-(the float reference), on the same batch, so it measures the error accumulated up to that layer.
+(the float reference), on the same batch, so it measures the error accumulated up to that layer. Where bias
+correction, AdaRound or fast finetune changed float weights, the reference pass runs with the values they replaced
+(:mod:`~lightning_quant.algorithms.float_reference`), so the reference stays the float model.
 
 Example:
     >>> import torch
@@ -22,12 +24,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_quant.algorithms.float_reference import float_parameters_swapped_in
 from lightning_quant.calibration import call_model, move_to_device
 from lightning_quant.quantizers.functional import per_sample_noise_ratio, sqnr_db
 from lightning_quant.quantizers.modules import QuantConv1d, QuantConv2d, QuantConv3d, QuantConvBn, QuantLinear
 from lightning_quant.quantizers.prepare import iter_quantizers, prepare_info
 
 __all__ = ["LayerReport", "QuantReport", "quantization_report"]
+
+# refinements that change float weights or biases (the report then restores their earlier values as the reference)
+_WEIGHT_CHANGING = ("bias_correction", "adaround", "fast_finetune")
 
 _WEIGHT_LAYERS = (QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantConvBn)
 
@@ -144,7 +150,8 @@ def quantization_report(model: nn.Module, inputs: Any) -> QuantReport:
         for fq, _, _ in flags:
             fq.disable_observer()
             fq.disable_fake_quant()
-        ref_out, ref = _capture_outputs(model, inputs)
+        with float_parameters_swapped_in(model) as restored_layers:  # the float model, not the refined float weights
+            ref_out, ref = _capture_outputs(model, inputs)
         for fq, fq_on, _ in flags:
             fq.enable_fake_quant(bool(fq_on.item()))
         q_out, quant = _capture_outputs(model, inputs)
@@ -172,9 +179,24 @@ def quantization_report(model: nn.Module, inputs: Any) -> QuantReport:
             if info.module_level
             else []
         )
+        notes += _reference_note(info.refinements, restored_layers)
     except ValueError:
         float_layers, untraced, notes = {}, {}, []
     return QuantReport(rows, activations, float_layers, untraced, out_sqnr, notes, median)
+
+
+def _reference_note(refinements: list[str], restored_layers: int) -> list[str]:
+    """What the SQNR reference is when refinements changed the float weights (none otherwise)."""
+    changed = [s.replace("_", " ") for s in refinements if s in _WEIGHT_CHANGING]
+    if not changed:
+        return []
+    if restored_layers:
+        return [f"SQNR reference: the float weights as before {', '.join(changed)} ({restored_layers} layers)"]
+    return [
+        f"SQNR reference: the float weights as {', '.join(changed)} left them (their earlier values are not on "
+        "this model, e.g. it was restored from a state file): the SQNR measures the error against those, not "
+        "against the float model"
+    ]
 
 
 def _median_sample_sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:

@@ -184,3 +184,37 @@ def test_report_carries_the_median_output_sqnr(tiny):
     assert math.isfinite(report.output_sqnr_median_db)
     assert "median over samples" in report.to_table()
     assert report.metrics()["quant/output_sqnr_median_db"] == report.output_sqnr_median_db
+
+
+def test_sqnr_reference_is_the_float_model_after_weight_refinements():
+    """Bias correction / fast finetune move float weights; the report's reference must not move with them."""
+    from lightning_quant.algorithms import correct_bias, fast_finetune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    data = _images(3, seed=1)
+    qmodel = quantize(model, data, scheme=scheme_for_target("x86", weight_bits=4), progress=False)
+    correct_bias(qmodel, data, progress=False)
+    fast_finetune(qmodel, data, steps=30, progress=False)
+    prepare_info(qmodel).refinements += ["bias_correction", "fast_finetune"]  # as refine_calibrated notes them
+    x = _images(1, seed=5)[0]
+    report = quantization_report(qmodel, x)
+    with torch.no_grad():
+        true_sqnr = sqnr_db(model(x), qmodel(x))
+    assert report.output_sqnr_db == pytest.approx(true_sqnr, abs=1e-3)
+    assert any("as before bias correction, fast finetune (2 layers)" in n for n in report.notes)
+
+
+def test_report_says_when_the_float_weights_are_gone():
+    from lightning_quant.algorithms import fast_finetune
+    from lightning_quant.algorithms.float_reference import recorded_float_parameters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    data = _images(2, seed=1)
+    qmodel = quantize(model, data, scheme=scheme_for_target("x86", weight_bits=4), progress=False)
+    fast_finetune(qmodel, data, steps=10, progress=False)
+    prepare_info(qmodel).refinements.append("fast_finetune")
+    recorded_float_parameters(qmodel).clear()  # as after restoring the refined model from a state file
+    report = quantization_report(qmodel, data[0])
+    assert any("not against the float model" in n for n in report.notes)

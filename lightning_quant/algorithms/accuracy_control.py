@@ -51,6 +51,7 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
+from lightning_quant.algorithms.float_reference import float_parameters_swapped_in
 from lightning_quant.algorithms.layerwise import bounded_inputs, check_positive
 from lightning_quant.algorithms.sensitivity import model_outputs, outputs_sqnr, restored_switches
 from lightning_quant.config import QuantMode, QuantScheme, Target, scheme_for_target
@@ -160,7 +161,8 @@ def _rank(
     progress: bool,
 ) -> list[tuple[str, float]]:
     """``layers`` by the model-output SQNR (against the float outputs) inside ``variant(layer)``, best first."""
-    with _switched_off(qmodel, {name for name, _ in iter_quantizers(qmodel)}):
+    all_quantizers = {name for name, _ in iter_quantizers(qmodel)}
+    with _switched_off(qmodel, all_quantizers), float_parameters_swapped_in(qmodel):
         reference = model_outputs(qmodel, inputs)
     scores = []
     for layer in tqdm(list(layers), desc="Ranking layers", disable=not progress, leave=False):

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lightning_quant.algorithms.float_reference import record_float_parameters
 from lightning_quant.algorithms.layerwise import (
     LayerTuning,
     bounded_inputs,
@@ -250,6 +251,7 @@ def fast_finetune(
         for name, layer, x, y in bar:
             held = HeldSamples.of(layer, x, y, window)
             del x, y  # the padded copy replaces the input
+            record_float_parameters(qmodel, name, layer, ("weight", "bias"))  # before Adam moves them
             tuning = _tune_layer(name, layer, held, steps=steps, lr=lr, batch_size=batch_size, generator=generator)
             report.layers.append(tuning)
     finally:

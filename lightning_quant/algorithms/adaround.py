@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lightning_quant.algorithms.float_reference import record_float_parameters
 from lightning_quant.algorithms.layerwise import (
     LayerTuning,
     bounded_inputs,
@@ -236,6 +237,7 @@ def adaround(
             after = _held_error(layer, learned, held, batch_size, row_power)
             kept = after < before
             if kept:
+                record_float_parameters(qmodel, name, layer, ("weight",))
                 with torch.no_grad():
                     layer.weight.copy_(learned)
                 report.flipped[name] = (learned != nearest).float().mean().item()

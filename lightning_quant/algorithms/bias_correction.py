@@ -34,16 +34,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lightning_quant.algorithms.float_reference import float_bias, record_float_parameters
 from lightning_quant.algorithms.layerwise import (
     StopForward,
     bounded_inputs,
     check_positive,
     execution_order,
     feed,
-    float_bias,
     layer_forward,
     quantized_bias,
-    record_float_bias,
     require_any_calibrated,
     weight_layers,
 )
@@ -126,7 +125,7 @@ def _apply(model: nn.Module, name: str, layer: nn.Module, delta: torch.Tensor, r
     rounding once and then round again, moving a quantized (DPU, 8-bit) bias further off instead of closer.
     """
     delta = delta.to(layer.weight.dtype)
-    record_float_bias(model, name, layer)
+    record_float_parameters(model, name, layer, ("bias",))
     deployed = torch.zeros_like(delta) if layer.bias is None else quantized_bias(layer).detach().clone()
     if layer.bias is None:
         layer.bias = nn.Parameter(torch.zeros_like(delta))

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_quant.algorithms.float_reference import restore_float_parameters
 from lightning_quant.calibration import call_model, default_transform, move_to_device
 from lightning_quant.errors import NotCalibratedError
 from lightning_quant.quantizers.modules import QuantConv1d, QuantConv2d, QuantConv3d, QuantConvBn, QuantLinear
@@ -41,20 +42,16 @@ __all__ = [
     "check_tuning_options",
     "execution_order",
     "feed",
-    "float_bias",
     "held_mse",
     "pairs_mse",
     "layer_forward",
     "layer_targets",
     "quantized_bias",
-    "record_float_bias",
     "require_any_calibrated",
-    "restore_float_biases",
     "weight_layers",
 ]
 
 WEIGHT_LAYERS = (QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear)
-_FLOAT_BIAS = "_lightning_quant_float_bias"
 
 
 @dataclass
@@ -295,43 +292,6 @@ def held_mse(
     )
 
 
-def record_float_bias(model: nn.Module, name: str, layer: nn.Module) -> None:
-    """Remember ``layer``'s bias before its first change, so the float reference stays the float model."""
-    originals = model.__dict__.setdefault(_FLOAT_BIAS, {})
-    if name not in originals:
-        originals[name] = None if layer.bias is None else layer.bias.detach().clone()
-
-
-def float_bias(model: nn.Module, name: str, layer: nn.Module) -> torch.Tensor | None:
-    """``layer``'s float-model bias: the one :func:`record_float_bias` saved, else its current bias."""
-    originals = model.__dict__.get(_FLOAT_BIAS, {})
-    return originals[name] if name in originals else layer.bias
-
-
-def restore_float_biases(model: nn.Module, source: nn.Module) -> None:
-    """Put back into ``model`` (a reference copy) the biases :func:`record_float_bias` saved on ``source``.
-
-    A bias that did not exist before is removed. ``source`` is passed because a deep copy of an fx.GraphModule
-    does not carry the record along.
-
-    Example:
-        >>> from lightning_quant.config import scheme_for_target
-        >>> from lightning_quant.quantizers.modules import quantized_layer_from_float
-        >>> root = nn.Sequential(quantized_layer_from_float(nn.Linear(2, 2), scheme_for_target("x86"), "0"))
-        >>> record_float_bias(root, "0", root[0]); root[0].bias.data.add_(1.0)
-        tensor(...)
-        >>> restore_float_biases(root, root); torch.equal(root[0].bias, root.__dict__[_FLOAT_BIAS]["0"])
-        True
-    """
-    for name, bias in source.__dict__.get(_FLOAT_BIAS, {}).items():
-        layer = model.get_submodule(name)
-        if bias is None:
-            layer.bias = None
-        else:
-            with torch.no_grad():
-                layer.bias.copy_(bias)
-
-
 def layer_targets(
     qmodel: nn.Module,
     inputs: list[Any],
@@ -342,7 +302,7 @@ def layer_targets(
 ) -> Iterator[tuple[str, nn.Module, torch.Tensor, torch.Tensor]]:
     """For each layer in execution order: ``(name, layer, x, y)``, ``x`` its input in the quantized model (fake-quant
     on, earlier layers as already refined), ``y`` its output in the float model (a frozen copy taken first, every
-    fake-quant off, biases as before bias correction). At most ``max_samples`` rows of each are held.
+    fake-quant off, weights and biases as before any refinement). At most ``max_samples`` rows of each are held.
 
     Used by fast finetune and AdaRound, which change one layer at a time before the next one's inputs are captured.
     Layers the data never reaches, or whose weight quantizer is not calibrated, are recorded in ``skipped``.
@@ -352,7 +312,7 @@ def layer_targets(
     set_observers(qmodel, False)
     reference = copy.deepcopy(qmodel)  # the float reference: refinement changes the float weights of qmodel itself
     set_fake_quant(reference, False)
-    restore_float_biases(reference, qmodel)  # undo correct_bias, if it ran: the target is the float model
+    restore_float_parameters(reference, qmodel)  # undo earlier refinements: the target is the float model
     order = execution_order(qmodel, layers, inputs[0])
     skipped.update({n: "not reached by the calibration data" for n in layers if n not in order})
     for name in order:

@@ -62,6 +62,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 from tqdm.auto import tqdm
 
+from lightning_quant.algorithms.float_reference import float_parameters_swapped_in
 from lightning_quant.algorithms.layerwise import bounded_inputs, require_any_calibrated
 from lightning_quant.algorithms.percentile import PercentileObserver
 from lightning_quant.algorithms.range_knobs import _fix_pos_offsets, _FixPosKnob, _PercentileKnob, _percentiles
@@ -310,7 +311,8 @@ def search_activation_ranges(
     bar = tqdm(total=total, desc="Range search", disable=not progress, leave=False)
     with restored_switches(quantizers), torch.no_grad():
         set_fake_quant(qmodel, False)
-        reference = model_outputs(qmodel, inputs, action="range search")
+        with float_parameters_swapped_in(qmodel):  # the float model, also after bias correction & co.
+            reference = model_outputs(qmodel, inputs, action="range search")
         set_fake_quant(qmodel, True)
 
         def error() -> float:

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lightning_quant.algorithms.float_reference import float_parameters_swapped_in
 from lightning_quant.algorithms.layerwise import bounded_inputs, check_positive
 from lightning_quant.calibration import call_model
 from lightning_quant.errors import NotCalibratedError
@@ -259,8 +260,9 @@ def sensitivity_analysis(
     try:
         with restored_switches(quantizers):
             switch(lambda i: False)
-            reference = model_outputs(qmodel, inputs)
-            metric_float = metric_fn(qmodel) if metric_fn else None
+            with float_parameters_swapped_in(qmodel):  # the float model, also after bias correction & co.
+                reference = model_outputs(qmodel, inputs)
+                metric_float = metric_fn(qmodel) if metric_fn else None
             switch(lambda i: True)
             all_on = outputs_sqnr(reference, model_outputs(qmodel, inputs))
             metric_all_on = metric_fn(qmodel) if metric_fn else None
