@@ -32,6 +32,7 @@ EXPECTED = {  # recipe: (mode, target, model builder, datamodule)
     "resnet20_ptq_cifar10_w4a8": ("ptq", "x86_vnni", "cifar_resnet", "CIFAR10DataModule"),
     "mobilenetv2_ptq_imagenette_mse_bc": ("ptq", "x86_vnni", "mobilenet_v2_imagenette", "ImagenetteDataModule"),
     "mobilenetv2_ptq_imagenette_w4a8": ("ptq", "x86_vnni", "mobilenet_v2_imagenette", "ImagenetteDataModule"),
+    "resnet50_ptq_imagenette_w4a8": ("ptq", "x86_vnni", "resnet50_imagenette", "ImagenetteDataModule"),
 }
 
 

@@ -34,10 +34,12 @@ OFFLINE = {
     "resnet20_ptq_cifar10_w4a8": [],
     "mobilenetv2_ptq_imagenette_mse_bc": [],
     "mobilenetv2_ptq_imagenette_w4a8": [],
+    "resnet50_ptq_imagenette_w4a8": [],
 }
 SLOW = {  # per-layer tuning of 53 layers at 224 px, even on 4 images
     "mobilenetv2_ptq_imagenette_w4a8",  # AdaRound: ~10 min
     "mobilenetv2_ptq_imagenette_dpu_ff",  # fast finetune: ~4 min
+    "resnet50_ptq_imagenette_w4a8",  # range search + AdaRound over 54 layers
 }
 
 
