@@ -75,10 +75,15 @@ def restore_float_parameters(model: nn.Module, source: nn.Module) -> None:
         for name, saved in recorded_float_parameters(source).items():
             layer = model.get_submodule(name)
             for attr, value in saved.items():
-                if value is None:
-                    setattr(layer, attr, None)
-                else:
-                    getattr(layer, attr).copy_(value)
+                _put(layer, attr, value)
+
+
+def _put(layer: nn.Module, attr: str, value: torch.Tensor | None) -> None:
+    """Write a recorded float value into ``layer`` (``None``: the parameter did not exist, remove it)."""
+    if value is None:
+        setattr(layer, attr, None)
+    else:
+        getattr(layer, attr).copy_(value)
 
 
 @contextlib.contextmanager
@@ -96,10 +101,7 @@ def float_parameters_swapped_in(model: nn.Module) -> Iterator[int]:
                     if current is None:
                         continue
                     undo.append((layer, attr, current, None if value is None else current.detach().clone()))
-                    if value is None:
-                        setattr(layer, attr, None)
-                    else:
-                        current.copy_(value)
+                    _put(layer, attr, value)
         yield len(record)
     finally:
         with torch.no_grad():
