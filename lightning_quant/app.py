@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ from lightning_quant.config import QATSchedule, QuantScheme, scheme_for_target
 from lightning_quant.quantizers.prepare import prepare_info
 from lightning_quant.report import quantization_report
 from lightning_quant.run_accuracy_control import accuracy_control_enabled, choose_float_layers, report_metrics
+from lightning_quant.run_export import export_artefacts
 from lightning_quant.run_report import model_sizes, summary_table, write_run_report
 
 __all__ = ["CONFIG_DIR", "MODES", "RECIPES_DIR", "compose_config", "main", "summary_table", "train"]
@@ -212,56 +212,6 @@ def _evaluate(
     return out
 
 
-def _export(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir: Path) -> dict[str, Any]:
-    """Write the artefacts listed in ``export.formats`` (verification gate on) and check them on val batches."""
-    from lightning_quant.export import export_onnx, export_torchscript, export_xmodel, verify_export
-
-    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # its per-initializer INFO lines flood Hydra's log
-    batches = _verification_batches(dm.val_dataloader(), max(1, cfg.export.verify_batches))
-    example = batches[0][0][:1]
-    network = network.cpu().eval()
-    artefacts: dict[str, Any] = {}
-    for fmt in cfg.export.formats:
-        if fmt == "onnx":
-            path = export_onnx(network, out_dir / "model_int8.onnx", example, opset=cfg.export.opset,
-                               verify=cfg.export.verify, min_top1_agreement=cfg.export.min_top1_agreement)  # fmt: skip
-        elif fmt == "xmodel":
-            path = export_xmodel(network, out_dir / "model_int8.xmodel", example)
-        else:
-            path = export_torchscript(network, out_dir / "model_int8.pt", example, verify=cfg.export.verify,
-                                      min_top1_agreement=cfg.export.min_top1_agreement)  # fmt: skip
-        entry: dict[str, Any] = {"path": str(path), "bytes": path.stat().st_size}
-        if cfg.export.verify and cfg.export.verify_batches > 0:
-            report = verify_export(network, path, batches, min_top1_agreement=cfg.export.min_top1_agreement,
-                                   latency_runs=0)  # fmt: skip
-            entry.update(
-                top1_agreement=report.top1_agreement,
-                near_tie_flips=report.near_tie_flips,
-                top1=_pct(report.artifact_accuracy),
-                model_top1=_pct(report.model_accuracy),
-                verify_images=report.num_samples,
-            )
-        artefacts[fmt] = entry
-    return artefacts
-
-
-def _verification_batches(loader: DataLoader, num_batches: int) -> list[Any]:
-    """``num_batches`` batches of images spread evenly over the evaluation set (not its first, one-class files).
-
-    Image folders list their files class by class, so the first batches would check the artefacts on one class.
-    """
-    dataset = loader.dataset
-    count = min(len(dataset), num_batches * (loader.batch_size or 1))  # type: ignore[arg-type]
-    indices = torch.linspace(0, len(dataset) - 1, count).round().long().tolist()  # type: ignore[arg-type]
-    subset = torch.utils.data.Subset(dataset, indices)
-    spread = DataLoader(subset, batch_size=loader.batch_size, num_workers=0, collate_fn=loader.collate_fn)
-    return list(spread)
-
-
-def _pct(value: float | None) -> float | None:
-    return None if value is None else 100.0 * value
-
-
 _RunResult = tuple[dict[str, Any], "QuantCallback | None"]
 
 
@@ -368,7 +318,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["sizes"] = model_sizes(network)
         report = quantization_report(network, _first_val_inputs(dm))
         if cfg.deploy and cfg.mode != "calib":
-            metrics["artefacts"] = _export(cfg, network, dm, out)
+            metrics["artefacts"] = export_artefacts(cfg, network, dm, out)
     metrics.update(
         calibration_batches=cfg.quant.calibration_batches,
         calibration_size=cfg.data.calibration_size,

@@ -241,12 +241,12 @@ def test_accuracy_control_tuning_set_must_fit_beside_the_calibration_images(tmp_
 def test_artefacts_are_verified_on_images_spread_over_the_evaluation_set():
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lightning_quant.app import _verification_batches
+    from lightning_quant.run_export import verification_batches
 
     labels = torch.arange(10).repeat_interleave(20)  # an image folder: class by class
     loader = DataLoader(TensorDataset(torch.randn(200, 3), labels), batch_size=8)
-    batches = _verification_batches(loader, 2)
+    batches = verification_batches(loader, 2)
     assert [len(b[1]) for b in batches] == [8, 8]
     assert torch.cat([b[1] for b in batches]).unique().tolist() == list(range(10))
     small = DataLoader(TensorDataset(torch.randn(5, 3), torch.zeros(5)), batch_size=8)
-    assert [len(b[0]) for b in _verification_batches(small, 2)] == [5]
+    assert [len(b[0]) for b in verification_batches(small, 2)] == [5]
