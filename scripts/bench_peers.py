@@ -12,8 +12,10 @@ Protocol (the same for every method, not tuned per tool):
   so every method sees bit-identical inputs (checked at start-up against the datasets' own transform).
 
 Methods: ``ours`` (the model's best default recipe: ``x86`` target, 7-bit per-channel weights, uint8 activations,
-min/max ranges; ResNet50 99.9th-percentile activation ranges and the activation range search, as
-``recipes/recipe/resnet50_ptq_imagenette.yaml``, in every variant but ``ours_dpu``),
+min/max ranges; MobileNetV2 MSE activation ranges and bias correction, as
+``recipes/recipe/mobilenetv2_ptq_imagenette.yaml``; ResNet50 99.9th-percentile activation ranges and the activation
+range search, as ``recipes/recipe/resnet50_ptq_imagenette.yaml``; these model settings hold in every variant but
+``ours_dpu``),
 ``ours_per_tensor`` (same with per-tensor weights), ``ours_pow2`` (power-of-two scales, symmetric int8 activations),
 ``ours_per_tensor_cle`` (8-bit per-tensor weights with the data-free recipe: ReLU6 -> ReLU, cross-layer
 equalization, bias correction; ``recipes/recipe/mobilenetv2_ptq_imagenette_per_tensor.yaml``), ``ours_dpu`` (the Vitis
@@ -79,8 +81,8 @@ MODELS: dict[str, dict[str, Any]] = {
     "mobilenet_v2": {
         "data": "imagenette",
         "recipe": "mobilenetv2_ptq_imagenette",
-        "act": {},
-        "best_act": {"activation_observer": "mse"},
+        "act": {"activation_observer": "mse"},
+        "options": {"bias_correction": True},  # as the recipe; every variant but ours_dpu
     },
     "resnet50": {
         "data": "imagenette",
@@ -375,7 +377,7 @@ def ours_scheme(name: str, variant: str) -> Any:
     if variant == "ours_per_tensor_cle":
         return scheme_for_target("x86_vnni", weight_granularity="per_tensor", **MODELS[name]["act"])
     if variant == "ours_best":
-        return scheme_for_target("x86_vnni", **MODELS[name].get("best_act", MODELS[name]["act"]))
+        return scheme_for_target("x86_vnni", **MODELS[name]["act"])
     overrides = dict(MODELS[name]["act"])
     if variant == "ours_per_tensor":
         overrides["weight_granularity"] = "per_tensor"

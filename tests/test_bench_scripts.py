@@ -86,3 +86,21 @@ def test_resume_keeps_rows_and_replace_measures_named_methods_again(tmp_path, mo
     rows = json.loads(out.read_text())["rows"]
     assert [(r["method"], r["top1"]) for r in rows] == [("float", 60.0), ("int8_pc", 53.0), ("int8_pt", 52.0)]
     assert rows[1]["drop"] == -7.0 and len(rows[1]["measured"]) == 10  # YYYY-MM-DD
+
+
+@pytest.mark.parametrize("model", ["mobilenet_v2", "resnet50", "resnet20"])
+def test_peer_benchmark_ours_row_runs_the_models_recipe(model):
+    """bench_peers' ``ours`` row claims to be the model's default recipe: its scheme and quantize() flags must be
+    the recipe file's, so that a recipe change cannot leave the peer table measuring something else."""
+    from omegaconf import OmegaConf
+
+    bench_peers = pytest.importorskip("bench_peers")
+    entry = bench_peers.MODELS[model]
+    recipe = OmegaConf.load(SCRIPTS.parent / "recipes" / "recipe" / f"{entry['recipe']}.yaml")
+    quant = OmegaConf.to_container(recipe.quant) if "quant" in recipe else {}
+    assert recipe.defaults[-1] == {"override /quant": "x86"}  # the x86 target, as ours_scheme builds
+    assert quant.pop("scheme", {}) == entry["act"]
+    quant.pop("calibration_batches", None)  # the batching, not a quantize() flag (checked by calib_batch below)
+    assert quant == entry.get("options", {})
+    if "batch_size" in recipe.get("data", {}):  # a recipe that batches its calibration its own way (range search)
+        assert entry["calib_batch"] == recipe.data.batch_size
