@@ -6,7 +6,8 @@ into ``L`` levels and spreads each level's mass evenly over its non-empty bins. 
 ``KL(P || Q)`` wins (the largest on ties) and is ``i`` bin widths (Migacz, "8-bit Inference with TensorRT",
 GTC 2017; NVIDIA pytorch-quantization's ``_compute_amax_entropy``). ``L`` is the number of levels on one side:
 ``2^(bits-1)`` for signed specs, ``2^bits`` for unsigned ones. The divergences of all candidates are computed
-at once from prefix sums (``O(candidates x L)``), not bin by bin.
+from prefix sums (``O(candidates x L)``), not bin by bin, in blocks of candidates whose temporaries stay in
+the CPU cache.
 
 Asymmetric specs use the same ``|x|`` threshold on both sides (clipped to the observed min/max), which suits
 post-ReLU activations. Per-channel specs (weights) fall back to the per-channel min/max.
@@ -24,12 +25,16 @@ Example:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from lightning_quant.algorithms.histogram import HistogramObserver
 from lightning_quant.quantizers.observers import register_observer
 
 __all__ = ["EntropyObserver", "kl_divergences", "kl_threshold_bins"]
+
+_BLOCK = 64  # candidates per block: (64, L + 1, 2) float64 gathers, ~260 KB at L = 256
 
 
 def _xlogx(t: torch.Tensor) -> torch.Tensor:
@@ -51,28 +56,40 @@ def kl_divergences(counts: torch.Tensor, levels: int) -> tuple[torch.Tensor, tor
         raise ValueError(f"levels={levels} must be >= 1 (the number of quantization levels on one side).")
     h = counts.double()
     n, device = h.numel(), h.device
-    cand = torch.arange(levels, n + 1, device=device)  # (M,)
+    cand, bounds = _group_bounds(n, levels, str(device))
     total = h.sum()
-    csum = torch.cat([torch.zeros(1, dtype=h.dtype, device=device), torch.cumsum(h, 0)])
-    cnz = torch.cat([torch.zeros(1, dtype=h.dtype, device=device), torch.cumsum((h > 0).double(), 0)])
-    cxlogx = torch.cat([torch.zeros(1, dtype=h.dtype, device=device), torch.cumsum(_xlogx(h), 0)])
-    g = torch.arange(levels + 1, device=device)
-    bounds = torch.div(g[None, :] * cand[:, None] + levels - 1, levels, rounding_mode="floor")  # ceil(g i / L)
-    at_bounds = csum[bounds]  # one gather per cumulative sum, then differences along the groups
-    group_sum = at_bounds[:, 1:] - at_bounds[:, :-1]  # (M, L): S_g
-    nz_at_bounds = cnz[bounds]
-    group_nz = nz_at_bounds[:, 1:] - nz_at_bounds[:, :-1]  # N_g
-    kept = csum[cand]  # H_i, mass of the first i bins
+    zero = torch.zeros(1, 2, dtype=h.dtype, device=device)
+    prefix = torch.cat([zero, torch.cumsum(torch.stack([h, (h > 0).double()], 1), 0)])  # mass, non-empty bins
+    kept = prefix[cand, 0]  # H_i, mass of the first i bins
     outliers = total - kept
+    cross = torch.empty_like(kept)  # sum_g P_g log Q_g, one block of candidates at a time
+    for start in range(0, cand.numel(), _BLOCK):
+        at_bounds = prefix[bounds[start : start + _BLOCK]]  # one gather, then differences along the groups
+        groups = at_bounds[:, 1:] - at_bounds[:, :-1]
+        group_sum, group_nz = groups[..., 0], groups[..., 1]  # (block, L): S_g and N_g
+        log_q = torch.log(group_sum.clamp_min(1e-300)).sub_(torch.log(group_nz.clamp_min(1.0)))
+        log_q.masked_fill_(group_sum <= 0, 0.0)
+        # P equals S except in the last group, which also holds the outliers
+        cross[start : start + _BLOCK] = (group_sum * log_q).sum(1) + outliers[start : start + _BLOCK] * log_q[:, -1]
     last = h[cand - 1] + outliers  # P_{i-1}
-    p_mass = group_sum.clone()
-    p_mass[:, -1] += outliers  # the outliers sit in the last group of P
-    log_count = torch.log(torch.arange(n + 1, dtype=h.dtype, device=device).clamp_min(1))  # N_g is an integer <= n
-    log_q = torch.where(group_sum > 0, torch.log(group_sum.clamp_min(1e-300)) - log_count[group_nz.long()], 0.0)
+    cxlogx = torch.cat([h.new_zeros(1), torch.cumsum(_xlogx(h), 0)])
     plogp = cxlogx[cand - 1] + _xlogx(last)
-    kl = (plogp - (p_mass * log_q).sum(1)) / total - torch.log(total) + torch.log(kept.clamp_min(1e-300))
+    kl = (plogp - cross) / total - torch.log(total) + torch.log(kept.clamp_min(1e-300))
     impossible = (kept <= 0) | ((h[cand - 1] == 0) & (outliers > 0))  # Q is 0 where P is not
-    return cand, torch.where(impossible, torch.inf, kl.clamp_min(0.0))
+    return cand.clone(), torch.where(impossible, torch.inf, kl.clamp_min(0.0))  # the cached candidates stay intact
+
+
+@functools.lru_cache(maxsize=8)
+def _group_bounds(n: int, levels: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidates ``levels .. n`` and each one's group boundaries ``ceil(g i / L)``, ``(M, L + 1)``.
+
+    They depend on the histogram's size only, and every quantizer of a model has the same, so they are built once.
+    The float division is exact here: ``g i`` and ``L`` are integers far below 2^53, and a non-integer quotient
+    stays at least ``1 / L`` away from the next integer.
+    """
+    cand = torch.arange(levels, n + 1, device=device)
+    g = torch.arange(levels + 1, device=device, dtype=torch.float64)
+    return cand, torch.ceil(g[None, :] * cand[:, None].double() / levels).long()
 
 
 def kl_threshold_bins(counts: torch.Tensor, levels: int) -> int:
