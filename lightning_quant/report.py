@@ -191,7 +191,8 @@ def _reference_note(refinements: list[str], restored_layers: int) -> list[str]:
     if not changed:
         return []
     if restored_layers:
-        return [f"SQNR reference: the float weights as before {', '.join(changed)} ({restored_layers} layers)"]
+        before = ", ".join(changed)
+        return [f"SQNR reference: the float weights as before {before} (recorded for {restored_layers} layers)"]
     return [
         f"SQNR reference: the float weights as {', '.join(changed)} left them (their earlier values are not on "
         "this model, e.g. it was restored from a state file): the SQNR measures the error against those, not "

@@ -202,7 +202,7 @@ def test_sqnr_reference_is_the_float_model_after_weight_refinements():
     with torch.no_grad():
         true_sqnr = sqnr_db(model(x), qmodel(x))
     assert report.output_sqnr_db == pytest.approx(true_sqnr, abs=1e-3)
-    assert any("as before bias correction, fast finetune (2 layers)" in n for n in report.notes)
+    assert any("as before bias correction, fast finetune (recorded for 2 layers)" in n for n in report.notes)
 
 
 def test_report_says_when_the_float_weights_are_gone():
