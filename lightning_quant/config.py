@@ -98,8 +98,9 @@ class QuantSpec:
         scale_type: ``float`` or ``power_of_two``.
         rounding: ``half_even``, ``half_up`` or ``half_away``.
         narrow_range: drop the most negative code (int8 -> [-127, 127]), as TensorRT and ORT weights use.
-        observer: name of a registered range estimator: ``minmax``, ``moving_average``, ``percentile``, ``mse``,
-            ``entropy`` (see ``docs/algorithms.md``) or one you register.
+        observer: name of a registered range estimator: ``minmax``, ``moving_average``, ``mean_minmax`` (the mean
+            of every sample's min and max), ``percentile``, ``mse``, ``entropy`` (see ``docs/algorithms.md``) or
+            one you register.
         averaging_constant: momentum of the ``moving_average`` estimator.
         learnable: learn the scale with the task loss during QAT (LSQ).
         percentile: the ``percentile`` estimator clips at this percentile of ``|x|`` (symmetric specs) or of

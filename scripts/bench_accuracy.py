@@ -14,7 +14,8 @@ seed, top-1 on the full evaluation split (CIFAR-10 test, Imagenette val) unless 
   (``layer_weight_bits``), the usual choice for W4A8 MobileNets; ``fl8`` keeps the first and the last Conv/Linear
   layer at 8-bit weights, the convention of the low-bit literature (AdaRound, BRECQ report W4A8 that way);
 * activation range estimators (default min/max): ``mse`` (MSE-optimal clipping), ``pct`` (99.99th percentile;
-  ``pct99.9`` names another), ``kl`` (entropy / KL). Drops are against the unmodified float model.
+  ``pct99.9`` names another), ``kl`` (entropy / KL), ``meanmm`` (the mean of every image's min and max, NNCF's
+  activation default). Drops are against the unmodified float model.
 
 Usage:
     PYTHONPATH=. python scripts/bench_accuracy.py --models resnet20                 # CIFAR-10, the default methods
@@ -50,7 +51,7 @@ ALGORITHMS = {
     "ps": "adaround_per_sample",
     "ff": "fast_finetune",
 }
-ESTIMATORS = {"mse": "mse", "pct": "percentile", "kl": "entropy"}
+ESTIMATORS = {"mse": "mse", "pct": "percentile", "kl": "entropy", "meanmm": "mean_minmax"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -24,6 +24,10 @@ def test_methods_parse_into_scheme_overrides_and_quantize_flags():
     assert overrides == {"activation_observer": "percentile", "activation_percentile": 99.9}
     assert flags == {"fast_finetune": True}
     assert bench_accuracy.parse_method("w4a8+mse+dw8")[1:] == ({"activation_observer": "mse"}, {})
+    assert bench_accuracy.parse_method("int8_pc+meanmm+bc")[1:] == (
+        {"activation_observer": "mean_minmax"},
+        {"bias_correction": True},
+    )
 
 
 @pytest.mark.parametrize(

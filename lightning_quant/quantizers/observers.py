@@ -31,6 +31,7 @@ from torch import nn
 from lightning_quant.quantizers.functional import qparams_from_range
 
 __all__ = [
+    "MeanMinMaxObserver",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
     "Observer",
@@ -225,3 +226,71 @@ class MovingAverageMinMaxObserver(Observer):
         if ranks.item() > 0:
             self.min_val.copy_(total_min / ranks)
             self.max_val.copy_(total_max / ranks)
+
+
+@register_observer("mean_minmax")
+class MeanMinMaxObserver(Observer):
+    """Mean over all samples seen of each sample's min and max (NNCF's ``MEAN_MINMAX`` activation default).
+
+    Dimension 0 is the batch: every sample contributes its own extremes, so the range does not depend on how the
+    calibration images were batched, and a rare outlier moves it by ``1 / samples`` of its size instead of
+    setting it, which suits heavy-tailed activations. Per-channel specs and tensors without a batch dimension
+    count as one sample per call.
+
+    Example:
+        >>> import torch
+        >>> from lightning_quant.config import QuantSpec
+        >>> obs = build_observer(QuantSpec(observer="mean_minmax"))
+        >>> _ = obs(torch.tensor([[0.0, 1.0], [0.0, 3.0]])); _ = obs(torch.tensor([[0.0, 8.0]]))
+        >>> obs.max_val.item(), int(obs.samples)  # (1 + 3 + 8) / 3
+        (4.0, 3)
+    """
+
+    def __init__(self, spec: Any, num_channels: int | None = None) -> None:
+        super().__init__(spec, num_channels)
+        self.register_buffer("samples", torch.zeros((), dtype=torch.float64))
+
+    def observe(self, x: torch.Tensor) -> None:
+        if self.spec.per_channel or x.dim() < 2:
+            lo, hi = self.batch_range(x)
+            n, lo_sum, hi_sum = 1, lo.double(), hi.double()
+        else:
+            lo, hi = torch.aminmax(x.detach().float().reshape(x.shape[0], -1), dim=1)
+            if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+                raise FloatingPointError(f"{'NaN' if torch.isnan(x).any() else 'inf'} values reached an observer")
+            n, lo_sum, hi_sum = lo.numel(), lo.double().sum(), hi.double().sum()
+        total = self.samples + n
+        old = self.samples / total  # weights of the running means and of this batch's sums
+        seen = self.initialized
+        self.min_val.copy_((self.min_val.double() * old if seen else 0.0) + lo_sum / total)
+        self.max_val.copy_((self.max_val.double() * old if seen else 0.0) + hi_sum / total)
+        self.samples.copy_(total)
+
+    def reset(self) -> None:
+        super().reset()
+        self.samples.zero_()
+
+    def sync_tensors(self, phase: int) -> list[tuple[torch.Tensor, str]]:
+        """Sample-weighted mean of the ranks' means (ranks that have seen no data weigh nothing)."""
+        if phase != 0:
+            return []
+        if self.initialized:
+            weight = self.samples.to(self.min_val.dtype)
+            self._sync = (self.min_val * weight, self.max_val * weight, self.samples.clone())
+        else:
+            self._sync = (
+                torch.zeros_like(self.min_val),
+                torch.zeros_like(self.max_val),
+                torch.zeros_like(self.samples),
+            )
+        return [(self._sync[0], "sum"), (self._sync[1], "sum"), (self._sync[2], "sum")]
+
+    def after_sync(self, phase: int, world_size: int) -> None:
+        if phase != 0:
+            return
+        min_sum, max_sum, samples = self._sync
+        del self._sync
+        if samples.item() > 0:
+            self.min_val.copy_(min_sum / samples.to(min_sum.dtype))
+            self.max_val.copy_(max_sum / samples.to(max_sum.dtype))
+            self.samples.copy_(samples)

@@ -44,7 +44,7 @@ def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 CASES = [("minmax", "x86", 7), ("percentile", "x86", 7), ("entropy", "x86", 7), ("mse", "x86", 7),
-         ("dpu_pot", "dpu", 7), ("minmax", "x86", 1)]  # fmt: skip
+         ("dpu_pot", "dpu", 7), ("minmax", "x86", 1), ("mean_minmax", "x86", 7)]  # fmt: skip
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -109,6 +109,22 @@ def test_merged_state_is_identical_on_ranks_and_matches_one_process(two_ranks, o
             ref.observer._regrid(width, int(fq.observer.bin_offset.item()))
             assert torch.equal(fq.observer.histogram, ref.observer.histogram), name
             assert fq.scale.item() == pytest.approx(ref.scale.item(), rel=0.05, abs=2 * width / 255), name
+
+
+def test_mean_minmax_merges_into_the_sample_weighted_mean(two_ranks):
+    ranks = ranks_of(two_ranks, "mean_minmax")
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    merged = prepare(net(), scheme_for_target("x86", activation_observer="mean_minmax"))
+    merged.load_state_dict(ranks[0])
+    single = single_process("mean_minmax")
+    activations = [(n, fq, ref) for (n, fq), (_, ref) in zip(iter_quantizers(merged), iter_quantizers(single))]
+    activations = [(n, fq, ref) for n, fq, ref in activations if not fq.spec.per_channel]
+    assert activations
+    for name, fq, ref in activations:  # 28 samples in all, 12 of them on rank 1: a mean, not a max
+        assert fq.observer.samples.item() == ref.observer.samples.item() == 28, name
+        torch.testing.assert_close(fq.observer.min_val, ref.observer.min_val, msg=name)
+        torch.testing.assert_close(fq.observer.max_val, ref.observer.max_val, msg=name)
 
 
 def test_dpu_votes_are_summed(two_ranks):

@@ -119,7 +119,7 @@ def test_observer_state_is_in_state_dict():
     assert torch.equal(fresh.min_val, obs.min_val) and torch.equal(fresh.max_val, obs.max_val)
 
 
-@pytest.mark.parametrize("observer", ["minmax", "moving_average"])
+@pytest.mark.parametrize("observer", ["minmax", "moving_average", "mean_minmax"])
 @pytest.mark.parametrize("bad, word", [(float("nan"), "NaN"), (float("inf"), "inf"), (float("-inf"), "inf")])
 def test_non_finite_values_raise(observer, bad, word):
     obs = build_observer(QuantSpec(observer=observer))
@@ -163,3 +163,40 @@ def test_register_observer_makes_it_selectable():
 def test_unknown_observer_name_raises():
     with pytest.raises(ValueError, match=r"observer='percentile_99' is not registered; use one of .*'minmax'"):
         QuantSpec(observer="percentile_99")
+
+
+def test_mean_minmax_is_the_mean_of_per_sample_extremes_whatever_the_batching():
+    data = torch.cat(_batches(4, shape=(8, 5, 4, 4)))  # 32 samples of growing scale
+    per_sample = data.reshape(32, -1)
+    expected = per_sample.min(1).values.double().mean(), per_sample.max(1).values.double().mean()
+    for batch in (1, 5, 32):
+        obs = build_observer(QuantSpec(observer="mean_minmax"))
+        for chunk in data.split(batch):
+            obs(chunk)
+        assert obs.samples.item() == 32
+        assert obs.min_val.item() == pytest.approx(expected[0].item(), rel=1e-6)
+        assert obs.max_val.item() == pytest.approx(expected[1].item(), rel=1e-6)
+    minmax = build_observer(QuantSpec(observer="minmax"))
+    minmax(data)
+    assert obs.max_val < minmax.max_val and obs.min_val > minmax.min_val  # one sample's outlier does not set it
+
+
+def test_mean_minmax_state_round_trips_and_resets():
+    obs = build_observer(QuantSpec(observer="mean_minmax"))
+    obs(torch.tensor([[0.0, 2.0], [0.0, 4.0]]))
+    fresh = build_observer(QuantSpec(observer="mean_minmax"))
+    fresh.load_state_dict(obs.state_dict())
+    fresh(torch.tensor([[0.0, 9.0]]))  # resumes the running mean: (2 + 4 + 9) / 3
+    assert fresh.max_val.item() == pytest.approx(5.0) and fresh.samples.item() == 3
+    fresh.reset()
+    assert not fresh.initialized and fresh.samples.item() == 0
+    fresh(torch.tensor([[-1.0, 1.0]]))
+    assert (fresh.min_val.item(), fresh.max_val.item()) == (-1.0, 1.0)
+
+
+def test_mean_minmax_per_channel_counts_each_call_once():
+    obs = build_observer(QuantSpec(observer="mean_minmax", granularity="per_channel"), num_channels=2)
+    obs(torch.tensor([[1.0, -1.0], [3.0, 0.5]]))
+    obs(torch.tensor([[5.0, -3.0], [7.0, 2.5]]))
+    assert obs.samples.item() == 2
+    torch.testing.assert_close(obs.max_val, torch.tensor([3.0, 5.0]))  # means of (1, 5) and (3, 7)
