@@ -118,8 +118,8 @@ def test_mean_minmax_merges_into_the_sample_weighted_mean(two_ranks):
     merged = prepare(net(), scheme_for_target("x86", activation_observer="mean_minmax"))
     merged.load_state_dict(ranks[0])
     single = single_process("mean_minmax")
-    activations = [(n, fq, ref) for (n, fq), (_, ref) in zip(iter_quantizers(merged), iter_quantizers(single))]
-    activations = [(n, fq, ref) for n, fq, ref in activations if not fq.spec.per_channel]
+    pairs = zip(iter_quantizers(merged), iter_quantizers(single), strict=True)
+    activations = [(n, fq, ref) for (n, fq), (_, ref) in pairs if not fq.spec.per_channel]
     assert activations
     for name, fq, ref in activations:  # 28 samples in all, 12 of them on rank 1: a mean, not a max
         assert fq.observer.samples.item() == ref.observer.samples.item() == 28, name
