@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,18 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-__all__ = ["export_artefacts", "verification_batches"]
+__all__ = ["export_artefacts", "report_size", "verification_batches"]
 
 
 def export_artefacts(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir: Path) -> dict[str, Any]:
-    """Write the artefacts listed in ``export.formats`` (verification gate on) and check them on val batches."""
-    from lightning_quant.export import export_onnx, export_torchscript, export_xmodel, verify_export
+    """Write the artefacts listed in ``export.formats`` (verification gate on) and check them on val batches.
+
+    Each artefact is written under a staging name and gets its final name (``model_int8.onnx`` ...) only once it
+    passed the check on the validation batches; one that fails is kept as ``rejected_<name>`` for inspection, so
+    a file under the deployable name has always been verified.
+    """
+    from lightning_quant.export import ExportVerificationError, export_onnx, export_torchscript, export_xmodel
+    from lightning_quant.export import verify_export
 
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # its per-initializer INFO lines flood Hydra's log
     batches = verification_batches(dm.val_dataloader(), max(1, cfg.export.verify_batches))
@@ -32,18 +39,29 @@ def export_artefacts(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir
     network = network.cpu().eval()
     artefacts: dict[str, Any] = {}
     for fmt in cfg.export.formats:
+        final = out_dir / {"onnx": "model_int8.onnx", "xmodel": "model_int8.xmodel"}.get(fmt, "model_int8.pt")
+        staged = final.with_name(f"unverified_{final.name}")
         if fmt == "onnx":
-            path = export_onnx(network, out_dir / "model_int8.onnx", example, opset=cfg.export.opset,
-                               verify=cfg.export.verify, min_top1_agreement=cfg.export.min_top1_agreement)  # fmt: skip
+            export_onnx(network, staged, example, opset=cfg.export.opset, verify=cfg.export.verify,
+                        min_top1_agreement=cfg.export.min_top1_agreement)  # fmt: skip
         elif fmt == "xmodel":
-            path = export_xmodel(network, out_dir / "model_int8.xmodel", example)
+            export_xmodel(network, staged, example)
         else:
-            path = export_torchscript(network, out_dir / "model_int8.pt", example, verify=cfg.export.verify,
-                                      min_top1_agreement=cfg.export.min_top1_agreement)  # fmt: skip
-        entry: dict[str, Any] = {"path": str(path), "bytes": path.stat().st_size}
+            export_torchscript(network, staged, example, verify=cfg.export.verify,
+                               min_top1_agreement=cfg.export.min_top1_agreement)  # fmt: skip
+        entry: dict[str, Any] = {"path": str(final), "bytes": staged.stat().st_size}
         if cfg.export.verify and cfg.export.verify_batches > 0:
-            report = verify_export(network, path, batches, min_top1_agreement=cfg.export.min_top1_agreement,
-                                   latency_runs=0)  # fmt: skip
+            try:
+                report = verify_export(network, staged, batches, min_top1_agreement=cfg.export.min_top1_agreement,
+                                       latency_runs=0)  # fmt: skip
+            except ExportVerificationError as error:
+                rejected = final.with_name(f"rejected_{final.name}")
+                os.replace(staged, rejected)
+                raise ExportVerificationError(
+                    f"{error} Nothing was written as {final.name}; the rejected file is {rejected}. If the "
+                    f"disagreement is a few images of {report_size(batches)}, check on more images with "
+                    "export.verify_batches=N."
+                ) from error
             entry.update(
                 top1_agreement=report.top1_agreement,
                 near_tie_flips=report.near_tie_flips,
@@ -51,8 +69,14 @@ def export_artefacts(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir
                 model_top1=_pct(report.model_accuracy),
                 verify_images=report.num_samples,
             )
+        os.replace(staged, final)
         artefacts[fmt] = entry
     return artefacts
+
+
+def report_size(batches: list[Any]) -> int:
+    """How many images ``batches`` (``(images, labels)`` pairs or image tensors) hold."""
+    return sum(len(b[0]) if isinstance(b, (list, tuple)) else len(b) for b in batches)
 
 
 def verification_batches(loader: DataLoader, num_batches: int) -> list[Any]:

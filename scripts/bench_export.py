@@ -120,9 +120,10 @@ def image_batches(name: str, calib_size: int, eval_size: int) -> tuple[list, lis
 
 
 # --------------------------------------------------------------------------------------------------- exports
-def export_ort_quantized(fp32: Path, path: Path, calib: list[torch.Tensor]) -> Path:
+def export_ort_quantized(fp32: Path, path: Path, calib: list[torch.Tensor], per_channel: bool = True) -> Path:
     """onnxruntime's own static quantizer on a float export: ``quant_pre_process`` then ``quantize_static`` (QDQ,
-    per-channel, uint8 activations, int8 weights, min/max). Batches are converted to numpy one at a time."""
+    per-channel unless told otherwise, uint8 activations, int8 weights, min/max). Batches are converted to numpy one
+    at a time."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -143,7 +144,7 @@ def export_ort_quantized(fp32: Path, path: Path, calib: list[torch.Tensor]) -> P
         str(path),
         Reader(),
         quant_format=QuantFormat.QDQ,
-        per_channel=True,
+        per_channel=per_channel,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
     )

@@ -27,7 +27,9 @@ min/max otherwise),
 ``nncf`` (``nncf.quantize`` defaults), ``pt2e`` (``torch.export`` + ``prepare_pt2e`` with torchao's
 ``X86InductorQuantizer`` default config + ``convert_pt2e``), ``mct`` (``mct.ptq.pytorch_post_training_quantization``
 defaults), ``ort`` (float ONNX -> ``quant_pre_process`` -> ``quantize_static``: QDQ, per-channel, QUInt8 activations,
-QInt8 weights, MinMax). A ``float`` row is always measured first (torch top-1, FP32 ONNX latency and size).
+QInt8 weights, MinMax); ``nncf_per_tensor`` and ``ort_per_tensor`` are the same two calls with per-tensor weights
+(NNCF: ``weights_quantization_params=QuantizationParameters(per_channel=False)``; ORT: ``per_channel=False``), the
+peers' side of the per-tensor comparison. A ``float`` row is always measured first (torch top-1, FP32 ONNX latency and size).
 
 Each method runs in a fresh ``spawn`` subprocess, so a missing peer is a "not installed" row, a crashing one a row
 with its error, and memory is measured per method. Calibration s: wall time of the tool's quantization call
@@ -95,13 +97,14 @@ MODELS: dict[str, dict[str, Any]] = {
     "resnet56": {"data": "cifar10", "recipe": "resnet20_ptq_cifar10 settings (no resnet56 recipe)", "act": {}},
 }
 METHODS = ("ours", "ours_per_tensor", "ours_pow2", "ours_per_tensor_cle", "ours_dpu", "ours_best")
-METHODS += ("nncf", "pt2e", "mct", "ort")
+METHODS += ("nncf", "pt2e", "mct", "ort", "nncf_per_tensor", "ort_per_tensor")
 # the data-free recipe of the ours_per_tensor_cle and ours_dpu variants
 DATA_FREE = {"replace_relu6": True, "cross_layer_equalization": True, "bias_correction": True}
 VARIANT_OPTIONS = {"ours_per_tensor_cle": DATA_FREE, "ours_dpu": DATA_FREE, "ours_best": {"bias_correction": True}}
 NOTES = {"replace_relu6": "ReLU6 -> ReLU", "cross_layer_equalization": "CLE", "bias_correction": "bias correction"}
 NOTES["range_search"] = "activation range search"
 PEERS = {"nncf": "nncf", "pt2e": "torchao", "mct": "model_compression_toolkit", "ort": "onnxruntime.quantization"}
+PEERS |= {"nncf_per_tensor": "nncf", "ort_per_tensor": "onnxruntime.quantization"}  # the same calls, per-tensor weights
 PIP_NAMES = {"nncf": "nncf", "pt2e": "torchao", "mct": "model-compression-toolkit", "ort": "onnxruntime"}
 VERSIONED = ("lightning-quant", "torch", "torchvision", "onnx", "onnxruntime", "nncf", "torchao")
 VERSIONED += ("model-compression-toolkit", "mct-quantizers", "numpy")
@@ -411,8 +414,9 @@ def run_ours(name: str, data: Data, opts: dict[str, Any], variant: str = "ours")
     return result
 
 
-def run_nncf(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
+def run_nncf(name: str, data: Data, opts: dict[str, Any], per_channel: bool = True) -> dict[str, Any]:
     import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
 
     os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")  # its 60 s default is shorter than a 2-core build
     with contextlib.suppress(ImportError):  # build (once, cached) and load the C++ CPU kernels before timing
@@ -422,10 +426,15 @@ def run_nncf(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
     model = build_model(name)
     singles = [x[i : i + 1] for x in data.calib for i in range(len(x))]  # NNCF recommends batch-1 items
     result: dict[str, Any] = {"notes": [f"nncf.quantize defaults, {len(singles)} batch-1 items = subset_size"]}
+    advanced = {}
+    if not per_channel:  # the one change: weights_quantization_params=QuantizationParameters(per_channel=False)
+        params = QuantizationParameters(per_channel=False)
+        advanced["advanced_parameters"] = AdvancedQuantizationParameters(weights_quantization_params=params)
+        result["notes"].append("but per-tensor weights (QuantizationParameters(per_channel=False))")
     with calibration_cost(result):
-        qmodel = nncf.quantize(model, nncf.Dataset(singles), subset_size=len(singles))
+        qmodel = nncf.quantize(model, nncf.Dataset(singles), subset_size=len(singles), **advanced)
     result |= evaluate(qmodel, data)
-    path = Path(opts["workdir"]) / f"{name}_nncf.onnx"
+    path = Path(opts["workdir"]) / f"{name}_{ONNX_FILES['nncf' if per_channel else 'nncf_per_tensor']}.onnx"
 
     def export() -> dict[str, Any]:
         from nncf.torch.quantization.layers import QuantizerExportMode
@@ -491,17 +500,18 @@ def run_mct(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def run_ort(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
+def run_ort(name: str, data: Data, opts: dict[str, Any], per_channel: bool = True) -> dict[str, Any]:
     from bench_export import export_ort_quantized  # the same quantize_static call as the export benchmark
 
     from lightning_quant.export import export_float_onnx
 
     work = Path(opts["workdir"])
     fp32 = export_float_onnx(build_model(name), work / f"{name}_ort_fp32.onnx", data.example(1))
-    path = work / f"{name}_ort_int8.onnx"
-    result: dict[str, Any] = {"notes": ["quant_pre_process + quantize_static QDQ, per-channel, U8 act / S8 w, MinMax"]}
+    path = work / f"{name}_{ONNX_FILES['ort' if per_channel else 'ort_per_tensor']}.onnx"
+    weights = "per-channel" if per_channel else "per-tensor (per_channel=False)"
+    result: dict[str, Any] = {"notes": [f"quant_pre_process + quantize_static QDQ, {weights}, U8 act / S8 w, MinMax"]}
     with calibration_cost(result):
-        export_ort_quantized(fp32, path, data.calib)
+        export_ort_quantized(fp32, path, data.calib, per_channel=per_channel)
     result |= evaluate(ort_predict(ort_session(path, opts["threads"])), data)
     result["notes"].append("evaluated in onnxruntime (fused integer kernels)")
     result |= onnx_cost(path, data, opts)
@@ -520,6 +530,8 @@ RUNNERS: dict[str, Callable[[str, Data, dict[str, Any]], dict[str, Any]]] = {
     "pt2e": run_pt2e,
     "mct": run_mct,
     "ort": run_ort,
+    "nncf_per_tensor": functools.partial(run_nncf, per_channel=False),
+    "ort_per_tensor": functools.partial(run_ort, per_channel=False),
 }
 
 
@@ -628,7 +640,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 ONNX_FILES = {"float": "fp32", "ours": "ours", "ours_per_tensor": "ours_per_tensor", "ours_pow2": "ours_pow2",
               "ours_per_tensor_cle": "ours_per_tensor_cle", "ours_dpu": "ours_dpu"}  # fmt: skip
 ONNX_FILES["ours_best"] = "ours_best"
-ONNX_FILES |= {"nncf": "nncf", "mct": "mct", "ort": "ort_int8"}  # <workdir>/<model>_<this>.onnx, as the runners write
+ONNX_FILES |= {"nncf": "nncf", "mct": "mct", "ort": "ort_int8", "nncf_per_tensor": "nncf_per_tensor"}
+ONNX_FILES |= {"ort_per_tensor": "ort_per_tensor_int8"}  # <workdir>/<model>_<this>.onnx, as the runners write
 
 
 def retime_latency(rows: list[dict[str, Any]], workdir: Path, name: str, threads: int, runs: int) -> None:

@@ -70,8 +70,10 @@ def test_ptq_deploy_exports_verified_artefacts(tmp_path):
     assert metrics["float_top1"] > 50.0 and metrics["int8_top1"] > 40.0
     for fmt, name in (("onnx", "model_int8.onnx"), ("torchscript", "model_int8.pt")):
         art = metrics["artefacts"][fmt]
-        assert art["path"].endswith(name) and art["bytes"] > 0
-        assert art["top1_agreement"] >= 0.99
+        assert art["path"].endswith(name) and art["bytes"] > 0 and art["verify_images"] == 128  # 8 x 16
+        agree = round(art["top1_agreement"] * art["verify_images"]) + art["near_tie_flips"]
+        assert agree / art["verify_images"] >= 0.99  # the gate's criterion: near-tie flips excused
+    assert not list((tmp_path / "run").glob("*verified_*")) and not list((tmp_path / "run").glob("rejected_*"))
     run = tmp_path / "run"
     report = json.loads((run / "report.json").read_text())
     assert report["float_top5"] >= report["float_top1"] and report["int8_top5"] >= report["int8_top1"]
@@ -250,3 +252,44 @@ def test_artefacts_are_verified_on_images_spread_over_the_evaluation_set():
     assert torch.cat([b[1] for b in batches]).unique().tolist() == list(range(10))
     small = DataLoader(TensorDataset(torch.randn(5, 3), torch.zeros(5)), batch_size=8)
     assert [len(b[0]) for b in verification_batches(small, 2)] == [5]
+
+
+def _tiny_calibrated_export_inputs(tmp_path):
+    from omegaconf import OmegaConf
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_quant import quantize, scheme_for_target
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
+    images = torch.randn(32, 3, 8, 8)
+    qnet = quantize(net, [images[:16], images[16:]], scheme=scheme_for_target("x86"), progress=False)
+    loader = DataLoader(TensorDataset(images, torch.randint(0, 5, (32,))), batch_size=8)
+    dm = type("DataModule", (), {"val_dataloader": lambda self: loader})()
+    export = {"formats": ["onnx"], "verify": True, "min_top1_agreement": 0.99, "verify_batches": 2, "opset": 18}
+    return OmegaConf.create({"export": export}), qnet, dm
+
+
+def test_an_artefact_gets_its_deployable_name_only_after_the_validation_check(tmp_path):
+    from lightning_quant.run_export import export_artefacts
+
+    cfg, qnet, dm = _tiny_calibrated_export_inputs(tmp_path)
+    artefacts = export_artefacts(cfg, qnet, dm, tmp_path)
+    assert artefacts["onnx"]["path"] == str(tmp_path / "model_int8.onnx") and artefacts["onnx"]["verify_images"] == 16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_int8.onnx"]
+
+
+def test_an_artefact_that_fails_the_validation_check_is_kept_as_rejected(tmp_path, monkeypatch):
+    import lightning_quant.export as export
+    from lightning_quant.run_export import export_artefacts
+
+    cfg, qnet, dm = _tiny_calibrated_export_inputs(tmp_path)
+
+    def disagree(*args, **kwargs):
+        raise export.ExportVerificationError("top-1 agreement with the fake-quant model is 93.75% (< 99.00%)")
+
+    monkeypatch.setattr(export, "verify_export", disagree)
+    with pytest.raises(export.ExportVerificationError, match=r"Nothing was written as model_int8\.onnx.*of 16"):
+        export_artefacts(cfg, qnet, dm, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rejected_model_int8.onnx"]
