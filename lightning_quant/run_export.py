@@ -30,8 +30,13 @@ def export_artefacts(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir
     passed the check on the validation batches; one that fails is kept as ``rejected_<name>`` for inspection, so
     a file under the deployable name has always been verified.
     """
-    from lightning_quant.export import ExportVerificationError, export_onnx, export_torchscript, export_xmodel
-    from lightning_quant.export import verify_export
+    from lightning_quant.export import (
+        ExportVerificationError,
+        export_onnx,
+        export_torchscript,
+        export_xmodel,
+        verify_export,
+    )
 
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # its per-initializer INFO lines flood Hydra's log
     batches = verification_batches(dm.val_dataloader(), max(1, cfg.export.verify_batches))
