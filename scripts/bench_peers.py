@@ -13,17 +13,16 @@ Protocol (the same for every method, not tuned per tool):
 
 Methods: ``ours`` (the model's best default recipe: ``x86`` target, 7-bit per-channel weights, uint8 activations,
 min/max ranges; MobileNetV2 MSE activation ranges and bias correction, as
-``recipes/recipe/mobilenetv2_ptq_imagenette.yaml``; ResNet50 99.9th-percentile activation ranges and the activation
-range search, as ``recipes/recipe/resnet50_ptq_imagenette.yaml``; these model settings hold in every variant but
-``ours_dpu``),
+``recipes/recipe/mobilenetv2_ptq_imagenette.yaml``; ResNet50 ``mean_minmax`` activation ranges (the mean of every
+image's min and max), as ``recipes/recipe/resnet50_ptq_imagenette.yaml``; these model settings hold in every variant
+but ``ours_dpu``),
 ``ours_per_tensor`` (same with per-tensor weights), ``ours_pow2`` (power-of-two scales, symmetric int8 activations),
 ``ours_per_tensor_cle`` (8-bit per-tensor weights with the data-free recipe: ReLU6 -> ReLU, cross-layer
 equalization, bias correction; ``recipes/recipe/mobilenetv2_ptq_imagenette_per_tensor.yaml``), ``ours_dpu`` (the Vitis
 AI DPU scheme, power-of-two per-tensor, with the same three algorithms, as Vitis AI applies CLE and bias correction),
 ``ours_best`` (our most accurate per-channel PTQ in ``scripts/bench_accuracy.py``: ``x86_vnni`` 8-bit per-channel
 weights, bias correction, and the model's best activation estimator: MSE for MobileNetV2 as
-``recipes/recipe/mobilenetv2_ptq_imagenette_mse_bc.yaml``, the 99.9th percentile + range search for ResNet50,
-min/max otherwise),
+``recipes/recipe/mobilenetv2_ptq_imagenette_mse_bc.yaml``, ``mean_minmax`` for ResNet50, min/max otherwise),
 ``nncf`` (``nncf.quantize`` defaults), ``pt2e`` (``torch.export`` + ``prepare_pt2e`` with torchao's
 ``X86InductorQuantizer`` default config + ``convert_pt2e``), ``mct`` (``mct.ptq.pytorch_post_training_quantization``
 defaults), ``ort`` (float ONNX -> ``quant_pre_process`` -> ``quantize_static``: QDQ, per-channel, QUInt8 activations,
@@ -89,9 +88,8 @@ MODELS: dict[str, dict[str, Any]] = {
     "resnet50": {
         "data": "imagenette",
         "recipe": "resnet50_ptq_imagenette",
-        "act": {"activation_observer": "percentile", "activation_percentile": 99.9},
-        "options": {"range_search": True},  # quantize() flags of every variant but ours_dpu (its own observer)
-        "calib_batch": 128,  # the recipe's batch size: the range search sees all 4 x 128 calibration images
+        "act": {"activation_observer": "mean_minmax"},
+        "calib_batch": 128,  # the recipe's batch size (mean_minmax does not depend on it; the DPU vote does)
     },
     "resnet20": {"data": "cifar10", "recipe": "resnet20_ptq_cifar10", "act": {}},
     "resnet56": {"data": "cifar10", "recipe": "resnet20_ptq_cifar10 settings (no resnet56 recipe)", "act": {}},
