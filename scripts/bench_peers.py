@@ -28,7 +28,8 @@ weights, bias correction, and the model's best activation estimator: MSE for Mob
 defaults), ``ort`` (float ONNX -> ``quant_pre_process`` -> ``quantize_static``: QDQ, per-channel, QUInt8 activations,
 QInt8 weights, MinMax); ``nncf_per_tensor`` and ``ort_per_tensor`` are the same two calls with per-tensor weights
 (NNCF: ``weights_quantization_params=QuantizationParameters(per_channel=False)``; ORT: ``per_channel=False``), the
-peers' side of the per-tensor comparison. A ``float`` row is always measured first (torch top-1, FP32 ONNX latency and size).
+peers' side of the per-tensor comparison. A ``float`` row is always measured first (torch top-1, FP32 ONNX latency
+and size).
 
 Each method runs in a fresh ``spawn`` subprocess, so a missing peer is a "not installed" row, a crashing one a row
 with its error, and memory is measured per method. Calibration s: wall time of the tool's quantization call
@@ -46,6 +47,7 @@ Usage:
     PYTHONPATH=. .venv-bench/bin/python scripts/bench_peers.py --models resnet20 resnet56 mobilenet_v2
     PYTHONPATH=. .venv-bench/bin/python scripts/bench_peers.py --models resnet50 --methods ours ort --limit-eval 1000
     PYTHONPATH=. .venv-bench/bin/python scripts/bench_peers.py --retime scripts/results/bench_peers.json --workdir DIR
+    PYTHONPATH=. .venv-bench/bin/python scripts/bench_peers.py --summary scripts/results/bench_peers_*_full.json
 Writes ``--out`` (default ``scripts/results/bench_peers.json``) and the table beside it (``.md``).
 """
 
@@ -123,6 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--method-timeout", type=float, default=3600.0, help="seconds before a method is stopped")
     parser.add_argument("--workdir", type=Path, default=None, help="keep decoded data and .onnx files here")
     parser.add_argument("--retime", type=Path, default=None, help="only re-time the ONNX files of this results JSON")
+    parser.add_argument(
+        "--summary", type=Path, nargs="+", default=None, help="only print the top-1 of each model's defaults (JSONs)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="default: scripts/results/bench_peers.json")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -705,6 +710,36 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(head) + "\n" + table(result["rows"]) + "\n"
 
 
+SUMMARY_METHODS = ("ours", "nncf", "pt2e", "mct", "ort")  # every tool's default, one column each
+
+
+def summary(results: list[dict[str, Any]]) -> str:
+    """One line per model of the finished runs ``results``: top-1 (gain vs float) of each tool's default, the best
+    in bold; "fails" for a method that ran and failed, "-" for one that was not run.
+
+    Example:
+        >>> rows = [{"model": "m", "method": "float", "status": "ok", "top1": 80.0},
+        ...         {"model": "m", "method": "ours", "status": "ok", "top1": 80.5, "drop_points": -0.5},
+        ...         {"model": "m", "method": "pt2e", "status": "error"}]
+        >>> print(summary([{"rows": rows}]).splitlines()[-1])
+        | m (80.00) | **80.50 (+0.50)** | - | fails | - | - |
+    """
+    lines = ["| model (float top-1) | " + " | ".join(SUMMARY_METHODS) + " |", "|---" * (len(SUMMARY_METHODS) + 1) + "|"]
+    for model in dict.fromkeys(r["model"] for result in results for r in result["rows"]):
+        rows = {r["method"]: r for result in results for r in result["rows"] if r["model"] == model}
+        ok = {m: r for m, r in rows.items() if m in SUMMARY_METHODS and r["status"] == "ok"}
+        best = max((r["top1"] for r in ok.values()), default=None)
+        cells = []
+        for method in SUMMARY_METHODS:
+            if method not in ok:
+                cells.append("fails" if method in rows else "-")
+                continue
+            text = f"{ok[method]['top1']:.2f} ({-ok[method]['drop_points']:+.2f})"
+            cells.append(f"**{text}**" if ok[method]["top1"] == best else text)
+        lines.append(f"| {model} ({rows['float']['top1']:.2f}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def finish_rows(rows: list[dict[str, Any]]) -> None:
     floats = {r["model"]: r.get("top1") for r in rows if r["method"] == "float" and r["status"] == "ok"}
     for r in rows:
@@ -728,6 +763,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.retime is not None:
         return retime_main(args)
+    if args.summary is not None:
+        print(summary([json.loads(path.read_text()) for path in args.summary]))
+        return 0
     cmd = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
     result: dict[str, Any] = {
         "command": f"PYTHONPATH=. python scripts/{cmd}",

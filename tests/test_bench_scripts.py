@@ -108,3 +108,16 @@ def test_peer_benchmark_ours_row_runs_the_models_recipe(model):
     assert quant == entry.get("options", {})
     if "batch_size" in recipe.get("data", {}):  # a recipe that batches its calibration its own way (range search)
         assert entry["calib_batch"] == recipe.data.batch_size
+
+
+def test_peer_summary_bolds_the_best_default_and_tells_failures_from_missing_runs():
+    bench_peers = pytest.importorskip("bench_peers")
+    rows = [
+        {"model": "m", "method": "float", "status": "ok", "top1": 80.0},
+        {"model": "m", "method": "ours", "status": "ok", "top1": 80.5, "drop_points": -0.5},
+        {"model": "m", "method": "ort", "status": "ok", "top1": 80.7, "drop_points": -0.7},
+        {"model": "m", "method": "ours_best", "status": "ok", "top1": 99.0, "drop_points": -19.0},  # not a default
+        {"model": "m", "method": "pt2e", "status": "error"},
+    ]
+    line = bench_peers.summary([{"rows": rows}]).splitlines()[-1]
+    assert line == "| m (80.00) | 80.50 (+0.50) | - | fails | - | **80.70 (+0.70)** |"
