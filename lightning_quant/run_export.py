@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-__all__ = ["export_artefacts", "report_size", "verification_batches"]
+__all__ = ["export_artefacts", "verification_batches"]
 
 
 def export_artefacts(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir: Path) -> dict[str, Any]:
@@ -64,7 +64,7 @@ def export_artefacts(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir
                 os.replace(staged, rejected)
                 raise ExportVerificationError(
                     f"{error} Nothing was written as {final.name}; the rejected file is {rejected}. If the "
-                    f"disagreement is a few images of {report_size(batches)}, check on more images with "
+                    f"disagreement is a few images of {_images_in(batches)}, check on more images with "
                     "export.verify_batches=N."
                 ) from error
             entry.update(
@@ -79,7 +79,7 @@ def export_artefacts(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir
     return artefacts
 
 
-def report_size(batches: list[Any]) -> int:
+def _images_in(batches: list[Any]) -> int:
     """How many images ``batches`` (``(images, labels)`` pairs or image tensors) hold."""
     return sum(len(b[0]) if isinstance(b, (list, tuple)) else len(b) for b in batches)
 
