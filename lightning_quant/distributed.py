@@ -7,7 +7,8 @@ holds the same qparams, equal to one process calibrating on the union of the sha
 - min/max ranges: MIN/MAX all-reduce (exactly equal to a single-process calibration on the same batches);
 - histograms (``percentile``, ``mse``, ``entropy``): re-gridded onto one shared power-of-two bin layout and
   summed (the merge is exact; the bin width can differ from a single process's, which depends on data order);
-- moving averages: the mean of the ranks' averages; DPU fix-position votes: summed.
+- moving averages: the mean of the ranks' averages; ``mean_minmax``: the sample-weighted mean of the ranks' means;
+  DPU fix-position votes: summed.
 
 Outside ``torch.distributed`` (or with one process) every function here is a no-op, so single-process code
 calls them unconditionally. :class:`~lightning_quant.QuantCallback` does all of this by itself.

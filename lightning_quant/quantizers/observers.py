@@ -134,21 +134,34 @@ class Observer(nn.Module):
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Min and max of one tensor, per channel or overall."""
         x = x.detach().float()
-        if self.spec.per_channel:
-            axis = self.spec.ch_axis % x.dim()
-            if x.shape[axis] != self.min_val.numel():
-                raise ValueError(
-                    f"observer expects {self.min_val.numel()} channels on axis {axis}, got shape {tuple(x.shape)}"
-                )
-            flat = x.movedim(axis, 0).reshape(x.shape[axis], -1)
-            lo, hi = torch.aminmax(flat, dim=1)
+        if not self.spec.per_channel:
+            return _extremes(x)
+        axis = self.spec.ch_axis % x.dim()
+        if x.shape[axis] != self.min_val.numel():
+            raise ValueError(
+                f"observer expects {self.min_val.numel()} channels on axis {axis}, got shape {tuple(x.shape)}"
+            )
+        return _extremes(x, axis)
+
+    def _stage_mean_sync(self, weight: torch.Tensor) -> list[tuple[torch.Tensor, str]]:
+        """Stage ``(min * weight, max * weight, weight)`` for a SUM all-reduce, so that :meth:`_finish_mean_sync`
+        leaves the weighted mean of the ranks' ranges; a rank that has seen no data weighs nothing."""
+        if self.initialized:
+            w = weight.to(self.min_val.dtype)
+            self._sync = (self.min_val * w, self.max_val * w, weight.clone())
         else:
-            lo, hi = torch.aminmax(x)
-        # one pass: NaN propagates into min/max and inf shows up there, so the results tell
-        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-            bad = "NaN" if torch.isnan(x).any() else "inf"
-            raise FloatingPointError(f"{bad} values reached an observer")
-        return lo, hi
+            self._sync = (torch.zeros_like(self.min_val), torch.zeros_like(self.max_val), torch.zeros_like(weight))
+        return [(t, "sum") for t in self._sync]
+
+    def _finish_mean_sync(self) -> torch.Tensor | None:
+        """After :meth:`_stage_mean_sync`'s all-reduce: the weighted mean in place; the total weight (None if 0)."""
+        min_sum, max_sum, weight = self._sync
+        del self._sync
+        if weight.item() <= 0:
+            return None
+        self.min_val.copy_(min_sum / weight.to(min_sum.dtype))
+        self.max_val.copy_(max_sum / weight.to(max_sum.dtype))
+        return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() > 0:
@@ -182,6 +195,21 @@ class Observer(nn.Module):
         """Local work after ``phase``'s all-reduce (e.g. re-gridding a histogram); the base has none."""
 
 
+def _extremes(x: torch.Tensor, axis: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of ``x``, overall or per index along ``axis``.
+
+    Raises:
+        FloatingPointError: NaN or inf in ``x`` (one pass: NaN propagates into min/max and inf shows up there).
+    """
+    if axis is None:
+        lo, hi = torch.aminmax(x)
+    else:
+        lo, hi = torch.aminmax(x.movedim(axis, 0).reshape(x.shape[axis], -1), dim=1)
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise FloatingPointError(f"{'NaN' if torch.isnan(x).any() else 'inf'} values reached an observer")
+    return lo, hi
+
+
 @register_observer("minmax")
 class MinMaxObserver(Observer):
     """Running minimum and maximum over everything observed."""
@@ -208,24 +236,11 @@ class MovingAverageMinMaxObserver(Observer):
 
     def sync_tensors(self, phase: int) -> list[tuple[torch.Tensor, str]]:
         """Average the ranks' moving averages (ranks that have seen no data yet do not count)."""
-        if phase != 0:
-            return []
-        ready = self.initialized
-        self._sync = (
-            torch.where(torch.isfinite(self.min_val), self.min_val, 0.0) if ready else torch.zeros_like(self.min_val),
-            torch.where(torch.isfinite(self.max_val), self.max_val, 0.0) if ready else torch.zeros_like(self.max_val),
-            torch.tensor(float(ready), device=self.min_val.device),
-        )
-        return [(self._sync[0], "sum"), (self._sync[1], "sum"), (self._sync[2], "sum")]
+        return self._stage_mean_sync(torch.tensor(1.0, device=self.min_val.device)) if phase == 0 else []
 
     def after_sync(self, phase: int, world_size: int) -> None:
-        if phase != 0:
-            return
-        total_min, total_max, ranks = self._sync
-        del self._sync
-        if ranks.item() > 0:
-            self.min_val.copy_(total_min / ranks)
-            self.max_val.copy_(total_max / ranks)
+        if phase == 0:
+            self._finish_mean_sync()
 
 
 @register_observer("mean_minmax")
@@ -255,9 +270,7 @@ class MeanMinMaxObserver(Observer):
             lo, hi = self.batch_range(x)
             n, lo_sum, hi_sum = 1, lo.double(), hi.double()
         else:
-            lo, hi = torch.aminmax(x.detach().float().reshape(x.shape[0], -1), dim=1)
-            if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-                raise FloatingPointError(f"{'NaN' if torch.isnan(x).any() else 'inf'} values reached an observer")
+            lo, hi = _extremes(x.detach().float(), 0)  # per sample
             n, lo_sum, hi_sum = lo.numel(), lo.double().sum(), hi.double().sum()
         total = self.samples + n
         old = self.samples / total  # weights of the running means and of this batch's sums
@@ -272,25 +285,8 @@ class MeanMinMaxObserver(Observer):
 
     def sync_tensors(self, phase: int) -> list[tuple[torch.Tensor, str]]:
         """Sample-weighted mean of the ranks' means (ranks that have seen no data weigh nothing)."""
-        if phase != 0:
-            return []
-        if self.initialized:
-            weight = self.samples.to(self.min_val.dtype)
-            self._sync = (self.min_val * weight, self.max_val * weight, self.samples.clone())
-        else:
-            self._sync = (
-                torch.zeros_like(self.min_val),
-                torch.zeros_like(self.max_val),
-                torch.zeros_like(self.samples),
-            )
-        return [(self._sync[0], "sum"), (self._sync[1], "sum"), (self._sync[2], "sum")]
+        return self._stage_mean_sync(self.samples) if phase == 0 else []
 
     def after_sync(self, phase: int, world_size: int) -> None:
-        if phase != 0:
-            return
-        min_sum, max_sum, samples = self._sync
-        del self._sync
-        if samples.item() > 0:
-            self.min_val.copy_(min_sum / samples.to(min_sum.dtype))
-            self.max_val.copy_(max_sum / samples.to(max_sum.dtype))
+        if phase == 0 and (samples := self._finish_mean_sync()) is not None:
             self.samples.copy_(samples)
