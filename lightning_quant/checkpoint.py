@@ -19,6 +19,7 @@ from torch import nn
 
 from lightning_quant.algorithms.post_calibration import REFINEMENT_STEPS, record_refinements
 from lightning_quant.callbacks.checkpoint_guard import check_quant_state_keys
+from lightning_quant.callbacks.network_attribute import network_attribute
 from lightning_quant.config import QuantMode, QuantScheme
 from lightning_quant.errors import CheckpointMismatchError
 from lightning_quant.quantizers.prepare import prepare, set_fake_quant, set_observers
@@ -106,7 +107,7 @@ def load_quantized_checkpoint(module: nn.Module, path: str | Path) -> nn.Module:
         module_name=state.get("module_name"),
         report=False,
     )
-    name = callback._resolve_name(module)
+    name = network_attribute(module, callback.module_name)
     network = getattr(module, name)
     prepared = prepare(
         network, callback.scheme, mode=QuantMode(state["mode"]), exclude=callback.exclude, inplace=True,

@@ -27,6 +27,7 @@ from lightning_quant.algorithms.post_calibration import REFINEMENT_STEPS, check_
 from lightning_quant.calibration import calibrate, default_transform, move_to_device
 from lightning_quant.callbacks.calibration_source import SOURCES, calibration_loader
 from lightning_quant.callbacks.checkpoint_guard import check_quant_state_keys, require_matching_config
+from lightning_quant.callbacks.network_attribute import network_attribute
 from lightning_quant.config import QATSchedule, QuantMode, QuantScheme, Target, _coerce_enum, scheme_for_target
 from lightning_quant.distributed import broadcast_state, rank_and_world, shard_batches, sync_quantizers
 from lightning_quant.quantizers.prepare import (
@@ -40,8 +41,6 @@ from lightning_quant.quantizers.prepare import (
 from lightning_quant.report import QuantReport, quantization_report
 
 __all__ = ["QuantCallback"]
-
-_DEFAULT_ATTRS = ("model", "net", "network", "backbone")
 
 
 class QuantCallback(Callback):
@@ -159,28 +158,9 @@ class QuantCallback(Callback):
         self._applied: tuple[bool, bool] | None = None
 
     # -- helpers ----------------------------------------------------------------------------------------
-    def _resolve_name(self, pl_module: pl.LightningModule) -> str:
-        if self.module_name is not None:
-            if not isinstance(getattr(pl_module, self.module_name, None), nn.Module):
-                raise ValueError(
-                    f"module_name={self.module_name!r}: {type(pl_module).__name__} has no nn.Module attribute of that "
-                    f"name; its child modules are {[n for n, _ in pl_module.named_children()]}."
-                )
-            return self.module_name
-        for attr in _DEFAULT_ATTRS:
-            if isinstance(getattr(pl_module, attr, None), nn.Module):
-                return attr
-        children = [n for n, _ in pl_module.named_children()]
-        if len(children) == 1:
-            return children[0]
-        raise ValueError(
-            f"cannot tell which child of {type(pl_module).__name__} is the network to quantize (children: {children}); "
-            "pass QuantCallback(module_name='<attribute>')."
-        )
-
     def network(self, pl_module: pl.LightningModule) -> nn.Module:
         """The (prepared) network inside ``pl_module`` this callback quantizes."""
-        return getattr(pl_module, self._resolve_name(pl_module))
+        return getattr(pl_module, network_attribute(pl_module, self.module_name))
 
     def _is_prepared(self, module: nn.Module) -> bool:
         try:
@@ -289,7 +269,7 @@ class QuantCallback(Callback):
                 "QuantCallback(mode='ptq') calibrates without training: use trainer.validate/test/predict, "
                 "or mode='qat' to fine-tune with trainer.fit."
             )
-        name = self._resolve_name(pl_module)
+        name = network_attribute(pl_module, self.module_name)
         network = getattr(pl_module, name)
         if self._is_prepared(network):
             return
