@@ -37,13 +37,13 @@ from lightning_quant.checkpoint import callback_state, read_checkpoint
 from lightning_quant.config import QATSchedule, QuantScheme, scheme_for_target
 from lightning_quant.quantizers.prepare import prepare_info
 from lightning_quant.report import quantization_report
-from lightning_quant.run_accuracy_control import accuracy_control_enabled, choose_float_layers, report_metrics
-from lightning_quant.run_export import export_artefacts
-from lightning_quant.run_report import model_sizes, summary_table, write_run_report
+from lightning_quant.app.accuracy_control_step import accuracy_control_enabled, choose_float_layers, report_metrics
+from lightning_quant.app.export_step import export_artefacts
+from lightning_quant.app.report_step import model_sizes, summary_table, write_run_report
 
 __all__ = ["CONFIG_DIR", "MODES", "RECIPES_DIR", "compose_config", "main", "summary_table", "train"]
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = _REPO_ROOT / "configs"
 RECIPES_DIR = _REPO_ROOT / "recipes"
 MODES = ("ptq", "qat", "float", "calib", "test")

@@ -15,7 +15,7 @@ from lightning_quant.algorithms.range_search import activation_groups, relative_
 from lightning_quant.quantizers.dpu import fix_pos_from_scale
 from lightning_quant.quantizers.dpu_shifts import check_dpu_shifts
 from lightning_quant.quantizers.prepare import iter_quantizers, prepare_info, set_fake_quant
-from lightning_quant.run_report import range_search_line
+from lightning_quant.app.report_step import range_search_line
 from tests.algorithms.test_range_search import PCT, Residual, _data, reference_objective
 
 

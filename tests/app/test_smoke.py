@@ -155,7 +155,7 @@ def test_cli_sweep_from_another_directory(tmp_path):
 def test_progress_bars_render(style, tmp_path):
     from lightning.pytorch.callbacks import RichProgressBar
 
-    from lightning_quant.app import _progress_bar
+    from lightning_quant.app.main import _progress_bar
 
     cfg = tiny_config(
         "resnet20_ptq_cifar10", tmp_path, "trainer.enable_progress_bar=true", f"progress_bar={style}", val_batches=1
@@ -243,7 +243,7 @@ def test_accuracy_control_tuning_set_must_fit_beside_the_calibration_images(tmp_
 def test_artefacts_are_verified_on_images_spread_over_the_evaluation_set():
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lightning_quant.run_export import verification_batches
+    from lightning_quant.app.export_step import verification_batches
 
     labels = torch.arange(10).repeat_interleave(20)  # an image folder: class by class
     loader = DataLoader(TensorDataset(torch.randn(200, 3), labels), batch_size=8)
@@ -272,7 +272,7 @@ def _tiny_calibrated_export_inputs(tmp_path):
 
 
 def test_an_artefact_gets_its_deployable_name_only_after_the_validation_check(tmp_path):
-    from lightning_quant.run_export import export_artefacts
+    from lightning_quant.app.export_step import export_artefacts
 
     cfg, qnet, dm = _tiny_calibrated_export_inputs(tmp_path)
     artefacts = export_artefacts(cfg, qnet, dm, tmp_path)
@@ -282,7 +282,7 @@ def test_an_artefact_gets_its_deployable_name_only_after_the_validation_check(tm
 
 def test_an_artefact_that_fails_the_validation_check_is_kept_as_rejected(tmp_path, monkeypatch):
     import lightning_quant.export as export
-    from lightning_quant.run_export import export_artefacts
+    from lightning_quant.app.export_step import export_artefacts
 
     cfg, qnet, dm = _tiny_calibrated_export_inputs(tmp_path)
 
