@@ -8,7 +8,16 @@ Example:
 from lightning_quant.algorithms.accuracy_control import AccuracyControlReport, quantize_with_accuracy_control
 from lightning_quant.api import quantize
 from lightning_quant.callbacks.quant_callback import QuantCallback
-from lightning_quant.config import QATSchedule, QuantMode, QuantScheme, QuantSpec, Target, scheme_for_target
+from lightning_quant.checkpoint import load_quantized_checkpoint
+from lightning_quant.config import (
+    QATSchedule,
+    QuantMode,
+    QuantOptions,
+    QuantScheme,
+    QuantSpec,
+    Target,
+    scheme_for_target,
+)
 from lightning_quant.errors import CheckpointMismatchError, NotCalibratedError, NothingToQuantizeError
 from lightning_quant.export import (
     ExportVerificationError,
@@ -29,6 +38,7 @@ __all__ = [
     "QATSchedule",
     "QuantCallback",
     "QuantMode",
+    "QuantOptions",
     "QuantReport",
     "QuantScheme",
     "QuantSpec",
@@ -37,6 +47,7 @@ __all__ = [
     "export_onnx",
     "export_torchscript",
     "export_xmodel",
+    "load_quantized_checkpoint",
     "prepare",
     "quantization_report",
     "quantize",

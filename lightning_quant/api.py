@@ -20,32 +20,39 @@ from typing import Any
 
 from torch import nn
 
-from lightning_quant.algorithms.post_calibration import check_adaround_options, refine_calibrated
+from lightning_quant.algorithms.post_calibration import apply_network_transforms, refine_calibrated
 from lightning_quant.calibration import calibrate
-from lightning_quant.config import QuantMode, QuantScheme, Target, scheme_for_target
+from lightning_quant.config import (
+    QuantMode,
+    QuantOptions,
+    QuantScheme,
+    Target,
+    options_from_keywords,
+    resolve_scheme,
+)
+from lightning_quant.quantizers.config_record import record_options
 from lightning_quant.quantizers.prepare import prepare
 
 __all__ = ["float_model_for_quantization", "quantize"]
 
 
-def float_model_for_quantization(
-    model: nn.Module, *, cross_layer_equalization: bool = False, replace_relu6: bool = False
-) -> nn.Module:
-    """The float network :func:`quantize` inserts quantizers into: ``model`` itself, or a copy with its ReLU6
-    modules swapped for ReLU and/or its layer pairs equalized (the input model is never modified).
+def float_model_for_quantization(model: nn.Module, options: QuantOptions | None = None) -> nn.Module:
+    """The float network :func:`quantize` inserts quantizers into: ``model`` itself, or (when ``options`` switch on
+    a network transform: ``replace_relu6``, ``cross_layer_equalization``) a transformed copy; the input model is
+    never modified.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU6())
+        >>> float_model_for_quantization(net) is net, float_model_for_quantization(net, QuantOptions(replace_relu6=True))[1]
+        (True, ReLU())
 
     Raises:
         ValueError: (with ``cross_layer_equalization``) a BatchNorm in training mode or a model torch.fx cannot trace.
     """
-    if not (cross_layer_equalization or replace_relu6):
+    if options is None or not options.network_transforms:
         return model
-    from lightning_quant.algorithms.cle import equalize, relu6_to_relu
-
     model = copy.deepcopy(model)
-    if replace_relu6:
-        relu6_to_relu(model)
-    if cross_layer_equalization:
-        equalize(model)
+    apply_network_transforms(model, options)
     return model
 
 
@@ -53,90 +60,74 @@ def quantize(
     model: nn.Module,
     calibration_data: Iterable[Any],
     transform_fn: Callable[[Any], Any] | None = None,
-    target: Target | str = Target.X86,
+    target: Target | str | None = None,
     *,
     scheme: QuantScheme | None = None,
+    options: QuantOptions | None = None,
     num_batches: int | None = None,
-    exclude: Iterable[str] = (),
+    exclude: Iterable[str | type[nn.Module]] = (),
     progress: bool = True,
-    cross_layer_equalization: bool = False,
-    range_search: bool = False,
-    bias_correction: bool = False,
-    fast_finetune: bool = False,
-    adaround: bool = False,
-    adaround_per_sample: bool = False,
-    replace_relu6: bool = False,
     layer_weight_bits: Mapping[str, int] | None = None,
+    **deprecated_options: Any,
 ) -> nn.Module:
-    """Post-training quantization: prepare a copy of ``model``, calibrate it, return the fake-quant model.
+    """Post-training quantization: prepare a copy of ``model``, calibrate it, refine it, return the fake-quant model.
 
     The input model is left untouched. The result evaluates like the original (``qmodel(x)`` gives the
-    fake-quant output) and is what the exporters take.
+    fake-quant output) and is what the exporters take. Its ``state_dict()`` carries the scheme and options, so a
+    copy quantized another way refuses to load it.
+
+    Example:
+        >>> import torch
+        >>> from lightning_quant import QuantOptions
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU6(), nn.Conv2d(8, 4, 3)).eval()
+        >>> data = [torch.randn(4, 3, 16, 16) for _ in range(4)]
+        >>> opts = QuantOptions(replace_relu6=True, cross_layer_equalization=True, bias_correction=True)
+        >>> qmodel = quantize(net, data, target="tensorrt", options=opts, progress=False)
 
     Args:
         model: float model (put it in eval mode with trained weights).
         calibration_data: iterable of batches; 256-1024 images drawn from the training split are typical.
         transform_fn: maps one item of ``calibration_data`` to the model input (default: first element of
             ``(input, label)`` pairs, else the item).
-        target: ``x86``, ``tensorrt`` or ``dpu``; picks the default scheme. For ``dpu`` the calibrated fix
-            positions are then adjusted to the DPU's shift constraints
+        target: ``x86`` (the default), ``x86_vnni``, ``tensorrt`` or ``dpu``; picks the default scheme. For ``dpu``
+            the calibrated fix positions are then adjusted to the DPU's shift constraints
             (:func:`~lightning_quant.quantizers.dpu_shifts.enforce_dpu_shifts`; a warning lists any change).
-        scheme: explicit scheme; overrides ``target``'s defaults.
+        scheme: explicit scheme; its ``target`` is the target (a contradicting ``target=`` is an error).
+        options: what runs around calibration (:class:`~lightning_quant.config.QuantOptions`: ReLU6 to ReLU,
+            cross-layer equalization, range search, bias correction, AdaRound, fast finetune); default none.
         num_batches: calibrate on at most this many batches.
         exclude: glob patterns of layer names to keep in float.
         progress: show a progress bar.
-        cross_layer_equalization: run :func:`lightning_quant.algorithms.equalize` (with bias absorption) on a copy
-            of the float model first; pairs through a ReLU6 are left as they are (see ``docs/algorithms.md``).
-        range_search: after calibration, choose the activation clipping percentile of each group (branch outputs,
-            residual sums, other ReLU outputs) that keeps the output closest to float on the first
-            ``min(num_batches, 4)`` batches (:func:`lightning_quant.algorithms.search_activation_ranges`; needs the
-            ``percentile`` activation estimator, or power-of-two scales: with ``target="dpu"`` it shifts each group's
-            fix positions instead). ResNets need it: their residual-branch outputs want far more clipping than ReLU
-            outputs.
-        bias_correction: after calibration, run :func:`lightning_quant.algorithms.correct_bias` (empirical bias
-            correction) on the first ``min(num_batches, 4)`` batches; for ``dpu`` before the shift constraints.
-        fast_finetune: after calibration (and bias correction), run :func:`lightning_quant.algorithms.fast_finetune`
-            (AdaQuant, Vitis AI's ``--fast_finetune``) with its defaults on the same batches. Weight scales stay
-            as calibrated: the weights are tuned to that grid (see ``docs/algorithms.md``).
-        adaround: after calibration (and bias correction), learn each weight's rounding direction layer by layer
-            (:func:`lightning_quant.algorithms.adaround`, Nagel et al. 2020) on the same batches; before
-            ``fast_finetune`` when both are on. Worth it at 4-6 bit weights.
-        adaround_per_sample: with ``adaround``, weigh every calibration image's layer output error the same (each
-            divided by its float output's power) instead of pooling them, so a few images with huge activations
-            do not decide the rounding for the rest (ResNet50 on Imagenette; see ``docs/algorithms.md``).
-        replace_relu6: swap every ``nn.ReLU6`` for ``nn.ReLU`` on a copy of the model first
-            (:func:`lightning_quant.algorithms.relu6_to_relu`): cross-layer equalization can then pair the layers
-            around them (MobileNetV2 per-tensor needs it) and the DPU runs ReLU natively. It changes the float
-            function where activations exceed 6; measure the float model with the same swap if that matters.
         layer_weight_bits: ``{glob pattern: bits}``: other weight widths for matching layers, e.g.
             ``{"conv1": 8}`` in a W4A8 model (see :func:`~lightning_quant.quantizers.prepare`).
+        **deprecated_options: the option switches as keyword arguments (``bias_correction=True``, ...), as older
+            releases took them; they still work for one release, with a ``DeprecationWarning`` showing the
+            ``options=QuantOptions(...)`` call.
 
     Raises:
-        ValueError: unknown target, empty calibration data, batches the model cannot take, (with
-            ``cross_layer_equalization``) a BatchNorm in training mode or a model torch.fx cannot trace, or (with
-            ``range_search``) activations with neither the ``percentile`` estimator nor power-of-two scales, or
-            ``adaround_per_sample`` without ``adaround``.
+        TypeError: ``options`` or ``scheme`` of the wrong type, an unknown keyword, or ``options=`` together with
+            option keywords.
+        ValueError: unknown target, a ``target`` that contradicts ``scheme.target``, empty calibration data,
+            batches the model cannot take, (with ``cross_layer_equalization``) a BatchNorm in training mode or a model
+            torch.fx cannot trace, or ``range_search`` with activations that use neither the ``percentile``
+            estimator nor power-of-two scales.
         NothingToQuantizeError: no Conv/Linear layer found.
-        NotCalibratedError: (with ``bias_correction``/``adaround``/``fast_finetune``) calibration reached no quantizer.
+        NotCalibratedError: (with a refinement) calibration reached no quantizer.
     """
-    check_adaround_options(adaround, adaround_per_sample)
-    scheme = scheme or scheme_for_target(target, QuantMode.PTQ)
-    model = float_model_for_quantization(
-        model, cross_layer_equalization=cross_layer_equalization, replace_relu6=replace_relu6
-    )
+    options = options_from_keywords(options, deprecated_options, "quantize")
+    scheme = resolve_scheme(target, scheme, QuantMode.PTQ)
+    options.check_scheme(scheme)
+    model = float_model_for_quantization(model, options)
     qmodel = prepare(model, scheme, mode=QuantMode.PTQ, exclude=exclude, layer_weight_bits=layer_weight_bits)
+    record_options(qmodel, options)
     calibrate(qmodel, calibration_data, transform_fn=transform_fn, num_batches=num_batches, progress=progress)
     refine_calibrated(
         qmodel,
         calibration_data,
-        range_search=range_search,
-        bias_correction=bias_correction,
-        fast_finetune=fast_finetune,
-        adaround=adaround,
-        adaround_per_sample=adaround_per_sample,
+        options,
         target=scheme.target,
         transform_fn=transform_fn,
-        num_batches=min(num_batches or 4, 4),
+        num_batches=num_batches,
         progress=progress,
     )
     return qmodel

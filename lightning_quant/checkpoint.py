@@ -1,8 +1,10 @@
 """Load a quantized model from a Lightning checkpoint in a fresh process, without a Trainer.
 
-The checkpoint written by a Trainer with :class:`~lightning_quant.QuantCallback` holds the callback's
-configuration (mode, scheme, exclude list) and every quantizer's state, so the same network can be
-prepared again and filled in.
+A quantized network's ``state_dict`` carries the config it was quantized with (mode, scheme, options, exclude list,
+mixed precision: :mod:`lightning_quant.quantizers.config_record`) beside every quantizer's state, so the same network
+can be rebuilt (ReLU6 swapped, layers equalized, quantizers inserted) and filled in, from a full checkpoint or one
+saved with ``save_weights_only=True``. Files are read with ``torch.load(weights_only=True)``: a checkpoint from
+someone else cannot run code when it is loaded.
 
 Example:
     >>> from lightning_quant.checkpoint import load_quantized_checkpoint
@@ -11,17 +13,25 @@ Example:
 
 from __future__ import annotations
 
+import pickle
+
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_quant.algorithms.post_calibration import REFINEMENT_STEPS, record_refinements
-from lightning_quant.callbacks.checkpoint_guard import check_quant_state_keys
+from lightning_quant.algorithms.post_calibration import apply_network_transforms
 from lightning_quant.callbacks.network_attribute import network_attribute
-from lightning_quant.config import QuantMode, QuantScheme
+from lightning_quant.config import REFINEMENT_STEPS, QuantMode, QuantOptions, QuantScheme
 from lightning_quant.errors import CheckpointMismatchError
+from lightning_quant.quantizers.config_record import (
+    RECORD_ATTR,
+    decode_config,
+    encode_config,
+    exclude_names,
+    record_options,
+)
 from lightning_quant.quantizers.prepare import prepare, set_fake_quant, set_observers
 
 __all__ = ["callback_state", "load_quantized_checkpoint", "read_checkpoint"]
@@ -54,18 +64,34 @@ def callback_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a Lightning checkpoint file on CPU, with clear errors for a missing, damaged or non-checkpoint file.
+    """Load a Lightning checkpoint file on CPU with ``torch.load(weights_only=True)`` (nothing in the file can run
+    code), with clear errors for a missing, damaged, unsafe or non-checkpoint file.
 
     Raises:
         FileNotFoundError: no such file.
-        CheckpointMismatchError: the file cannot be unpickled (truncated/corrupted) or is not a Lightning checkpoint.
+        CheckpointMismatchError: the file cannot be unpickled (truncated/corrupted), holds objects other than
+            tensors and plain containers (a pickled class or function: refused, never executed), or is not a
+            Lightning checkpoint.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; pass the .ckpt path a Trainer wrote.")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unpickling error means a damaged file
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), None)
+        if refused is None:  # not a pickled object the safe loader refused: the bytes themselves are bad
+            raise CheckpointMismatchError(
+                f"checkpoint {str(path)!r} cannot be read; it is truncated or corrupted. Use an earlier checkpoint or "
+                "re-run the job that wrote it."
+            ) from err
+        raise CheckpointMismatchError(
+            f"checkpoint {str(path)!r} was refused by the safe loader (torch.load(weights_only=True)): it holds a "
+            f"Python object other than tensors and plain containers ({refused[:200]}). Nothing in it was executed. "
+            "If you wrote the file yourself and trust every object in it, allow those classes with "
+            "torch.serialization.add_safe_globals([...]) before loading; otherwise do not use the file."
+        ) from err
+    except Exception as err:  # noqa: BLE001 - any other unpickling error means a damaged file
         raise CheckpointMismatchError(
             f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {str(err)[:120]}); it is truncated or "
             "corrupted. Use an earlier checkpoint or re-run the job that wrote it."
@@ -80,46 +106,111 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_quantized_checkpoint(module: nn.Module, path: str | Path) -> nn.Module:
-    """Prepare ``module``'s network as the checkpoint's QuantCallback did, then load all weights and qparams.
+    """Rebuild ``module``'s network as the checkpoint's quantization did, then load all weights and qparams.
+
+    The config comes from the network's own saved record (also in ``save_weights_only=True`` checkpoints), or,
+    for checkpoints of earlier releases, from the QuantCallback state. The network transforms it names
+    (``replace_relu6``, ``cross_layer_equalization``) are applied again before quantizers are inserted, so the
+    reloaded network is the calibrated one, structure included.
+
+    Example:
+        >>> # model = load_quantized_checkpoint(MyLitModule(), "checkpoints/last.ckpt")
 
     Args:
         module: a freshly constructed LightningModule (or any nn.Module holding the network), float weights.
-        path: a checkpoint written with QuantCallback attached.
+        path: a checkpoint written with QuantCallback attached (or any Lightning checkpoint of a quantized network).
 
     Returns:
         ``module`` itself, in eval mode, with observers off and fake-quant on.
 
     Raises:
         FileNotFoundError: no such file.
-        CheckpointMismatchError: unreadable file, not a Lightning checkpoint, no (or incomplete) QuantCallback
-            state, state for another model, or invalid scales (NaN, inf, <= 0).
+        CheckpointMismatchError: unreadable or unsafe file, not a Lightning checkpoint, no quantization config
+            (neither the network's record nor QuantCallback state), state for another model, or invalid scales
+            (NaN, inf, <= 0).
     """
     checkpoint = read_checkpoint(path)
-    state = callback_state(checkpoint)
-    from lightning_quant.callbacks.quant_callback import QuantCallback
-
-    callback = QuantCallback(
-        mode=state["mode"],
-        target=state["target"],
-        scheme=QuantScheme.from_dict(state["scheme"]),
-        exclude=state.get("exclude", ()),
-        layer_weight_bits=state.get("layer_weight_bits"),
-        module_name=state.get("module_name"),
-        report=False,
-    )
-    name = network_attribute(module, callback.module_name)
-    network = getattr(module, name)
+    state_dict = checkpoint["state_dict"]
+    name, config = _saved_config(module, checkpoint)
+    network = getattr(module, name).eval()
+    options = QuantOptions.from_dict(config["options"])
+    apply_network_transforms(network, options)
     prepared = prepare(
-        network, callback.scheme, mode=QuantMode(state["mode"]), exclude=callback.exclude, inplace=True,
-        layer_weight_bits=callback.layer_weight_bits,
-    )  # fmt: skip
+        network,
+        QuantScheme.from_dict(config["scheme"]),
+        mode=QuantMode(config["mode"]),
+        exclude=_exclude_from_names(config["exclude"], network),
+        inplace=True,
+        layer_weight_bits=config["layer_weight_bits"],
+    )
+    record_options(prepared, options)
     setattr(module, name, prepared)
-    handle = module.register_load_state_dict_pre_hook(check_quant_state_keys)
-    try:
-        module.load_state_dict(checkpoint["state_dict"])
-    finally:
-        handle.remove()
+    module.load_state_dict(state_dict)
     set_observers(prepared, False)
     set_fake_quant(prepared, True)
-    record_refinements(prepared, [step for step in REFINEMENT_STEPS if state.get(step)])
     return module.eval()
+
+
+def _saved_config(module: nn.Module, checkpoint: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The network's attribute and the config it was quantized with: its saved record, else (checkpoints of earlier
+    releases) one rebuilt from the QuantCallback state and put into the state dict."""
+    callbacks = checkpoint.get("callbacks")
+    state = callback_state(checkpoint) if callbacks else None
+    name = network_attribute(module, state.get("module_name") if state else None)
+    key = f"{name}.{RECORD_ATTR}"
+    if key in checkpoint["state_dict"]:
+        record = decode_config(checkpoint["state_dict"][key])
+        missing = [k for k in ("mode", "scheme", "options", "exclude", "layer_weight_bits") if k not in record]
+        if missing:
+            raise CheckpointMismatchError(
+                f"the checkpoint's quantization config record lacks {', '.join(missing)}: it is damaged or was edited."
+            )
+        return name, record
+    if state is None:
+        raise CheckpointMismatchError(
+            "this checkpoint holds no quantization config: neither the network's record "
+            f"({key!r}) nor QuantCallback state. It was saved from a float model, or with save_weights_only=True by a "
+            "release that did not record the config; quantize the float model again."
+        )
+    saved_options = state.get("options") or {k: bool(state.get(k, False)) for k in _LEGACY_OPTION_KEYS}
+    options = QuantOptions.from_dict(saved_options)
+    config = {
+        "mode": state["mode"],
+        "scheme": state["scheme"],
+        "exclude": exclude_names(state.get("exclude") or ()),
+        "layer_weight_bits": dict(state.get("layer_weight_bits") or {}),
+        "network_transforms": list(options.network_transforms),
+        "options": options.to_dict(),
+        "refinements": [step for step in REFINEMENT_STEPS if saved_options.get(step)],
+    }
+    checkpoint["state_dict"][key] = encode_config(config)
+    return name, config
+
+
+# the option switches that checkpoints of earlier releases kept at the top level of the QuantCallback state
+_LEGACY_OPTION_KEYS = (
+    "replace_relu6", "cross_layer_equalization", "range_search", "bias_correction", "adaround",
+    "adaround_per_sample", "fast_finetune",
+)  # fmt: skip
+
+
+def _exclude_from_names(names: list[str], network: nn.Module) -> list[Any]:
+    """``exclude`` entries back from their saved form: module types (``type:<qualified name>``) are matched against
+    the classes in ``network``, never imported.
+
+    Raises:
+        CheckpointMismatchError: a saved module type that ``network`` does not contain.
+    """
+    classes = {exclude_names([type(m)])[0]: type(m) for m in network.modules()}
+    out: list[Any] = []
+    for entry in names:
+        if entry.startswith("type:"):
+            if entry not in classes:
+                raise CheckpointMismatchError(
+                    f"the checkpoint excluded the module type {entry[5:]!r}, which this network does not contain: "
+                    "it was written for another model."
+                )
+            out.append(classes[entry])
+        else:
+            out.append(entry)
+    return out

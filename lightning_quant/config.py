@@ -1,17 +1,20 @@
 """Typed quantization configs: schemes, targets, PTQ calibration and the QAT schedule.
 
 Example:
-    >>> from lightning_quant.config import QuantSpec, scheme_for_target
+    >>> from lightning_quant.config import QuantOptions, QuantSpec, scheme_for_target
     >>> scheme = scheme_for_target("x86")
     >>> scheme.activation.signed, scheme.weight.granularity.value
     (False, 'per_channel')
     >>> QuantSpec(bits=4, signed=True).quant_range()
     (-8, 7)
+    >>> QuantOptions(bias_correction=True).refinements
+    ('bias_correction',)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -20,13 +23,38 @@ __all__ = [
     "Granularity",
     "QATSchedule",
     "QuantMode",
+    "QuantOptions",
     "QuantScheme",
     "QuantSpec",
     "RoundingMode",
     "ScaleType",
     "Target",
+    "add_observer_name",
+    "observer_names",
+    "options_from_keywords",
+    "resolve_scheme",
     "scheme_for_target",
 ]
+
+
+# Names of the registered range estimators. The registry (lightning_quant.quantizers) adds each name here as it
+# registers the estimator class, so that this bottom layer can validate a spec without importing the layer above.
+_OBSERVER_NAMES: dict[str, None] = {}  # insertion-ordered: built-in estimators first
+
+
+def add_observer_name(name: str) -> None:
+    """Make ``name`` a valid :attr:`QuantSpec.observer` (called by ``lightning_quant.quantizers.register_observer``)."""
+    _OBSERVER_NAMES[name] = None
+
+
+def observer_names() -> list[str]:
+    """The registered range estimator names, in registration order (built-in estimators first).
+
+    Example:
+        >>> {"minmax", "mean_minmax", "percentile", "mse", "entropy"} <= set(observer_names())
+        True
+    """
+    return list(_OBSERVER_NAMES)
 
 
 def _coerce_enum(enum_cls: type[Enum], value: Any, name: str) -> Enum:
@@ -146,9 +174,7 @@ class QuantSpec:
             raise ValueError("narrow_range applies to symmetric signed integers only; set narrow_range=False.")
         if self.learnable and self.scale_type is ScaleType.POWER_OF_TWO:
             raise ValueError("learnable scales cannot stay powers of two; set learnable=False or scale_type='float'.")
-        from lightning_quant.quantizers.observers import observer_names  # local: observers import this module
-
-        if self.observer not in observer_names():
+        if self.observer not in _OBSERVER_NAMES:
             raise ValueError(
                 f"observer={self.observer!r} is not registered; use one of {', '.join(map(repr, observer_names()))}"
                 " or register your own with lightning_quant.quantizers.register_observer."
@@ -325,3 +351,196 @@ class QATSchedule:
 
 def _reached(limit: int | None, value: int) -> bool:
     return limit is not None and value >= limit
+
+
+# the post-calibration refinements, in the order they run (QuantOptions fields of the same names)
+REFINEMENT_STEPS = ("range_search", "bias_correction", "adaround", "fast_finetune")
+# the options that change the float network before quantizers are inserted (they apply to PTQ and QAT alike)
+NETWORK_TRANSFORMS = ("replace_relu6", "cross_layer_equalization")
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """What runs around calibration: float-network transforms before quantizers are inserted, and the refinements
+    after calibration. One frozen value, passed as ``options=`` to :func:`~lightning_quant.quantize` and
+    :class:`~lightning_quant.QuantCallback`, saved with every checkpoint and re-applied on every load.
+
+    Example:
+        >>> opts = QuantOptions(replace_relu6=True, cross_layer_equalization=True, bias_correction=True)
+        >>> opts.refinements, opts.network_transforms
+        (('bias_correction',), ('replace_relu6', 'cross_layer_equalization'))
+        >>> QuantOptions.from_dict(opts.to_dict()) == opts
+        True
+        >>> QuantOptions(adaround_per_sample=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: adaround_per_sample=True changes how AdaRound weighs the calibration images, but adaround is off; set adaround=True too (recipes: quant.options.adaround=true) or drop adaround_per_sample.
+
+    Args:
+        replace_relu6: swap every ``nn.ReLU6`` for ``nn.ReLU`` first (:func:`lightning_quant.algorithms.relu6_to_relu`):
+            cross-layer equalization can then pair the layers around them (MobileNetV2 per-tensor needs it) and the
+            DPU runs ReLU natively. It changes the float function where activations exceed 6.
+        cross_layer_equalization: equalize consecutive layer pairs of the float network, with bias absorption
+            (:func:`lightning_quant.algorithms.equalize`); pairs through a ReLU6 are left as they are unless
+            ``replace_relu6``. Changes the weights, not the function.
+        range_search: (PTQ) after calibration, choose the activation clipping percentile of each group (branch
+            outputs, residual sums, other ReLU outputs) that keeps the output closest to float
+            (:func:`lightning_quant.algorithms.search_activation_ranges`); needs the ``percentile`` activation
+            estimator, or power-of-two scales (``target="dpu"``: it shifts each group's fix positions instead).
+        bias_correction: (PTQ) correct each layer's bias for the mean quantization error
+            (:func:`lightning_quant.algorithms.correct_bias`); for ``dpu`` before the shift constraints.
+        adaround: (PTQ) learn each weight's rounding direction layer by layer
+            (:func:`lightning_quant.algorithms.adaround`, Nagel et al. 2020); worth it at 4-6 bit weights.
+        adaround_per_sample: (with ``adaround``) weigh every calibration image's layer output error the same instead
+            of pooling them, so a few images with huge activations do not decide the rounding for the rest.
+        fast_finetune: (PTQ) tune weights layer by layer against the float outputs (AdaQuant, Vitis AI's
+            ``--fast_finetune``; :func:`lightning_quant.algorithms.fast_finetune`); runs after AdaRound.
+        refinement_batches: the refinements use the first ``min(calibration batches, refinement_batches)``
+            calibration batches.
+
+    Raises:
+        ValueError: a switch that is not a bool, ``adaround_per_sample`` without ``adaround``, or
+            ``refinement_batches`` below 1.
+    """
+
+    replace_relu6: bool = False
+    cross_layer_equalization: bool = False
+    range_search: bool = False
+    bias_correction: bool = False
+    adaround: bool = False
+    adaround_per_sample: bool = False
+    fast_finetune: bool = False
+    refinement_batches: int = 4
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("bool", bool) and not isinstance(value, bool):
+                raise ValueError(f"QuantOptions.{f.name}={value!r} must be True or False.")
+        batches = self.refinement_batches
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+            raise ValueError(f"QuantOptions.refinement_batches={batches!r} must be an integer >= 1 (4 is typical).")
+        if self.adaround_per_sample and not self.adaround:
+            raise ValueError(
+                "adaround_per_sample=True changes how AdaRound weighs the calibration images, but adaround is off; set "
+                "adaround=True too (recipes: quant.options.adaround=true) or drop adaround_per_sample."
+            )
+
+    @property
+    def refinements(self) -> tuple[str, ...]:
+        """The post-calibration steps switched on, in the order they run."""
+        return tuple(step for step in REFINEMENT_STEPS if getattr(self, step))
+
+    @property
+    def network_transforms(self) -> tuple[str, ...]:
+        """The float-network transforms switched on, in the order they run."""
+        return tuple(name for name in NETWORK_TRANSFORMS if getattr(self, name))
+
+    def check_mode(self, mode: QuantMode | str) -> None:
+        """Refinements tune a PTQ calibration; QAT trains the weights itself.
+
+        Raises:
+            ValueError: ``mode='qat'`` with a refinement switched on (the message names them).
+        """
+        if _coerce_enum(QuantMode, mode, "mode") is QuantMode.QAT and self.refinements:
+            raise ValueError(
+                f"{', '.join(self.refinements)} refine a PTQ calibration; QAT trains the weights itself. Use "
+                "mode='ptq' with them, or drop them from the options for mode='qat'."
+            )
+
+    def check_scheme(self, scheme: QuantScheme) -> None:
+        """The range search tunes percentiles or power-of-two positions: fail before calibration, not after it.
+
+        Raises:
+            ValueError: ``range_search`` with activations that use neither the ``percentile`` estimator nor
+                power-of-two scales.
+        """
+        act = scheme.activation
+        if self.range_search and act.observer != "percentile" and act.scale_type is not ScaleType.POWER_OF_TWO:
+            raise ValueError(
+                f"range_search tunes the clipping percentile of the 'percentile' activation estimator (or power-of-two "
+                f"fix positions), but the scheme's activations use {act.observer!r} with {act.scale_type.value} "
+                "scales; use scheme_for_target(target, activation_observer='percentile') (recipes: "
+                "quant.scheme.activation_observer=percentile), target='dpu', or drop range_search."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantOptions:
+        """Rebuild options from :meth:`to_dict` output (a checkpoint, a recipe's ``quant.options``).
+
+        Raises:
+            ValueError: an unknown key (the message lists the known ones) or an invalid value.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown QuantOptions key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
+        return cls(**data)
+
+
+def resolve_scheme(target: Target | str | None, scheme: QuantScheme | None, mode: QuantMode | str) -> QuantScheme:
+    """The one scheme a call quantizes with: ``scheme`` if given (its ``target`` is the target), else the default
+    scheme of ``target`` (``x86`` when neither is given).
+
+    Example:
+        >>> resolve_scheme(None, None, "ptq").target.value, resolve_scheme("dpu", None, "ptq").weight.observer
+        ('x86', 'dpu_pot')
+        >>> resolve_scheme("x86", scheme_for_target("dpu"), "ptq")
+        Traceback (most recent call last):
+        ...
+        ValueError: target='x86' contradicts scheme.target='dpu': the scheme decides the target. Drop target=, or build the scheme for that target with scheme_for_target('x86', ...).
+
+    Raises:
+        TypeError: ``scheme`` is not a :class:`QuantScheme`.
+        ValueError: an unknown target, or a ``target`` that contradicts ``scheme.target``.
+    """
+    if scheme is None:
+        return scheme_for_target(Target.X86 if target is None else target, mode)
+    if not isinstance(scheme, QuantScheme):
+        raise TypeError(f"scheme must be a QuantScheme, got {type(scheme).__name__}; see scheme_for_target().")
+    if target is not None:
+        wanted = _coerce_enum(Target, target, "target")
+        if scheme.target is not wanted:
+            have = None if scheme.target is None else scheme.target.value
+            raise ValueError(
+                f"target={wanted.value!r} contradicts scheme.target={have!r}: the scheme decides the target. Drop "
+                f"target=, or build the scheme for that target with scheme_for_target({wanted.value!r}, ...)."
+            )
+    return scheme
+
+
+def options_from_keywords(options: QuantOptions | None, keywords: dict[str, Any], caller: str) -> QuantOptions:
+    """``options`` as given, or built from the switches older releases took as keyword arguments (deprecated:
+    the warning shows the new call).
+
+    Raises:
+        TypeError: a keyword that is neither an option nor a parameter of ``caller``; ``options`` that is not a
+            :class:`QuantOptions`; both ``options=`` and option keywords.
+    """
+    if options is not None and not isinstance(options, QuantOptions):
+        raise TypeError(
+            f"{caller}(options=...) takes a QuantOptions, got {type(options).__name__}; e.g. "
+            "options=QuantOptions(bias_correction=True) (QuantOptions.from_dict(d) builds one from a dict)."
+        )
+    if not keywords:
+        return options or QuantOptions()
+    known = {f.name for f in dataclasses.fields(QuantOptions)}
+    unknown = sorted(set(keywords) - known)
+    if unknown:
+        raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
+    if options is not None:
+        raise TypeError(
+            f"{caller}() got options= and the option keyword(s) {', '.join(sorted(keywords))}; put them all in "
+            "options=QuantOptions(...)."
+        )
+    new_call = ", ".join(f"{k}={v!r}" for k, v in keywords.items())
+    warnings.warn(
+        f"{caller}({', '.join(f'{k}=...' for k in keywords)}) is deprecated and will be removed in the next release; "
+        f"pass options=QuantOptions({new_call}) (from lightning_quant import QuantOptions).",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return QuantOptions(**keywords)

@@ -44,7 +44,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from lightning_quant.algorithms.float_reference import float_parameters_swapped_in
 from lightning_quant.algorithms.layerwise import bounded_inputs, check_positive
 from lightning_quant.algorithms.sensitivity import model_outputs, outputs_sqnr, restored_switches
-from lightning_quant.config import QuantMode, QuantScheme, Target, scheme_for_target
+from lightning_quant.config import QuantMode, QuantOptions, QuantScheme, Target, options_from_keywords, resolve_scheme
 from lightning_quant.quantizers.modules import _weight_quantizer
 from lightning_quant.quantizers.prepare import iter_quantizers, prepare, prepare_info
 
@@ -236,13 +236,16 @@ def quantize_with_accuracy_control(
     *,
     max_accuracy_drop: float,
     transform_fn: Callable[[Any], Any] | None = None,
-    target: Target | str = Target.X86,
+    target: Target | str | None = None,
     scheme: QuantScheme | None = None,
+    options: QuantOptions | None = None,
+    num_batches: int | None = None,
     exclude: Iterable[str] = (),
+    layer_weight_bits: Mapping[str, int] | None = None,
     ranking_batches: int = 2,
     fallback_weight_bits: int | None = None,
     progress: bool = True,
-    **quantize_options: Any,
+    **deprecated_options: Any,
 ) -> tuple[nn.Module, AccuracyControlReport]:
     """PTQ with a bound on the metric drop: the most sensitive layers stay in float (see the module docstring).
 
@@ -255,16 +258,19 @@ def quantize_with_accuracy_control(
         max_accuracy_drop: largest allowed ``metric(float) - metric(quantized)``, in the metric's units.
         transform_fn: maps one item of ``calibration_data`` to the model input.
         target: ``x86``, ``tensorrt`` or ``dpu`` (picks the default scheme).
-        scheme: explicit scheme; overrides ``target``'s defaults.
+        scheme: explicit scheme; its ``target`` is the target (a contradicting ``target=`` is an error).
+        options: what runs around each calibration (:class:`~lightning_quant.config.QuantOptions`), as for
+            :func:`~lightning_quant.quantize`.
+        num_batches: calibrate on at most this many batches.
         exclude: layers the user keeps in float anyway (glob patterns); the chosen layers are added to them.
+        layer_weight_bits: ``{glob pattern: bits}`` weight widths the user sets anyway (mixed precision).
         ranking_batches: calibration batches used to rank layers by output SQNR.
         fallback_weight_bits: give sensitive layers weights of this width (above the scheme's, at most 8)
             instead of keeping them in float; the choice is in ``report.higher_bits`` and the returned model's
             ``prepare_info(qmodel).weight_bits``.
         progress: progress bars for calibration, ranking and the search.
-        **quantize_options: passed to :func:`~lightning_quant.quantize` (``num_batches``,
-            ``cross_layer_equalization``, ``range_search``, ``bias_correction``, ``adaround``, ``adaround_per_sample``,
-            ``fast_finetune``, ``replace_relu6``).
+        **deprecated_options: option switches as keyword arguments (deprecated, as for
+            :func:`~lightning_quant.quantize`).
 
     Returns:
         ``(qmodel, report)``: the quantized model with ``report.kept_float`` in float, and an
@@ -272,8 +278,9 @@ def quantize_with_accuracy_control(
         misses the bound the search met, e.g. because bias correction then corrects other layers).
 
     Raises:
-        ValueError: ``max_accuracy_drop`` negative or not a number, ``ranking_batches`` < 1, an option
-            :func:`~lightning_quant.quantize` does not take, ``metric_fn`` returning something other than a
+        TypeError: an unknown keyword, or ``options`` of the wrong type.
+        ValueError: ``max_accuracy_drop`` negative or not a number, ``ranking_batches`` < 1, ``metric_fn`` returning
+            something other than a
             finite number, or a bound only met with every layer in float; plus what :func:`~lightning_quant.quantize`
             raises.
     """
@@ -281,17 +288,15 @@ def quantize_with_accuracy_control(
 
     max_accuracy_drop = _check_drop(max_accuracy_drop)
     check_positive("ranking_batches", ranking_batches)
-    known = {"num_batches", "cross_layer_equalization", "range_search", "bias_correction", "adaround", "fast_finetune",
-             "adaround_per_sample", "replace_relu6", "layer_weight_bits"}  # fmt: skip
-    unknown = sorted(set(quantize_options) - known)
-    if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)}; quantize_with_accuracy_control passes on "
-                         f"{', '.join(sorted(known))}.")  # fmt: skip
+    options = options_from_keywords(options, deprecated_options, "quantize_with_accuracy_control")
     start = time.perf_counter()
-    scheme = scheme or scheme_for_target(target, QuantMode.PTQ)
+    scheme = resolve_scheme(target, scheme, QuantMode.PTQ)
     _check_fallback_bits(fallback_weight_bits, scheme)
     exclude = tuple(exclude)
-    common = dict(transform_fn=transform_fn, scheme=scheme, progress=progress, **quantize_options)
+    common = dict(
+        transform_fn=transform_fn, scheme=scheme, options=options, num_batches=num_batches, progress=progress,
+        layer_weight_bits=dict(layer_weight_bits or {}),
+    )  # fmt: skip
     qmodel = quantize(model, calibration_data, exclude=exclude, **common)
     metric_float = _metric(metric_fn, model)
     metric_q = _metric(metric_fn, qmodel)
@@ -306,11 +311,7 @@ def quantize_with_accuracy_control(
         qmodel = _higher_bits_search(model, calibration_data, metric_fn, qmodel, report, common, exclude, inputs)
         report.seconds = time.perf_counter() - start
         return qmodel, report
-    base = float_model_for_quantization(
-        model,
-        cross_layer_equalization=quantize_options.get("cross_layer_equalization", False),
-        replace_relu6=quantize_options.get("replace_relu6", False),
-    )
+    base = float_model_for_quantization(model, options)
     layers = prepare_info(qmodel).quantized_layers
     groups = {layer: _quantizers_removed(base, qmodel, scheme, (*exclude, layer)) for layer in layers}
     report.ranking = _rank(qmodel, groups, lambda layer: _switched_off(qmodel, groups[layer]), inputs, progress)
@@ -378,8 +379,7 @@ def _higher_bits_search(
             "allow a larger drop."
         )
     report.higher_bits = order[:count]
-    layer_bits = {**common.get("layer_weight_bits", {}), **dict.fromkeys(report.higher_bits, bits)}
-    options = {k: v for k, v in common.items() if k != "layer_weight_bits"}
-    qmodel = quantize(model, calibration_data, exclude=exclude, layer_weight_bits=layer_bits, **options)
+    layer_bits = {**common["layer_weight_bits"], **dict.fromkeys(report.higher_bits, bits)}
+    qmodel = quantize(model, calibration_data, exclude=exclude, **{**common, "layer_weight_bits": layer_bits})
     report.metric_final = _metric(metric_fn, qmodel)
     return qmodel

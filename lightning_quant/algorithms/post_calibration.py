@@ -1,14 +1,15 @@
-"""What runs after calibration, in one place for ``quantize()`` and ``QuantCallback``: the activation range search,
-bias correction, the DPU's shift constraints, AdaRound (learned weight rounding), then fast finetune (AdaQuant, Vitis
-AI's ``--fast_finetune``).
+"""What :class:`~lightning_quant.config.QuantOptions` switch on, in one place for ``quantize()``,
+``QuantCallback`` and checkpoint loading: the float-network transforms before quantizers are inserted (ReLU6 to
+ReLU, cross-layer equalization), then after calibration the activation range search, bias correction, the DPU's
+shift constraints, AdaRound (learned weight rounding) and fast finetune (AdaQuant, Vitis AI's ``--fast_finetune``).
 
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from lightning_quant import quantize
+    >>> from lightning_quant import QuantOptions, quantize
     >>> data = [torch.randn(8, 3, 8, 8) for _ in range(2)]
     >>> qmodel = quantize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), data, progress=False)
-    >>> refine_calibrated(qmodel, data, bias_correction=True, progress=False)
+    >>> refine_calibrated(qmodel, data, QuantOptions(bias_correction=True), progress=False)
     ['bias_correction']
 """
 
@@ -21,115 +22,111 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_quant.config import Target
+from lightning_quant.algorithms.adaquant import fast_finetune
+from lightning_quant.algorithms.adaround import adaround
+from lightning_quant.algorithms.bias_correction import correct_bias
+from lightning_quant.algorithms.cle import equalize, relu6_to_relu
+from lightning_quant.algorithms.range_search import search_activation_ranges
+from lightning_quant.config import REFINEMENT_STEPS, QuantOptions, Target
+from lightning_quant.quantizers.config_record import record_refinement_steps
+from lightning_quant.quantizers.dpu_shifts import enforce_dpu_shifts
 from lightning_quant.quantizers.prepare import prepare_info
 
-__all__ = ["REFINEMENT_STEPS", "check_adaround_options", "record_refinements", "refine_calibrated"]
-
-# the flags that name a step, in the order they run (QuantCallback's flags and checkpoint state keys too)
-REFINEMENT_STEPS = ("range_search", "bias_correction", "adaround", "fast_finetune")
+__all__ = ["REFINEMENT_STEPS", "apply_network_transforms", "record_refinements", "refine_calibrated"]
 
 
-def check_adaround_options(adaround: bool, adaround_per_sample: bool) -> None:
-    """``adaround_per_sample`` only means something with ``adaround``.
+def apply_network_transforms(network: nn.Module, options: QuantOptions) -> list[str]:
+    """Apply the options' float-network transforms to ``network`` in place (ReLU6 to ReLU, then cross-layer
+    equalization); returns one line per transform that ran, for the log.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU6(), nn.Conv2d(8, 4, 1)).eval()
+        >>> apply_network_transforms(net, QuantOptions(replace_relu6=True, cross_layer_equalization=True))
+        ['1 ReLU6 modules replaced by ReLU', 'cross-layer equalization of 1 layer pairs']
 
     Raises:
-        ValueError: ``adaround_per_sample`` without ``adaround``, naming the fix.
+        ValueError: (``cross_layer_equalization``) a BatchNorm in training mode or a network torch.fx cannot trace.
     """
-    if adaround_per_sample and not adaround:
-        raise ValueError(
-            "adaround_per_sample=True changes how AdaRound weighs the calibration images, but adaround is off; set "
-            "adaround=True too (recipes: quant.adaround=true) or drop adaround_per_sample."
-        )
+    done = []
+    if options.replace_relu6:
+        done.append(f"{len(relu6_to_relu(network))} ReLU6 modules replaced by ReLU")
+    if options.cross_layer_equalization:
+        done.append(f"cross-layer equalization of {len(equalize(network).pairs)} layer pairs")
+    return done
 
 
 def refine_calibrated(
     qmodel: nn.Module,
     calibration_data: Iterable[Any],
+    options: QuantOptions | None = None,
     *,
-    range_search: bool = False,
-    bias_correction: bool = False,
-    fast_finetune: bool = False,
-    adaround: bool = False,
-    adaround_per_sample: bool = False,
     target: Target | str | None = None,
     transform_fn: Callable[[Any], Any] | None = None,
-    num_batches: int = 4,
+    num_batches: int | None = None,
     progress: bool = True,
 ) -> list[str]:
-    """Refine a calibrated PTQ model in place; returns the steps that ran, in order.
-
-    ``adaround_per_sample`` runs AdaRound with ``per_sample=True`` (every calibration image's output error weighs
-    the same; see :func:`~lightning_quant.algorithms.adaround`).
+    """Refine a calibrated PTQ model in place with the refinements ``options`` switch on; returns the steps that
+    ran, in order.
 
     Order: the activation range search (:func:`~lightning_quant.algorithms.search_activation_ranges`), bias
     correction, then (``target="dpu"``) the DPU's shift constraints, then AdaRound, then fast
-    finetune, so that rounding and tuning see the final, frozen scales.
+    finetune, so that rounding and tuning see the final, frozen scales. They use the first
+    ``min(num_batches, options.refinement_batches)`` batches.
 
     Raises:
         NotCalibratedError: (range search / bias correction / AdaRound / fast finetune) the model was not calibrated.
         ValueError: a QAT model or a model ``prepare()`` did not produce (named by the algorithm); range search
-            with another activation estimator than ``percentile``; ``adaround_per_sample`` without ``adaround``.
+            with another activation estimator than ``percentile``.
     """
-    check_adaround_options(adaround, adaround_per_sample)
-    tune = dict(transform_fn=transform_fn, num_batches=num_batches, progress=progress)
+    options = options or QuantOptions()
+    limit = options.refinement_batches if num_batches is None else min(num_batches, options.refinement_batches)
+    tune = dict(transform_fn=transform_fn, num_batches=limit, progress=progress)
     # Lightning calls the callback inside ``torch.inference_mode()`` (validate/test); fast finetune needs autograd and
     # tensors it can save for backward, so leave inference mode for the refinement.
     with torch.inference_mode(False):
-        flags = dict(
-            range_search=range_search, bias_correction=bias_correction, adaround=adaround, fast_finetune=fast_finetune,
-            adaround_per_sample=adaround_per_sample,
-        )  # fmt: skip
-        steps = _refine(qmodel, calibration_data, flags, target, tune)
+        steps = _refine(qmodel, calibration_data, options, target, tune)
     record_refinements(qmodel, steps)
     return steps
 
 
 def record_refinements(qmodel: nn.Module, steps: Iterable[str]) -> None:
     """Note ``steps`` in the model's :class:`~lightning_quant.quantizers.prepare.PrepareInfo` (exporters read it,
-    e.g. ``quant_info.json``'s ``bias_corrected``); a model ``prepare()`` did not produce is left as it is."""
+    e.g. ``quant_info.json``'s ``bias_corrected``) and in its saved config record; a model ``prepare()`` did not
+    produce is left as it is."""
+    steps = list(steps)
     try:
         info = prepare_info(qmodel)
     except ValueError:
         return
     info.refinements.extend(s for s in steps if s not in info.refinements)
+    record_refinement_steps(qmodel, steps)
 
 
 def _refine(
-    qmodel: nn.Module, calibration_data: Iterable[Any], flags: dict[str, bool], target: Target | str | None,
+    qmodel: nn.Module, calibration_data: Iterable[Any], options: QuantOptions, target: Target | str | None,
     tune: dict[str, Any],
 ) -> list[str]:  # fmt: skip
     steps = []
-    if flags["range_search"]:
-        from lightning_quant.algorithms.range_search import search_activation_ranges
-
+    if options.range_search:
         search_activation_ranges(qmodel, calibration_data, **tune)
         steps.append("range_search")
-    if flags["bias_correction"]:
-        from lightning_quant.algorithms.bias_correction import correct_bias
-
+    if options.bias_correction:
         correct_bias(qmodel, calibration_data, **tune)
         steps.append("bias_correction")
     if target is not None and Target(target) is Target.DPU:
         _enforce_dpu_shifts(qmodel)
         steps.append("dpu_shifts")
-    if flags["adaround"]:
-        from lightning_quant.algorithms.adaround import adaround as _adaround
-
-        _adaround(qmodel, calibration_data, per_sample=flags["adaround_per_sample"], **tune)
+    if options.adaround:
+        adaround(qmodel, calibration_data, per_sample=options.adaround_per_sample, **tune)
         steps.append("adaround")
-    if flags["fast_finetune"]:
-        from lightning_quant.algorithms.adaquant import fast_finetune as _fast_finetune
-
-        _fast_finetune(qmodel, calibration_data, **tune)
+    if options.fast_finetune:
+        fast_finetune(qmodel, calibration_data, **tune)
         steps.append("fast_finetune")
     return steps
 
 
 def _enforce_dpu_shifts(qmodel: nn.Module) -> None:
     """Make the calibrated positions satisfy the DPU's shift constraints, warning about every change."""
-    from lightning_quant.quantizers.dpu_shifts import enforce_dpu_shifts
-
     moved = enforce_dpu_shifts(qmodel)
     if moved:
         lines = ", ".join(f"{a.quantizer} {a.old_fix_pos}->{a.new_fix_pos} ({a.reason})" for a in moved)

@@ -23,9 +23,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_quant.algorithms.accuracy_control import AccuracyControlReport, quantize_with_accuracy_control
-from lightning_quant.config import QuantScheme
+from lightning_quant.config import QuantOptions, QuantScheme
 from lightning_quant.data.imagenette import held_out_subset
-from lightning_quant.models.imagenette import top1_accuracy
+from lightning_quant.evaluation.accuracy import top1_accuracy
 
 __all__ = ["accuracy_control_enabled", "choose_float_layers", "report_metrics"]
 
@@ -55,6 +55,7 @@ def choose_float_layers(
     dm: Any,
     *,
     scheme: QuantScheme,
+    options: QuantOptions,
     calibration_data: Any,
 ) -> AccuracyControlReport:
     """Run :func:`~lightning_quant.algorithms.quantize_with_accuracy_control` on ``model.model`` (the network the
@@ -83,13 +84,7 @@ def choose_float_layers(
         fallback_weight_bits=q.accuracy_control.get("fallback_weight_bits"),
         num_batches=q.calibration_batches,
         progress=progress,
-        cross_layer_equalization=q.get("cross_layer_equalization", False),
-        replace_relu6=q.get("replace_relu6", False),
-        range_search=q.get("range_search", False),
-        bias_correction=q.get("bias_correction", False),
-        fast_finetune=q.get("fast_finetune", False),
-        adaround=q.get("adaround", False),
-        adaround_per_sample=q.get("adaround_per_sample", False),
+        options=options,
     )
     print(report)
     return report

@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,8 @@ def export_artefacts(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir
 
     Each artefact is written under a staging name and gets its final name (``model_int8.onnx`` ...) only once it
     passed the check on the validation batches; one that fails is kept as ``rejected_<name>`` for inspection, so
-    a file under the deployable name has always been verified.
+    a file under the deployable name has always been verified. An XModel moves together with its quant_info file
+    (``model_int8.xmodel`` + ``model_int8.quant_info.json``).
     """
     from lightning_quant.export import (
         ExportVerificationError,
@@ -37,6 +37,14 @@ def export_artefacts(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir
         export_xmodel,
         verify_export,
     )
+    from lightning_quant.export._atomic import replace_together
+    from lightning_quant.export.xmodel import quant_info_path_for
+
+    def move(src: Path, dst: Path) -> None:  # an XModel and its quant_info file move as one
+        pairs = [(src, dst)]
+        if src.suffix == ".xmodel" and quant_info_path_for(src).exists():
+            pairs.append((quant_info_path_for(src), quant_info_path_for(dst)))
+        replace_together(pairs)
 
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # its per-initializer INFO lines flood Hydra's log
     batches = verification_batches(dm.val_dataloader(), max(1, cfg.export.verify_batches))
@@ -55,13 +63,15 @@ def export_artefacts(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir
             export_torchscript(network, staged, example, verify=cfg.export.verify,
                                min_top1_agreement=cfg.export.min_top1_agreement)  # fmt: skip
         entry: dict[str, Any] = {"path": str(final), "bytes": staged.stat().st_size}
+        if fmt == "xmodel":
+            entry["quant_info"] = str(quant_info_path_for(final))
         if cfg.export.verify and cfg.export.verify_batches > 0:
             try:
                 report = verify_export(network, staged, batches, min_top1_agreement=cfg.export.min_top1_agreement,
                                        latency_runs=0)  # fmt: skip
             except ExportVerificationError as error:
                 rejected = final.with_name(f"rejected_{final.name}")
-                os.replace(staged, rejected)
+                move(staged, rejected)
                 raise ExportVerificationError(
                     f"{error} Nothing was written as {final.name}; the rejected file is {rejected}. If the "
                     f"disagreement is a few images of {_images_in(batches)}, check on more images with "
@@ -74,7 +84,7 @@ def export_artefacts(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir
                 model_top1=_pct(report.model_accuracy),
                 verify_images=report.num_samples,
             )
-        os.replace(staged, final)
+        move(staged, final)
         artefacts[fmt] = entry
     return artefacts
 

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -34,14 +35,14 @@ from torch.utils.data import DataLoader
 
 from lightning_quant.callbacks.quant_callback import QuantCallback
 from lightning_quant.checkpoint import callback_state, read_checkpoint
-from lightning_quant.config import QATSchedule, QuantScheme, scheme_for_target
+from lightning_quant.config import QATSchedule, QuantOptions, QuantScheme, scheme_for_target
 from lightning_quant.quantizers.prepare import prepare_info
 from lightning_quant.report import quantization_report
 from lightning_quant.app.accuracy_control_step import accuracy_control_enabled, choose_float_layers, report_metrics
 from lightning_quant.app.export_step import export_artefacts
 from lightning_quant.app.report_step import model_sizes, summary_table, write_run_report
 
-__all__ = ["CONFIG_DIR", "MODES", "RECIPES_DIR", "compose_config", "main", "summary_table", "train"]
+__all__ = ["CONFIG_DIR", "MODES", "RECIPES_DIR", "compose_config", "main", "quant_options", "summary_table", "train"]
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = _REPO_ROOT / "configs"
@@ -153,6 +154,20 @@ def _scheme(cfg: DictConfig, mode: str) -> QuantScheme:
     return scheme_for_target(cfg.quant.target, mode, **overrides)
 
 
+def quant_options(cfg: DictConfig, mode: str = "ptq") -> QuantOptions:
+    """The recipe's ``quant.options`` as a :class:`~lightning_quant.config.QuantOptions`; for ``qat`` only the
+    network transforms (the refinements tune a PTQ calibration).
+
+    Example:
+        >>> quant_options(compose_config(["recipe=mobilenetv2_ptq_imagenette_dpu"])).network_transforms
+        ('replace_relu6', 'cross_layer_equalization')
+    """
+    options = QuantOptions.from_dict(OmegaConf.to_container(cfg.quant.options, resolve=True))  # type: ignore[arg-type]
+    if mode == "qat":
+        options = dataclasses.replace(options, **dict.fromkeys(options.refinements, False), adaround_per_sample=False)
+    return options
+
+
 def _build_callback(
     cfg: DictConfig,
     dm: pl.LightningDataModule,
@@ -164,15 +179,8 @@ def _build_callback(
     mode = mode or ("qat" if cfg.mode == "qat" else "ptq")
     return QuantCallback(
         mode=mode,
-        target=q.target,
         scheme=_scheme(cfg, mode),
-        cross_layer_equalization=q.get("cross_layer_equalization", False),
-        replace_relu6=q.get("replace_relu6", False),
-        range_search=q.get("range_search", False) and mode == "ptq",
-        bias_correction=q.get("bias_correction", False) and mode == "ptq",
-        fast_finetune=q.get("fast_finetune", False) and mode == "ptq",
-        adaround=q.get("adaround", False) and mode == "ptq",
-        adaround_per_sample=q.get("adaround_per_sample", False) and mode == "ptq",
+        options=quant_options(cfg, mode),
         calibration_batches=q.calibration_batches,
         calibration_data=_calibration_data(cfg, dm),
         calibration_source=q.calibration_source,
@@ -224,7 +232,9 @@ def _calibrate(cfg: DictConfig, model: pl.LightningModule, dm: Any, state_path: 
     exclude, layer_bits = None, None
     if accuracy_control_enabled(cfg):  # choose layers first; the state file's exclude / layer_weight_bits keep them
         calibration = _calibration_data(cfg, dm)
-        chosen = choose_float_layers(cfg, model, dm, scheme=_scheme(cfg, "ptq"), calibration_data=calibration)
+        chosen = choose_float_layers(
+            cfg, model, dm, scheme=_scheme(cfg, "ptq"), options=quant_options(cfg), calibration_data=calibration
+        )
         metrics["accuracy_control"] = report_metrics(chosen)
         exclude = [*cfg.quant.exclude, *chosen.kept_float]
         moved_up = dict.fromkeys(chosen.higher_bits, chosen.fallback_weight_bits)
@@ -265,7 +275,8 @@ def _run_test(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) ->
     if accuracy_control_enabled(cfg):
         exclude, bits = written.get("exclude"), written.get("layer_weight_bits")
     callback = _build_callback(cfg, dm, mode=written["mode"], exclude=exclude, layer_weight_bits=bits)
-    metrics = _evaluate(_build_trainer(cfg, [callback]), model, dm, "int8", ckpt_path=state)
+    # weights_only: a state file from someone else can hold tensors and plain containers, never code that runs
+    metrics = _evaluate(_build_trainer(cfg, [callback]), model, dm, "int8", ckpt_path=state, weights_only=True)
     metrics["state_file"] = str(state)
     return metrics, callback
 

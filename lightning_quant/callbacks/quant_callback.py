@@ -23,13 +23,22 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_quant.algorithms.post_calibration import REFINEMENT_STEPS, check_adaround_options, refine_calibrated
+from lightning_quant.algorithms.post_calibration import apply_network_transforms, refine_calibrated
 from lightning_quant.calibration import calibrate, default_transform, move_to_device
 from lightning_quant.callbacks.calibration_source import SOURCES, calibration_loader
-from lightning_quant.callbacks.checkpoint_guard import check_quant_state_keys, require_matching_config
 from lightning_quant.callbacks.network_attribute import network_attribute
-from lightning_quant.config import QATSchedule, QuantMode, QuantScheme, Target, _coerce_enum, scheme_for_target
+from lightning_quant.config import (
+    QATSchedule,
+    QuantMode,
+    QuantOptions,
+    QuantScheme,
+    Target,
+    _coerce_enum,
+    options_from_keywords,
+    resolve_scheme,
+)
 from lightning_quant.distributed import broadcast_state, rank_and_world, shard_batches, sync_quantizers
+from lightning_quant.quantizers.config_record import exclude_names, record_options
 from lightning_quant.quantizers.prepare import (
     freeze_bn,
     iter_quantizers,
@@ -38,6 +47,7 @@ from lightning_quant.quantizers.prepare import (
     set_fake_quant,
     set_observers,
 )
+from lightning_quant.quantizers.state_checks import require_matching_config
 from lightning_quant.report import QuantReport, quantization_report
 
 __all__ = ["QuantCallback"]
@@ -53,8 +63,13 @@ class QuantCallback(Callback):
 
     Args:
         mode: ``ptq`` (calibrate, then evaluate in ``validate``/``test``/``predict``) or ``qat`` (``fit``).
-        target: ``x86``, ``tensorrt`` or ``dpu``; sets the default scheme.
-        scheme: explicit :class:`~lightning_quant.config.QuantScheme` (wins over ``target``'s defaults).
+        target: ``x86`` (the default), ``x86_vnni``, ``tensorrt`` or ``dpu``; picks the default scheme.
+        scheme: explicit :class:`~lightning_quant.config.QuantScheme`; its ``target`` is the callback's target (a
+            contradicting ``target=`` is an error).
+        options: what runs around calibration (:class:`~lightning_quant.config.QuantOptions`): the float-network
+            transforms (``replace_relu6``, ``cross_layer_equalization``) run in ``setup()`` before quantizers are
+            inserted, in PTQ and QAT alike; the refinements (range search, bias correction, AdaRound, fast finetune)
+            after a PTQ calibration. Saved in checkpoints and checked on every load.
         calibration_batches: batches used to calibrate (PTQ) or to initialize ranges before QAT (0 = none).
         calibration_data: any iterable of batches; otherwise the datamodule's ``calibration_dataloader()``,
             then its ``train_dataloader()`` (see ``calibration_source``).
@@ -69,59 +84,42 @@ class QuantCallback(Callback):
             ``network``, ``backbone``, or the only child module).
         report: print the quantization report and log its metrics.
         progress: show a calibration progress bar.
-        cross_layer_equalization: equalize consecutive conv pairs of the float network (with bias absorption,
-            :func:`lightning_quant.algorithms.equalize`) in ``setup()``, before quantizers are inserted. It changes
-            the network's weights (not its function), so a checkpoint written with it restores with it.
-        range_search: (PTQ) after calibration, choose the activation clipping percentile per group of activations
-            by the model's output error against float (:func:`lightning_quant.algorithms.search_activation_ranges`;
-            needs ``activation_observer='percentile'``, or ``target="dpu"``, where it shifts fix positions).
-        bias_correction: (PTQ) after calibration, correct each layer's bias for the mean quantization error on
-            the first 4 calibration batches (:func:`lightning_quant.algorithms.correct_bias`).
-        fast_finetune: (PTQ) after calibration, tune weights layer by layer against the float outputs
-            (AdaQuant, Vitis AI's ``--fast_finetune``; :func:`lightning_quant.algorithms.fast_finetune`).
-        adaround: (PTQ) after calibration, learn each weight's rounding direction layer by layer
-            (:func:`lightning_quant.algorithms.adaround`); runs before ``fast_finetune`` when both are on.
-        adaround_per_sample: (PTQ, with ``adaround``) weigh every calibration image's layer output error the same
-            instead of pooling them (:func:`lightning_quant.algorithms.adaround`'s ``per_sample``).
-        replace_relu6: swap every ``nn.ReLU6`` of the network for ``nn.ReLU`` in ``setup()`` (before equalization),
-            so CLE can pair the layers around them and the DPU runs them natively; changes the function above 6.
+        **deprecated_options: the option switches as keyword arguments (``bias_correction=True``, ...), as older
+            releases took them; they still work for one release, with a ``DeprecationWarning`` showing the
+            ``options=QuantOptions(...)`` call.
 
     Raises:
-        ValueError: unknown mode/target/source, negative ``calibration_batches``, ``calibration_source='calibration'``
-            without ``calibration_data`` or a datamodule ``calibration_dataloader``.
-        TypeError: ``qat_schedule`` or ``scheme`` of the wrong type.
+        ValueError: unknown mode/target/source, a ``target`` that contradicts ``scheme.target``, negative
+            ``calibration_batches``, refinements with ``mode='qat'``, ``range_search`` with activations that use
+            neither the ``percentile`` estimator nor power-of-two scales.
+        TypeError: ``qat_schedule``, ``scheme`` or ``options`` of the wrong type, or an unknown keyword.
     """
 
     def __init__(
         self,
         mode: QuantMode | str = QuantMode.PTQ,
-        target: Target | str = Target.X86,
+        target: Target | str | None = None,
         *,
         scheme: QuantScheme | None = None,
+        options: QuantOptions | None = None,
         calibration_batches: int = 16,
         calibration_data: Iterable[Any] | None = None,
         calibration_source: str = "auto",
         transform_fn: Callable[[Any], Any] | None = None,
         qat_schedule: QATSchedule | None = None,
         exclude: Iterable[str] = (),
+        layer_weight_bits: Mapping[str, int] | None = None,
         module_name: str | None = None,
         report: bool = True,
         progress: bool = True,
-        cross_layer_equalization: bool = False,
-        range_search: bool = False,
-        bias_correction: bool = False,
-        fast_finetune: bool = False,
-        adaround: bool = False,
-        adaround_per_sample: bool = False,
-        replace_relu6: bool = False,
-        layer_weight_bits: Mapping[str, int] | None = None,
+        **deprecated_options: Any,
     ) -> None:
         super().__init__()
         self.mode: QuantMode = _coerce_enum(QuantMode, mode, "mode")  # type: ignore[assignment]
-        self.target: Target = _coerce_enum(Target, target, "target")  # type: ignore[assignment]
-        if scheme is not None and not isinstance(scheme, QuantScheme):
-            raise TypeError(f"scheme must be a QuantScheme, got {type(scheme).__name__}; see scheme_for_target().")
-        self.scheme = scheme or scheme_for_target(self.target, self.mode)
+        self.options = options_from_keywords(options, deprecated_options, "QuantCallback")
+        self.scheme = resolve_scheme(target, scheme, self.mode)
+        self.options.check_mode(self.mode)
+        self.options.check_scheme(self.scheme)
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 0:
             raise ValueError(f"calibration_batches={calibration_batches!r} must be an integer >= 0 (16 is typical).")
         if self.mode is QuantMode.PTQ and calibration_batches == 0:
@@ -140,22 +138,19 @@ class QuantCallback(Callback):
         self.module_name = module_name
         self.report = report
         self.progress = progress
-        self.cross_layer_equalization = bool(cross_layer_equalization)
-        self.replace_relu6 = bool(replace_relu6)
-        if self.mode is QuantMode.QAT and (range_search or bias_correction or fast_finetune or adaround):
-            raise ValueError(
-                "range_search / bias_correction / fast_finetune / adaround refine a PTQ calibration; QAT trains the "
-                "weights itself. Use mode='ptq' with them, or drop them for mode='qat'."
-            )
-        check_adaround_options(adaround, adaround_per_sample)
-        self.range_search, self.bias_correction = bool(range_search), bool(bias_correction)
-        self.fast_finetune = bool(fast_finetune)
-        self.adaround = bool(adaround)
-        self.adaround_per_sample = bool(adaround_per_sample)
         self.last_report: QuantReport | None = None
         self.calibration_seconds: float | None = None  # wall time of the last calibration pass
         self._report_inputs: Any = None
         self._applied: tuple[bool, bool] | None = None
+
+    @property
+    def target(self) -> Target | None:
+        """The target of the scheme (None for a hand-built scheme without one)."""
+        return self.scheme.target
+
+    @property
+    def _target_name(self) -> str:
+        return "custom scheme" if self.target is None else self.target.value
 
     # -- helpers ----------------------------------------------------------------------------------------
     def network(self, pl_module: pl.LightningModule) -> nn.Module:
@@ -170,8 +165,17 @@ class QuantCallback(Callback):
             return False
 
     def _run_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning_quant.distributed import all_ranks_succeed, check_all_ranks
+
         network = self.network(pl_module)
-        loader = calibration_loader(trainer, stage, self.calibration_data, self.calibration_source)
+        # DDP: a failure on one rank raises RankFailedError on every rank (lightning_quant.distributed), never a hang
+        distributed = trainer.world_size > 1
+        try:
+            loader = calibration_loader(trainer, stage, self.calibration_data, self.calibration_source)
+        except Exception as err:
+            if distributed:  # the other ranks agree on success at the end of calibrate(shard=True)
+                check_all_ranks(err, "calibration")
+            raise
         first: list[Any] = []
 
         def transform(item: Any) -> Any:
@@ -184,33 +188,32 @@ class QuantCallback(Callback):
         start = time.perf_counter()
         # DDP: each rank calibrates on its own share of the batches, then the observers are merged (see
         # lightning_quant.distributed); a rank whose share is empty still takes part in the merge.
-        distributed = trainer.world_size > 1
         seen = calibrate(
             network,
             shard_batches(loader, self.calibration_batches) if distributed else loader,
             transform_fn=transform,
             num_batches=None if distributed else self.calibration_batches,
             progress=progress,
-            desc=f"Calibrating ({self.mode.value}, {self.target.value})",
+            desc=f"Calibrating ({self.mode.value}, {self._target_name})",
             shard=distributed,
         )
         seen = self._merge_across_ranks(trainer, network, seen)
         if self.mode is QuantMode.PTQ:
             # every rank refines on the same (unsharded) batches, then rank 0's weights are shared to be exact
-            steps = refine_calibrated(
-                network,
-                loader,
-                **{step: getattr(self, step) for step in REFINEMENT_STEPS},
-                adaround_per_sample=self.adaround_per_sample,
-                target=self.scheme.target,
-                transform_fn=self.transform_fn,
-                num_batches=min(self.calibration_batches, 4),
-                progress=progress,
-            )
+            with all_ranks_succeed("post-calibration refinement"):
+                steps = refine_calibrated(
+                    network,
+                    loader,
+                    self.options,
+                    target=self.scheme.target,
+                    transform_fn=self.transform_fn,
+                    num_batches=self.calibration_batches,
+                    progress=progress,
+                )
             if steps:
                 broadcast_state(network)
                 rank_zero_info(f"lightning_quant: after calibration: {', '.join(steps)}")
-                if self.range_search:
+                if self.options.range_search:
                     rank_zero_info(f"lightning_quant: {prepare_info(network).range_search}")
         self.calibration_seconds = time.perf_counter() - start
         ranks = f" across {trainer.world_size} processes" if trainer.world_size > 1 else ""
@@ -235,7 +238,7 @@ class QuantCallback(Callback):
         if not self.report or self._report_inputs is None or not trainer.is_global_zero:
             return
         self.last_report = quantization_report(self.network(pl_module), self._report_inputs)
-        rank_zero_info(f"lightning_quant report ({self.mode.value}, target={self.target.value}):\n{self.last_report}")
+        rank_zero_info(f"lightning_quant report ({self.mode.value}, target={self._target_name}):\n{self.last_report}")
         if trainer.logger is not None and trainer.is_global_zero:
             trainer.logger.log_metrics(self.last_report.metrics(), step=trainer.global_step)
 
@@ -273,28 +276,20 @@ class QuantCallback(Callback):
         network = getattr(pl_module, name)
         if self._is_prepared(network):
             return
-        if self.replace_relu6:
-            from lightning_quant.algorithms.cle import relu6_to_relu
-
-            swapped = relu6_to_relu(network)
-            rank_zero_info(f"lightning_quant: {len(swapped)} ReLU6 modules replaced by ReLU")
-        if self.cross_layer_equalization:
-            from lightning_quant.algorithms.cle import equalize
-
-            cle = equalize(network)
-            rank_zero_info(f"lightning_quant: cross-layer equalization of {len(cle.pairs)} layer pairs")
+        for line in apply_network_transforms(network, self.options):
+            rank_zero_info(f"lightning_quant: {line}")
         prepared = prepare(
             network, self.scheme, mode=self.mode, exclude=self.exclude, inplace=True,
             layer_weight_bits=self.layer_weight_bits,
         )  # fmt: skip
+        record_options(prepared, self.options)
         setattr(pl_module, name, prepared)
-        pl_module.register_load_state_dict_pre_hook(check_quant_state_keys)
         if self.mode is QuantMode.QAT:
             set_fake_quant(prepared, True)
             set_observers(prepared, True)
         info = prepare_info(prepared)
         rank_zero_info(
-            f"lightning_quant: prepared {type(network).__name__} for {self.mode.value} ({self.target.value}): "
+            f"lightning_quant: prepared {type(network).__name__} for {self.mode.value} ({self._target_name}): "
             f"{len(info.quantized_layers)} layers quantized, {len(info.folded_bn)} BatchNorms folded, "
             f"{len(info.float_layers) + len(info.untraced)} parts kept in float"
         )
@@ -368,17 +363,14 @@ class QuantCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "version": 1,
+            "version": 2,
             "mode": self.mode.value,
-            "target": self.target.value,
+            "target": None if self.target is None else self.target.value,
             "scheme": self.scheme.to_dict(),
-            "exclude": list(self.exclude),
+            "options": self.options.to_dict(),
+            "exclude": exclude_names(self.exclude),
             "layer_weight_bits": dict(self.layer_weight_bits),
             "module_name": self.module_name,
-            "cross_layer_equalization": self.cross_layer_equalization,
-            "replace_relu6": self.replace_relu6,
-            **{step: getattr(self, step) for step in REFINEMENT_STEPS},
-            "adaround_per_sample": self.adaround_per_sample,
         }
 
     @override

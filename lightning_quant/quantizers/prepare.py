@@ -31,6 +31,13 @@ from lightning_quant.capture.patterns import activation_quant_points, shared_qua
 from lightning_quant.capture.trace import capture
 from lightning_quant.config import QuantMode, QuantScheme, Target, _coerce_enum
 from lightning_quant.errors import NotCalibratedError, NothingToQuantizeError
+from lightning_quant.quantizers.config_record import (
+    RECORD_ATTR,
+    attach_config_record,
+    config_record,
+    decode_config,
+    write_config_record,
+)
 from lightning_quant.quantizers.dpu_pool import use_dpu_avgpool
 from lightning_quant.quantizers.fake_quant import FakeQuantize
 from lightning_quant.quantizers.modules import (
@@ -43,6 +50,7 @@ from lightning_quant.quantizers.modules import (
     quantized_layer_from_float,
 )
 from lightning_quant.quantizers.observers import input_spec
+from lightning_quant.quantizers.state_checks import check_quant_state_keys
 
 __all__ = [
     "PrepareInfo",
@@ -260,7 +268,25 @@ def prepare(
             "nn.Linear layers; check `exclude=` patterns, or pass the submodule that holds the network."
         )
     _attach_info(prepared, info)
+    attach_config_record(prepared, mode=mode, scheme=scheme, exclude=exclude, layer_weight_bits=bits_by_pattern)
+    prepared.register_load_state_dict_pre_hook(_check_loaded_state)
     return prepared
+
+
+def _check_loaded_state(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook of a prepared network: the saved state must belong to it (see
+    :mod:`~lightning_quant.quantizers.state_checks`). The saved record then replaces the network's own (its length
+    may differ), and the refinements that produced the loaded weights become this network's (exporters report them).
+    """
+    check_quant_state_keys(module, state_dict, prefix, *args)
+    saved = state_dict.get(f"{prefix}{RECORD_ATTR}")
+    if saved is None or config_record(module) is None:
+        return
+    config = decode_config(saved)
+    write_config_record(module, config)
+    info = module.__dict__.get(_INFO_ATTR)
+    if info is not None:
+        info.refinements[:] = list(config.get("refinements", []))
 
 
 def _attach_info(model: nn.Module, info: PrepareInfo) -> None:

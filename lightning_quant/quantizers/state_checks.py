@@ -1,7 +1,10 @@
-"""Checks that a checkpoint's quantization state belongs to the model and configuration loading it.
+"""Checks that a saved quantization state belongs to the network and configuration loading it.
 
-Without them, a mismatch surfaces as a wall of missing/unexpected state-dict keys; with them, the error says
-what differs and how to fix it.
+:func:`~lightning_quant.quantizers.prepare` registers :func:`check_quant_state_keys` as a ``load_state_dict``
+pre-hook of every network it returns, so the checks run on every load path: ``Trainer.fit/validate/test(ckpt_path=)``,
+:func:`~lightning_quant.load_quantized_checkpoint`, or a plain ``model.load_state_dict(torch.load(...))``. Without
+them, a mismatch surfaces as a wall of missing/unexpected state-dict keys, or (a ReLU6 network loading weights
+calibrated on its ReLU twin) as silently wrong outputs; with them, the error says what differs and how to fix it.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import torch
 from torch import nn
 
 from lightning_quant.capture.patterns import shared_quantizer_calls
+from lightning_quant.config import NETWORK_TRANSFORMS
 from lightning_quant.errors import CheckpointMismatchError
+from lightning_quant.quantizers.config_record import NETWORK_KEYS, RECORD_ATTR, config_record, decode_config
 
-__all__ = ["check_quant_state_keys", "is_quant_key", "require_matching_config"]
+__all__ = ["check_quant_state_keys", "check_saved_config", "is_quant_key", "require_matching_config"]
 
 _QUANT_MARKERS = ("weight_fake_quant.", "activation_quantizers.", "input_fake_quant.")
 
@@ -60,6 +65,9 @@ def check_quant_state_keys(
             "Load float weights into the model before the Trainer runs (e.g. Model.load_from_checkpoint) and pass "
             "ckpt_path only for checkpoints written with QuantCallback."
         )
+    _check_record(module, state_dict, prefix)
+    _add_missing_biases(module, state_dict, prefix)
+    own_state = module.state_dict(prefix=prefix)
     all_own = set(own_state)
     all_saved = {k for k in state_dict if k.startswith(prefix)}
     stale = _legacy_pool_keys(module, prefix, all_saved - all_own)
@@ -101,6 +109,87 @@ def check_quant_state_keys(
         )
 
 
+def _check_record(module: nn.Module, state_dict: dict, prefix: str) -> None:
+    """The saved config (scheme, mode, exclude, mixed precision, network transforms) must be this network's."""
+    own = config_record(module)
+    if own is None:
+        return
+    key = f"{prefix}{RECORD_ATTR}"
+    if key not in state_dict:
+        raise CheckpointMismatchError(
+            "the checkpoint holds quantized weights but no record of the scheme and options they were calibrated "
+            f"with ({key!r} is missing): it was written by an older lightning_quant. Load it with "
+            "lightning_quant.load_quantized_checkpoint(module, path), which rebuilds the network from the "
+            "checkpoint's QuantCallback state, or calibrate again."
+        )
+    check_saved_config(own, decode_config(state_dict[key]))
+
+
+def check_saved_config(own: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Compare a saved config record with the network's own.
+
+    Raises:
+        CheckpointMismatchError: the saved record is damaged, or any of mode, scheme, exclude, layer_weight_bits or
+            the network transforms (``replace_relu6``, ``cross_layer_equalization``) differ; the message names the
+            value to pass.
+    """
+    if any(k not in saved for k in NETWORK_KEYS):
+        raise CheckpointMismatchError(
+            "the checkpoint's quantization config record is damaged or incomplete; use the file the run wrote."
+        )
+    for key in NETWORK_KEYS:
+        if saved[key] != own[key]:
+            raise CheckpointMismatchError(_mismatch_message(key, saved, own))
+
+
+def _mismatch_message(key: str, saved: dict[str, Any], own: dict[str, Any]) -> str:
+    if key == "network_transforms":
+        wanted = ", ".join(f"{t}=True" for t in saved[key]) or "none of replace_relu6/cross_layer_equalization"
+        return (
+            f"the checkpoint was quantized with network transforms {saved[key] or 'none'}, this network with "
+            f"{own[key] or 'none'}: its weights belong to another float network. Pass options=QuantOptions({wanted}) "
+            "(recipes: quant.options.<name>=true), or use lightning_quant.load_quantized_checkpoint(module, path), "
+            "which rebuilds the network from the file."
+        )
+    if key == "mode":
+        return (
+            f"the checkpoint was written in {saved[key]} mode; this model is prepared for {own[key]}. Create the "
+            f"callback (or prepare the network) with mode={saved[key]!r} to load it."
+        )
+    if key == "scheme":
+        diff = _first_difference(saved[key], own[key])
+        return (
+            f"the checkpoint was quantized for target={saved[key].get('target')!r}, this network for "
+            f"target={own[key].get('target')!r}, and the schemes differ ({diff}); pass "
+            "scheme=QuantScheme.from_dict(<the checkpoint's scheme>) or the target it was written for "
+            f"({saved[key].get('target')!r}), or use lightning_quant.load_quantized_checkpoint(module, path)."
+        )
+    return (
+        f"the checkpoint was quantized with {key}={saved[key]!r}, this network with {own[key]!r}; create it with "
+        f"{key}={saved[key]!r} (or use lightning_quant.load_quantized_checkpoint(module, path), which rebuilds it "
+        "from the file)."
+    )
+
+
+def _first_difference(saved: Any, own: Any, path: str = "scheme") -> str:
+    if isinstance(saved, dict) and isinstance(own, dict):
+        for k in sorted(set(saved) | set(own)):
+            if saved.get(k) != own.get(k):
+                return _first_difference(saved.get(k), own.get(k), f"{path}.{k}")
+    return f"{path}: checkpoint {saved!r}, this network {own!r}"
+
+
+def _add_missing_biases(module: nn.Module, state_dict: dict, prefix: str) -> None:
+    """Bias correction and cross-layer equalization give bias-less layers a bias: recreate it before loading."""
+    for name, layer in module.named_modules():
+        key = f"{prefix}{name + '.' if name else ''}bias"
+        weight = getattr(layer, "weight", None)
+        if key in state_dict and getattr(layer, "bias", False) is None and isinstance(weight, torch.Tensor):
+            saved = state_dict[key]
+            if isinstance(saved, torch.Tensor) and saved.dim() == 1 and saved.shape[0] == weight.shape[0]:
+                layer.bias = nn.Parameter(torch.zeros_like(saved, device=weight.device, dtype=weight.dtype))
+
+
 def _valid_scale(value: Any) -> bool:
     """A quantization scale is a finite positive float tensor (uncalibrated quantizers hold 1)."""
     return (
@@ -112,14 +201,25 @@ def _valid_scale(value: Any) -> bool:
 
 
 def require_matching_config(current: dict[str, Any], saved: dict[str, Any]) -> None:
-    """Compare the callback configuration stored in a checkpoint with the current one.
+    """Compare the QuantCallback configuration stored in a checkpoint with the current callback's.
+
+    Checkpoints of earlier releases kept the option switches at the top level; they compare the same way.
 
     Raises:
-        CheckpointMismatchError: mode, target or scheme differ.
+        CheckpointMismatchError: mode, target, scheme, exclude, layer_weight_bits or a network transform
+            (``replace_relu6``, ``cross_layer_equalization``) differ; the message names the value to pass.
     """
-    for key in ("mode", "target", "scheme", "exclude", "layer_weight_bits", "replace_relu6"):
+    for key in ("mode", "target", "scheme", "exclude", "layer_weight_bits"):
         if key in saved and saved[key] != current[key]:
             raise CheckpointMismatchError(
                 f"the checkpoint was written with QuantCallback {key}={saved[key]!r}, this run uses {current[key]!r}; "
                 f"create the callback with {key}={saved[key]!r} to load it, or start from the float model."
+            )
+    saved_options = saved.get("options") or {k: saved[k] for k in NETWORK_TRANSFORMS if k in saved}
+    for key in NETWORK_TRANSFORMS:
+        if key in saved_options and bool(saved_options[key]) != bool(current["options"][key]):
+            raise CheckpointMismatchError(
+                f"the checkpoint was written with QuantOptions({key}={saved_options[key]!r}), this callback uses "
+                f"{current['options'][key]!r}: the network it quantized differs. Create the callback with "
+                f"options=QuantOptions({key}={saved_options[key]!r}, ...) to load it."
             )

@@ -138,7 +138,7 @@ def test_float_checkpoint_is_rejected_clearly(tmp_path):
         trainer(tmp_path, [QuantCallback(progress=False)]).validate(
             lit(), datamodule=TinyDataModule(), ckpt_path=tmp_path / "float.ckpt"
         )
-    with pytest.raises(CheckpointMismatchError, match="no QuantCallback state"):
+    with pytest.raises(CheckpointMismatchError, match="no quantization config.*saved from a float model"):
         load_quantized_checkpoint(lit(), tmp_path / "float.ckpt")
 
 
@@ -156,7 +156,7 @@ def test_checkpoint_with_other_relu6_choice_is_rejected(tmp_path):
     t = trainer(tmp_path, [QuantCallback(replace_relu6=True, calibration_batches=1, progress=False)])
     t.validate(lit(), datamodule=TinyDataModule())
     t.save_checkpoint(tmp_path / "relu.ckpt")
-    expected = "replace_relu6=True.*create the callback with replace_relu6=True"
+    expected = r"replace_relu6.*options=QuantOptions\(replace_relu6=True\)"
     with pytest.raises(CheckpointMismatchError, match=expected):
         trainer(tmp_path, [QuantCallback(progress=False)]).validate(
             lit(), datamodule=TinyDataModule(), ckpt_path=tmp_path / "relu.ckpt"
@@ -199,7 +199,7 @@ def test_loaded_quantizers_are_frozen_and_calibrated(tmp_path, qat_run):
 
 
 def test_max_pool_quantizer_entries_of_older_checkpoints_are_dropped_with_a_warning():
-    from lightning_quant.callbacks.checkpoint_guard import check_quant_state_keys
+    from lightning_quant.quantizers.state_checks import check_quant_state_keys
     from lightning_quant.config import scheme_for_target
     from lightning_quant.quantizers import prepare
 

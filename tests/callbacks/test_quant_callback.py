@@ -292,7 +292,7 @@ def test_post_calibration_refinements_run_in_a_trainer(tmp_path):
         plain, datamodule=TinyDataModule()
     )
     assert not torch.equal(corrected.model.conv2.bias, plain.model.conv2.bias)  # corrected after calibration
-    assert callback.state_dict()["bias_correction"] is True
+    assert callback.state_dict()["options"]["bias_correction"] is True
     assert prepare_info(corrected.model).refinements == ["bias_correction"]
     trainer = make_trainer(tmp_path, callback)
     trainer.validate(corrected, datamodule=TinyDataModule())
@@ -314,7 +314,7 @@ def test_fast_finetune_runs_under_lightning_inference_mode(tmp_path, stage, refi
 
 
 def test_refinements_refused_for_qat():
-    with pytest.raises(ValueError, match="bias_correction / fast_finetune / adaround refine a PTQ calibration"):
+    with pytest.raises(ValueError, match="refine a PTQ calibration"):
         QuantCallback(mode="qat", fast_finetune=True)
     with pytest.raises(ValueError, match="adaround refine a PTQ calibration"):
         QuantCallback(mode="qat", adaround=True)
