@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from lightning_quant.capture.patterns import shared_quantizer_calls
-from lightning_quant.config import NETWORK_TRANSFORMS
+from lightning_quant.config import NETWORK_TRANSFORMS, QuantScheme
 from lightning_quant.errors import CheckpointMismatchError
+from lightning_quant.quantizers.fake_quant import FakeQuantize
 from lightning_quant.quantizers.config_record import NETWORK_KEYS, RECORD_ATTR, config_record, decode_config
 
 __all__ = ["check_quant_state_keys", "check_saved_config", "is_quant_key", "require_matching_config"]
@@ -180,14 +181,23 @@ def _first_difference(saved: Any, own: Any, path: str = "scheme") -> str:
 
 
 def _add_missing_biases(module: nn.Module, state_dict: dict, prefix: str) -> None:
-    """Bias correction and cross-layer equalization give bias-less layers a bias: recreate it before loading."""
+    """Bias correction and cross-layer equalization give bias-less layers a bias (and, where the target quantizes
+    biases, a bias quantizer): recreate both before loading, so the saved values have somewhere to go."""
+    config = config_record(module)
+    bias_spec = None if config is None else QuantScheme.from_dict(config["scheme"]).bias
     for name, layer in module.named_modules():
-        key = f"{prefix}{name + '.' if name else ''}bias"
+        head = f"{prefix}{name + '.' if name else ''}"
         weight = getattr(layer, "weight", None)
-        if key in state_dict and getattr(layer, "bias", False) is None and isinstance(weight, torch.Tensor):
-            saved = state_dict[key]
-            if isinstance(saved, torch.Tensor) and saved.dim() == 1 and saved.shape[0] == weight.shape[0]:
-                layer.bias = nn.Parameter(torch.zeros_like(saved, device=weight.device, dtype=weight.dtype))
+        if f"{head}bias" not in state_dict or getattr(layer, "bias", False) is not None:
+            continue
+        saved = state_dict[f"{head}bias"]
+        if not isinstance(weight, torch.Tensor) or not isinstance(saved, torch.Tensor) or saved.dim() != 1:
+            continue
+        if saved.shape[0] != weight.shape[0]:
+            continue
+        layer.bias = nn.Parameter(torch.zeros_like(saved, device=weight.device, dtype=weight.dtype))
+        if bias_spec is not None and f"{head}bias_fake_quant.scale" in state_dict and hasattr(layer, "bias_fake_quant"):
+            layer.bias_fake_quant = FakeQuantize(bias_spec, name=f"{name}.bias").to(weight.device)
 
 
 def _valid_scale(value: Any) -> bool:

@@ -28,6 +28,27 @@ class TinyConvBN(nn.Module):
         return self.fc(torch.flatten(self.pool(y), 1))
 
 
+class TinyReLU6Net(nn.Module):
+    """MobileNet-style conv-bn-ReLU6 pairs (bias-less convs), pooling and a linear head: what ``replace_relu6``,
+    cross-layer equalization (which adds biases) and bias correction change."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.act1 = nn.ReLU6()
+        self.conv2 = nn.Conv2d(8, 8, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.act2 = nn.ReLU6()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, num_classes)
+        nn.init.constant_(self.bn1.weight, 4.0)  # activations well above 6: ReLU6 and ReLU differ
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act2(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))))
+        return self.fc(torch.flatten(self.pool(y), 1))
+
+
 class TwoInputNet(nn.Module):
     """Two image inputs plus a keyword flag with a default and an optional scale kwarg."""
 
