@@ -43,8 +43,9 @@ def float_model_for_quantization(model: nn.Module, options: QuantOptions | None 
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU6())
-        >>> float_model_for_quantization(net) is net, float_model_for_quantization(net, QuantOptions(replace_relu6=True))[1]
-        (True, ReLU())
+        >>> swapped = float_model_for_quantization(net, QuantOptions(replace_relu6=True))
+        >>> float_model_for_quantization(net) is net, swapped[1], net[1]
+        (True, ReLU(), ReLU6())
 
     Raises:
         ValueError: (with ``cross_layer_equalization``) a BatchNorm in training mode or a model torch.fx cannot trace.

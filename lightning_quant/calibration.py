@@ -4,6 +4,10 @@
 is passed as ``model(*x)`` for a tuple, ``model(**x)`` for a dict and ``model(x)`` otherwise; the default
 takes the first element of ``(input, label)`` pairs and the item itself for anything else.
 
+A batch the model cannot take (wrong shape, dtype, arity, a non-tensor) raises a ``ValueError`` that shows what
+the model received; any other error from the model (``torch.OutOfMemoryError``, a CUDA error, the model's own
+exceptions) is raised as itself, with a note naming the batch.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -16,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import re
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -24,15 +30,48 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lightning_quant.distributed import all_ranks_succeed
 from lightning_quant.quantizers.prepare import iter_quantizers, set_fake_quant, set_observers
 
-__all__ = ["calibrate", "call_model", "default_transform", "move_to_device"]
+__all__ = [
+    "calibrate",
+    "call_model",
+    "default_transform",
+    "is_input_error",
+    "move_to_device",
+    "warn_degenerate_ranges",
+]
+
+_OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
+# RuntimeError messages torch gives for an input the model cannot take (shape, dtype, device, rank, too small)
+_INPUT_MISMATCH = re.compile(
+    r"shape|size|dtype|scalar type|input type|should be the same|same device|channels|dimension|\bdims?\b|"
+    r"expected .*input|input .*expected|expected more than 1 value|not implemented for",
+    re.IGNORECASE,
+)
+_NOT_THE_BATCH = re.compile(r"out of memory|can't allocate memory|cuda error|cudnn|cublas|nccl", re.IGNORECASE)
+
+
+_INPUT_KEYS = ("image", "images", "img", "input", "inputs", "x", "pixel_values")
+_LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 
 
 def default_transform(item: Any) -> Any:
-    """The item itself, or its first element when it is an ``(input, label, ...)`` tuple/list."""
+    """The item itself; its first element when it is an ``(input, label, ...)`` tuple/list; its input when it is a
+    dict sample with an input key (``image``, ``images``, ``img``, ``input``, ``inputs``, ``x``, ``pixel_values``) and
+    a label key (``label``, ``labels``, ``target``, ``targets``, ``y``). Any other dict is passed to the model as
+    keyword arguments.
+
+    Example:
+        >>> default_transform(("x", "y")), default_transform({"image": "x", "label": 3}), default_transform({"a": 1})
+        ('x', 'x', {'a': 1})
+    """
     if isinstance(item, (tuple, list)) and len(item) >= 2:
         return item[0]
+    if isinstance(item, dict) and any(k in item for k in _LABEL_KEYS):
+        key = next((k for k in _INPUT_KEYS if k in item), None)
+        if key is not None:
+            return item[key]
     return item
 
 
@@ -54,6 +93,27 @@ def move_to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, (tuple, list)):
         return type(obj)(move_to_device(v, device) for v in obj)
     return obj
+
+
+def is_input_error(err: BaseException) -> bool:
+    """Whether ``err``, raised by a model call, says the model could not take its input (so ``transform_fn`` or
+    the data is the thing to fix): a ``TypeError`` (wrong arity, a non-tensor), or a ``RuntimeError`` about a
+    shape, size, dtype, device or channel count. Out-of-memory, CUDA/cuDNN errors and anything else are not.
+
+    Example:
+        >>> is_input_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x5 and 4x3)"))
+        True
+        >>> is_input_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+        False
+    """
+    if isinstance(err, _OUT_OF_MEMORY):
+        return False
+    if isinstance(err, TypeError):
+        return True
+    if not isinstance(err, RuntimeError):
+        return False
+    text = str(err)
+    return not _NOT_THE_BATCH.search(text) and bool(_INPUT_MISMATCH.search(text))
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -100,14 +160,52 @@ def calibrate(
     Returns:
         The number of batches used.
 
+    Warns:
+        UserWarning: some quantizers saw no data, or observed a range of zero width (all-zero or constant
+            calibration data; the message names the quantizers).
+
     Raises:
         ValueError: ``data`` yielded no batch or only batches of size 0, ``num_batches`` < 1, or a batch could not
-            be fed to the model (the message shows what the batch looked like and how to fix ``transform_fn``).
+            be fed to the model (a ``TypeError``, or a ``RuntimeError`` about shape/dtype/device, see
+            :func:`is_input_error`; the message shows what the batch looked like and how to fix ``transform_fn``).
         FloatingPointError: NaN/inf reached an observer (the message names the layer).
+        RankFailedError: (``shard=True`` under ``torch.distributed``) calibration failed on this or another rank;
+            raised on every rank, naming the failing rank and its message, so that none waits in a collective.
+        Exception: any other error from the model or the data (``torch.OutOfMemoryError``, a CUDA error, the
+            model's own exceptions) is raised as itself, with a note naming the batch.
     """
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches={num_batches} must be >= 1 (or None for the whole calibration data).")
-    transform = transform_fn or default_transform
+    # DDP (shard=True): every rank agrees that its share calibrated before anyone enters the merge's collectives
+    with all_ranks_succeed("calibration") if shard else contextlib.nullcontext():
+        seen, empty, inputs = _feed(model, data, transform_fn or default_transform, num_batches, progress, desc, shard)
+    if shard:
+        return seen
+    if seen == 0:
+        raise ValueError(
+            "calibration data is empty: no batch was produced. Pass a non-empty DataLoader/list (check the dataset "
+            "path, the split and drop_last with a batch size larger than the dataset)."
+        )
+    if empty == seen:
+        raise ValueError(
+            f"all {seen} calibration batch(es) hold no samples (the model received {_describe(inputs)}): observers "
+            "cannot calibrate on a batch of size 0. Check the dataset, the sampler and transform_fn."
+        )
+    _warn_unreached(model)
+    warn_degenerate_ranges(model, stacklevel=4)  # past torch.no_grad's wrapper: the caller of calibrate()
+    return seen
+
+
+def _feed(
+    model: nn.Module,
+    data: Iterable[Any],
+    transform: Callable[[Any], Any],
+    num_batches: int | None,
+    progress: bool,
+    desc: str,
+    shard: bool,
+) -> tuple[int, int, Any]:
+    """The calibration loop of :func:`calibrate`: ``(batches seen, empty batches, the last model input)``."""
     device = _model_device(model)
     was_training = model.training
     model.eval()
@@ -126,7 +224,11 @@ def calibrate(
             empty += not _has_samples(inputs)
             try:
                 call_model(model, inputs)
-            except (RuntimeError, TypeError) as err:
+            except Exception as err:
+                if not is_input_error(err):  # out of memory, a CUDA error, the model's own: raised as itself
+                    if hasattr(err, "add_note"):  # Python >= 3.11
+                        err.add_note(f"(raised by the model on calibration batch {seen}: {_describe(inputs)})")
+                    raise
                 raise ValueError(
                     f"calibration batch {seen} could not be fed to the model: {str(err).splitlines()[0]}. The model "
                     f"received {_describe(inputs)}. Make transform_fn return exactly the model input (a tuple is "
@@ -141,20 +243,7 @@ def calibrate(
         else:
             set_fake_quant(model, True)
         model.train(was_training)
-    if shard:
-        return seen
-    if seen == 0:
-        raise ValueError(
-            "calibration data is empty: no batch was produced. Pass a non-empty DataLoader/list (check the dataset "
-            "path, the split and drop_last with a batch size larger than the dataset)."
-        )
-    if empty == seen:
-        raise ValueError(
-            f"all {seen} calibration batch(es) hold no samples (the model received {_describe(inputs)}): observers "
-            "cannot calibrate on a batch of size 0. Check the dataset, the sampler and transform_fn."
-        )
-    _warn_unreached(model)
-    return seen
+    return seen, empty, inputs
 
 
 def _has_samples(inputs: Any) -> bool:
@@ -173,3 +262,41 @@ def _warn_unreached(model: nn.Module) -> None:
             f"{', '.join(missing[:5])}. This happens for branches the calibration inputs never take.",
             stacklevel=3,
         )
+
+
+def warn_degenerate_ranges(model: nn.Module, *, stacklevel: int = 2) -> list[str]:
+    """Warn about activation quantizers whose calibrated range has zero width, and return their names.
+
+    A range of zero width (every observed value the same, e.g. all-zero calibration images) gives no usable
+    scale: the quantizer then maps every other value onto the range's edge. It nearly always means the data
+    loading or normalization is broken.
+
+    Example:
+        >>> from lightning_quant.config import scheme_for_target
+        >>> from lightning_quant.quantizers import prepare
+        >>> qmodel = prepare(nn.Sequential(nn.Linear(4, 2)), scheme_for_target("x86"))
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = calibrate(qmodel, [torch.zeros(2, 4)], progress=False)
+        >>> "range of zero width" in str(caught[-1].message)
+        True
+    """
+    flat: list[tuple[str, float]] = []
+    for name, fq in iter_quantizers(model):
+        if name.endswith(("weight_fake_quant", "bias_fake_quant")) or not fq.calibrated.item():
+            continue
+        low, high = fq.observer.min_val.detach(), fq.observer.max_val.detach()
+        if low.numel() and torch.isfinite(low).all() and torch.isfinite(high).all():
+            if float(high.max()) == float(low.min()):
+                flat.append((name, float(low.min())))
+    if flat:
+        listed = ", ".join(f"{name} (every value {value:g})" for name, value in flat[:5])
+        more = f" and {len(flat) - 5} more" if len(flat) > 5 else ""
+        warnings.warn(
+            f"{len(flat)} quantizer(s) observed a range of zero width during calibration: {listed}{more}. Their "
+            "scale is a placeholder and every other value is clipped to (almost) that one value. The calibration "
+            "data is probably all zeros or constant: check the dataset path, the image decoding and the normalization.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+    return [name for name, _ in flat]

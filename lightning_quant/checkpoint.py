@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import pickle
-
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from lightning_quant.algorithms.post_calibration import apply_network_transforms
-from lightning_quant.callbacks.network_attribute import network_attribute
+from lightning_quant.callbacks.quant_callback import network_attribute
 from lightning_quant.config import REFINEMENT_STEPS, QuantMode, QuantOptions, QuantScheme
 from lightning_quant.errors import CheckpointMismatchError
 from lightning_quant.quantizers.config_record import (

@@ -371,10 +371,10 @@ class QuantOptions:
         (('bias_correction',), ('replace_relu6', 'cross_layer_equalization'))
         >>> QuantOptions.from_dict(opts.to_dict()) == opts
         True
-        >>> QuantOptions(adaround_per_sample=True)
+        >>> QuantOptions(adaround_per_sample=True)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: adaround_per_sample=True changes how AdaRound weighs the calibration images, but adaround is off; set adaround=True too (recipes: quant.options.adaround=true) or drop adaround_per_sample.
+        ValueError: adaround_per_sample=True changes how AdaRound weighs ... set adaround=True too ...
 
     Args:
         replace_relu6: swap every ``nn.ReLU6`` for ``nn.ReLU`` first (:func:`lightning_quant.algorithms.relu6_to_relu`):
@@ -488,10 +488,10 @@ def resolve_scheme(target: Target | str | None, scheme: QuantScheme | None, mode
     Example:
         >>> resolve_scheme(None, None, "ptq").target.value, resolve_scheme("dpu", None, "ptq").weight.observer
         ('x86', 'dpu_pot')
-        >>> resolve_scheme("x86", scheme_for_target("dpu"), "ptq")
+        >>> resolve_scheme("x86", scheme_for_target("dpu"), "ptq")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: target='x86' contradicts scheme.target='dpu': the scheme decides the target. Drop target=, or build the scheme for that target with scheme_for_target('x86', ...).
+        ValueError: target='x86' contradicts scheme.target='dpu': the scheme decides the target. ...
 
     Raises:
         TypeError: ``scheme`` is not a :class:`QuantScheme`.

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from lightning_quant.algorithms.accuracy_control import AccuracyControlReport, quantize_with_accuracy_control
 from lightning_quant.config import QuantOptions, QuantScheme
-from lightning_quant.data.imagenette import held_out_subset
+from lightning_quant.data.splits import held_out_subset
 from lightning_quant.evaluation.accuracy import top1_accuracy
 
 __all__ = ["accuracy_control_enabled", "choose_float_layers", "report_metrics"]

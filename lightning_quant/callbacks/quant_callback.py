@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -19,14 +20,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from lightning_quant.algorithms.post_calibration import apply_network_transforms, refine_calibrated
 from lightning_quant.calibration import calibrate, default_transform, move_to_device
 from lightning_quant.callbacks.calibration_source import SOURCES, calibration_loader
-from lightning_quant.callbacks.network_attribute import network_attribute
 from lightning_quant.config import (
     QATSchedule,
     QuantMode,
@@ -37,7 +37,15 @@ from lightning_quant.config import (
     options_from_keywords,
     resolve_scheme,
 )
-from lightning_quant.distributed import broadcast_state, rank_and_world, shard_batches, sync_quantizers
+from lightning_quant.distributed import (
+    all_ranks_succeed,
+    broadcast_state,
+    check_all_ranks,
+    rank_and_world,
+    shard_batches,
+    sync_quantizers,
+)
+from lightning_quant.errors import NotCalibratedError
 from lightning_quant.quantizers.config_record import exclude_names, record_options
 from lightning_quant.quantizers.prepare import (
     freeze_bn,
@@ -50,7 +58,36 @@ from lightning_quant.quantizers.prepare import (
 from lightning_quant.quantizers.state_checks import require_matching_config
 from lightning_quant.report import QuantReport, quantization_report
 
-__all__ = ["QuantCallback"]
+__all__ = ["DEFAULT_ATTRS", "QuantCallback", "network_attribute"]
+
+DEFAULT_ATTRS = ("model", "net", "network", "backbone")
+
+
+def network_attribute(pl_module: nn.Module, module_name: str | None = None) -> str:
+    """The attribute name of the network: ``module_name`` if given, else the first of :data:`DEFAULT_ATTRS` that
+    holds an ``nn.Module``, else the only child.
+
+    Raises:
+        ValueError: ``module_name`` is not an ``nn.Module`` attribute, or no rule picks one child (the message lists
+            the children and the fix).
+    """
+    if module_name is not None:
+        if not isinstance(getattr(pl_module, module_name, None), nn.Module):
+            raise ValueError(
+                f"module_name={module_name!r}: {type(pl_module).__name__} has no nn.Module attribute of that "
+                f"name; its child modules are {[n for n, _ in pl_module.named_children()]}."
+            )
+        return module_name
+    for attr in DEFAULT_ATTRS:
+        if isinstance(getattr(pl_module, attr, None), nn.Module):
+            return attr
+    children = [n for n, _ in pl_module.named_children()]
+    if len(children) == 1:
+        return children[0]
+    raise ValueError(
+        f"cannot tell which child of {type(pl_module).__name__} is the network to quantize (children: {children}); "
+        "pass QuantCallback(module_name='<attribute>')."
+    )
 
 
 class QuantCallback(Callback):
@@ -71,10 +108,13 @@ class QuantCallback(Callback):
             inserted, in PTQ and QAT alike; the refinements (range search, bias correction, AdaRound, fast finetune)
             after a PTQ calibration. Saved in checkpoints and checked on every load.
         calibration_batches: batches used to calibrate (PTQ) or to initialize ranges before QAT (0 = none).
-        calibration_data: any iterable of batches; otherwise the datamodule's ``calibration_dataloader()``,
-            then its ``train_dataloader()`` (see ``calibration_source``).
-        calibration_source: ``auto``, ``calibration``, ``train`` or ``val`` (the loader being evaluated;
-            optimistic, for quick checks only).
+        calibration_data: any iterable of batches. Without it (``calibration_source="auto"``) the callback takes
+            the datamodule's ``calibration_dataloader()``, else a train dataloader wherever it was given (the
+            datamodule's or the LightningModule's ``train_dataloader()``, ``fit``'s ``train_dataloaders=``), and logs
+            which one it used; evaluation data only on request (see
+            :mod:`~lightning_quant.callbacks.calibration_source`).
+        calibration_source: ``auto``, ``calibration``, ``train`` or ``val`` (the loaders being evaluated: an opt-in
+            that warns, since accuracy measured on the calibration data is optimistic).
         transform_fn: maps one batch to the network input (default: first element of ``(x, y)`` pairs).
         qat_schedule: when observers and BatchNorm statistics freeze during QAT.
         exclude: glob patterns of layer names kept in float.
@@ -84,6 +124,9 @@ class QuantCallback(Callback):
             ``network``, ``backbone``, or the only child module).
         report: print the quantization report and log its metrics.
         progress: show a calibration progress bar.
+        calibrate_missing: after a saved state was loaded (``ckpt_path=``,
+            :func:`~lightning_quant.load_quantized_checkpoint`), calibrate the quantizers it left uncalibrated (and only those, with a warning) instead of raising
+            :class:`~lightning_quant.NotCalibratedError`. A loaded state is never recalibrated otherwise.
         **deprecated_options: the option switches as keyword arguments (``bias_correction=True``, ...), as older
             releases took them; they still work for one release, with a ``DeprecationWarning`` showing the
             ``options=QuantOptions(...)`` call.
@@ -112,6 +155,7 @@ class QuantCallback(Callback):
         module_name: str | None = None,
         report: bool = True,
         progress: bool = True,
+        calibrate_missing: bool = False,
         **deprecated_options: Any,
     ) -> None:
         super().__init__()
@@ -138,6 +182,8 @@ class QuantCallback(Callback):
         self.module_name = module_name
         self.report = report
         self.progress = progress
+        self.calibrate_missing = bool(calibrate_missing)
+        self.calibration_batches_used: int | None = None  # batches the last calibration actually saw
         self.last_report: QuantReport | None = None
         self.calibration_seconds: float | None = None  # wall time of the last calibration pass
         self._report_inputs: Any = None
@@ -164,14 +210,14 @@ class QuantCallback(Callback):
         except ValueError:
             return False
 
-    def _run_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from lightning_quant.distributed import all_ranks_succeed, check_all_ranks
-
+    def _run_calibration(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, *, refine: bool = True
+    ) -> None:
         network = self.network(pl_module)
         # DDP: a failure on one rank raises RankFailedError on every rank (lightning_quant.distributed), never a hang
         distributed = trainer.world_size > 1
         try:
-            loader = calibration_loader(trainer, stage, self.calibration_data, self.calibration_source)
+            loader, used = calibration_loader(trainer, pl_module, stage, self.calibration_data, self.calibration_source)
         except Exception as err:
             if distributed:  # the other ranks agree on success at the end of calibrate(shard=True)
                 check_all_ranks(err, "calibration")
@@ -198,7 +244,8 @@ class QuantCallback(Callback):
             shard=distributed,
         )
         seen = self._merge_across_ranks(trainer, network, seen)
-        if self.mode is QuantMode.PTQ:
+        self.calibration_batches_used = seen
+        if self.mode is QuantMode.PTQ and refine:
             # every rank refines on the same (unsharded) batches, then rank 0's weights are shared to be exact
             with all_ranks_succeed("post-calibration refinement"):
                 steps = refine_calibrated(
@@ -219,7 +266,7 @@ class QuantCallback(Callback):
         ranks = f" across {trainer.world_size} processes" if trainer.world_size > 1 else ""
         rank_zero_info(
             f"lightning_quant: calibrated {len(list(iter_quantizers(network)))} quantizers on {seen} batches{ranks} "
-            f"in {self.calibration_seconds:.1f} s"
+            f"of {used} in {self.calibration_seconds:.1f} s"
         )
         self._report_inputs = first[0] if first else None
 
@@ -245,6 +292,43 @@ class QuantCallback(Callback):
     def _calibrated(self, pl_module: pl.LightningModule) -> bool:
         quantizers = list(iter_quantizers(self.network(pl_module)))
         return bool(quantizers) and all(fq.calibrated.item() for _, fq in quantizers)
+
+    def _calibrate_if_needed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> bool:
+        """Calibrate a network that was not calibrated yet; returns whether a calibration ran.
+
+        A network restored from a saved state keeps the values it loaded: calibration never reruns behind the user's
+        back. Quantizers the state left uncalibrated are an error, or (``calibrate_missing=True``) the only ones
+        calibrated, with a warning.
+
+        Raises:
+            NotCalibratedError: a restored network with uncalibrated quantizers and ``calibrate_missing=False``.
+        """
+        network = self.network(pl_module)
+        quantizers = list(iter_quantizers(network))
+        missing = [name for name, fq in quantizers if not fq.calibrated.item()]
+        if not missing:
+            return False
+        if not prepare_info(network).restored:
+            self._run_calibration(trainer, pl_module, stage)
+            return True
+        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        if not self.calibrate_missing:
+            raise NotCalibratedError(
+                f"the loaded quantization state leaves {len(missing)} of {len(quantizers)} quantizers uncalibrated "
+                f"({shown}); lightning_quant does not recalibrate a loaded state behind your back. Load a state "
+                "saved after calibration, or pass QuantCallback(calibrate_missing=True) to calibrate only those "
+                "quantizers (the loaded ones keep their values)."
+            )
+        rank_zero_warn(
+            f"lightning_quant: calibrating only the {len(missing)} quantizers the loaded state left uncalibrated "
+            f"({shown}); the other {len(quantizers) - len(missing)} keep their loaded values, and no refinement runs."
+        )
+        kept = {name: copy.deepcopy(fq.state_dict()) for name, fq in quantizers if name not in missing}
+        self._run_calibration(trainer, pl_module, stage, refine=False)
+        for name, fq in quantizers:
+            if name in kept:
+                fq.load_state_dict(kept[name])
+        return True
 
     def _apply_schedule(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         state = (
@@ -295,11 +379,10 @@ class QuantCallback(Callback):
         )
 
     def _ensure_calibrated(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._calibrated(pl_module):
+        if self._calibrate_if_needed(trainer, pl_module, stage):
+            self._emit_report(trainer, pl_module)
+        else:
             set_observers(self.network(pl_module), False)
-            return
-        self._run_calibration(trainer, pl_module, stage)
-        self._emit_report(trainer, pl_module)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -330,8 +413,7 @@ class QuantCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.calibration_batches > 0 and not self._calibrated(pl_module):
-            self._run_calibration(trainer, pl_module, "fit")
+        if self.calibration_batches > 0 and self._calibrate_if_needed(trainer, pl_module, "fit"):
             pl_module.train()
         self._applied = None
         self._apply_schedule(trainer, pl_module)

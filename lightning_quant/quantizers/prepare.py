@@ -55,6 +55,7 @@ from lightning_quant.quantizers.state_checks import check_quant_state_keys
 __all__ = [
     "PrepareInfo",
     "convert",
+    "exclude_entries",
     "freeze_bn",
     "is_excluded",
     "iter_quantizers",
@@ -87,6 +88,7 @@ class PrepareInfo:
     layer_weight_bits: dict[str, int] = field(default_factory=dict)  # the prepare() argument: pattern -> bits
     weight_bits: dict[str, int] = field(default_factory=dict)  # layers whose weights use other bits than the scheme
     range_search: Any = None  # the RangeSearchReport of search_activation_ranges, when it ran
+    restored: bool = False  # a saved state was loaded into the network (load_state_dict, a checkpoint)
 
     def layer_scheme(self, name: str) -> QuantScheme:
         """The scheme of layer ``name``: ``scheme`` with the weight bits of the first matching
@@ -103,9 +105,57 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def is_excluded(name: str, patterns: Iterable[str]) -> bool:
-    """True when layer ``name`` matches one of the ``exclude=`` glob patterns."""
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+ExcludeEntry = str | type[nn.Module]
+
+
+def exclude_entries(exclude: ExcludeEntry | Iterable[ExcludeEntry] | None) -> tuple[ExcludeEntry, ...]:
+    """``exclude=`` as a tuple of glob patterns of layer names and ``nn.Module`` types, checked.
+
+    A single pattern or type counts as a list of one (``exclude="head.*"`` is ``exclude=["head.*"]``).
+
+    Example:
+        >>> exclude_entries(["classifier.*", nn.Linear])
+        ('classifier.*', <class 'torch.nn.modules.linear.Linear'>)
+        >>> exclude_entries(nn.Conv2d)
+        (<class 'torch.nn.modules.conv.Conv2d'>,)
+
+    Raises:
+        TypeError: an entry that is neither a string nor an ``nn.Module`` subclass (e.g. a module instance).
+    """
+    if exclude is None:
+        return ()
+    if isinstance(exclude, (str, type)):
+        exclude = [exclude]
+    entries = tuple(exclude)
+    for entry in entries:
+        if isinstance(entry, str) or (isinstance(entry, type) and issubclass(entry, nn.Module)):
+            continue
+        if isinstance(entry, nn.Module):  # an instance: its repr is the whole module
+            got = f"an instance of {type(entry).__name__} (pass the type, exclude=[{type(entry).__name__}])"
+        else:
+            got = f"{entry!r} ({type(entry).__name__})"
+        raise TypeError(
+            f"exclude entries are glob patterns of layer names or nn.Module types, got {got}; pass e.g. "
+            "exclude=['classifier.*', nn.Linear]."
+        )
+    return entries
+
+
+def is_excluded(name: str, patterns: Iterable[ExcludeEntry], module: nn.Module | None = None) -> bool:
+    """True when layer ``name`` matches one of the ``exclude=`` glob patterns, or ``module`` is an instance of one
+    of its ``nn.Module`` types.
+
+    Example:
+        >>> is_excluded("head.fc", ["head.*"]), is_excluded("fc", [nn.Linear], nn.Linear(2, 2))
+        (True, True)
+    """
+    for entry in patterns:
+        if isinstance(entry, str):
+            if fnmatch.fnmatchcase(name, entry):
+                return True
+        elif module is not None and isinstance(module, entry):
+            return True
+    return False
 
 
 def _swap_weight_layers(gm: fx.GraphModule, path: str, scheme: QuantScheme, mode: QuantMode, exclude, info) -> None:
@@ -113,9 +163,9 @@ def _swap_weight_layers(gm: fx.GraphModule, path: str, scheme: QuantScheme, mode
     if mode is QuantMode.QAT:
         for layer_node, bn_node in foldable_pairs(gm):
             name = _join(path, layer_node.target)
-            if is_excluded(name, exclude):
-                continue
             conv, bn = gm.get_submodule(layer_node.target), gm.get_submodule(bn_node.target)
+            if is_excluded(name, exclude, conv):
+                continue
             fused = QuantConvBn(conv, bn, info.layer_scheme(name), name)
             set_submodule(gm, layer_node.target, fused)
             bn_node.replace_all_uses_with(layer_node)
@@ -133,7 +183,7 @@ def _swap_weight_layers(gm: fx.GraphModule, path: str, scheme: QuantScheme, mode
         module = gm.get_submodule(node.target)
         name = _join(path, node.target)
         if type(module) in QUANTIZABLE_LAYERS:
-            if is_excluded(name, exclude):
+            if is_excluded(name, exclude, module):
                 info.float_layers[name] = "excluded (exclude=...: a user pattern or an accuracy-control choice)"
                 continue
             set_submodule(gm, node.target, quantized_layer_from_float(module, info.layer_scheme(name), name))
@@ -206,7 +256,7 @@ def _prepare_graph(gm: fx.GraphModule, path: str, scheme, mode, exclude, info) -
 def _prepare_tree(module: nn.Module, path: str, scheme, mode, exclude, info) -> nn.Module:
     """Trace ``module``; when that fails, recurse into children; quantize leaf conv/linear on their own."""
     if type(module) in QUANTIZABLE_LAYERS:
-        if is_excluded(path, exclude):
+        if is_excluded(path, exclude, module):
             info.float_layers[path] = "excluded (exclude=...: a user pattern or an accuracy-control choice)"
             return module
         info.quantized_layers.append(path)
@@ -231,7 +281,7 @@ def prepare(
     scheme: QuantScheme,
     *,
     mode: QuantMode | str = QuantMode.PTQ,
-    exclude: Iterable[str] = (),
+    exclude: ExcludeEntry | Iterable[ExcludeEntry] = (),
     inplace: bool = False,
     layer_weight_bits: Mapping[str, int] | None = None,
 ) -> nn.Module:
@@ -244,7 +294,8 @@ def prepare(
         model: float model.
         scheme: weight/activation specs, e.g. ``scheme_for_target("x86")``.
         mode: ``ptq`` or ``qat``.
-        exclude: glob patterns of layer names to keep in float (``"classifier.*"``).
+        exclude: layers to keep in float: glob patterns of layer names (``"classifier.*"``) and/or ``nn.Module``
+            types (``nn.Linear``: every layer of that type or a subclass), e.g. ``["features.0.*", nn.Linear]``.
         inplace: modify ``model`` instead of a deep copy.
         layer_weight_bits: ``{glob pattern: bits}``: weight bit width of the matching layers (first match wins),
             e.g. ``{"features.0.*": 8}`` keeps the stem at 8 bits in a W4A8 model (mixed precision; accuracy control
@@ -252,11 +303,12 @@ def prepare(
 
     Raises:
         NothingToQuantizeError: the model has no Conv1d/2d/3d or Linear layer that can be quantized.
+        TypeError: an ``exclude`` entry that is neither a string nor an ``nn.Module`` type.
         ValueError: unknown mode; a ``layer_weight_bits`` pattern that matches no quantized layer, bits outside
             2..8, or any other width than 8 for the DPU scheme.
     """
     mode = _coerce_enum(QuantMode, mode, "mode")  # type: ignore[assignment]
-    exclude = tuple(exclude)
+    exclude = exclude_entries(exclude)
     bits_by_pattern = _check_layer_weight_bits(layer_weight_bits, scheme, model)
     model = model if inplace else copy.deepcopy(model)
     info = PrepareInfo(scheme=scheme, mode=mode, layer_weight_bits=bits_by_pattern)
@@ -287,6 +339,7 @@ def _check_loaded_state(module: nn.Module, state_dict: dict, prefix: str, *args:
     info = module.__dict__.get(_INFO_ATTR)
     if info is not None:
         info.refinements[:] = list(config.get("refinements", []))
+        info.restored = True
 
 
 def _attach_info(model: nn.Module, info: PrepareInfo) -> None:

@@ -18,8 +18,8 @@ from torch import nn
 from lightning_quant.capture.patterns import shared_quantizer_calls
 from lightning_quant.config import NETWORK_TRANSFORMS, QuantScheme
 from lightning_quant.errors import CheckpointMismatchError
-from lightning_quant.quantizers.fake_quant import FakeQuantize
 from lightning_quant.quantizers.config_record import NETWORK_KEYS, RECORD_ATTR, config_record, decode_config
+from lightning_quant.quantizers.fake_quant import FakeQuantize
 
 __all__ = ["check_quant_state_keys", "check_saved_config", "is_quant_key", "require_matching_config"]
 
