@@ -125,8 +125,9 @@ class QuantCallback(Callback):
         report: print the quantization report and log its metrics.
         progress: show a calibration progress bar.
         calibrate_missing: after a saved state was loaded (``ckpt_path=``,
-            :func:`~lightning_quant.load_quantized_checkpoint`), calibrate the quantizers it left uncalibrated (and only those, with a warning) instead of raising
-            :class:`~lightning_quant.NotCalibratedError`. A loaded state is never recalibrated otherwise.
+            :func:`~lightning_quant.load_quantized_checkpoint`), calibrate the quantizers it left uncalibrated (and
+            only those, with a warning) instead of raising :class:`~lightning_quant.NotCalibratedError`. A loaded
+            state is never recalibrated otherwise.
         **deprecated_options: the option switches as keyword arguments (``bias_correction=True``, ...), as older
             releases took them; they still work for one release, with a ``DeprecationWarning`` showing the
             ``options=QuantOptions(...)`` call.
