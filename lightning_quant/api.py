@@ -15,6 +15,8 @@ Example:
 from __future__ import annotations
 
 import copy
+import itertools
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -105,10 +107,14 @@ def quantize(
             releases took them; they still work for one release, with a ``DeprecationWarning`` showing the
             ``options=QuantOptions(...)`` call.
 
+    Warns:
+        UserWarning: ``model`` is in training mode (it is calibrated as in eval mode; the result is in eval mode).
+
     Raises:
-        TypeError: ``options`` or ``scheme`` of the wrong type, an unknown keyword, or ``options=`` together with
+        TypeError: ``model`` is not an ``nn.Module``; ``options`` or ``scheme`` of the wrong type, an unknown keyword, or ``options=`` together with
             option keywords.
-        ValueError: unknown target, a ``target`` that contradicts ``scheme.target``, empty calibration data,
+        ValueError: a model with tensors on the ``meta`` device, unknown target, a ``target`` that contradicts
+            ``scheme.target``, empty calibration data,
             batches the model cannot take, (with ``cross_layer_equalization``) a BatchNorm in training mode or a model
             torch.fx cannot trace, or ``range_search`` with activations that use neither the ``percentile``
             estimator nor power-of-two scales.
@@ -118,6 +124,7 @@ def quantize(
     options = options_from_keywords(options, deprecated_options, "quantize")
     scheme = resolve_scheme(target, scheme, QuantMode.PTQ)
     options.check_scheme(scheme)
+    _check_model(model)
     model = float_model_for_quantization(model, options)
     qmodel = prepare(model, scheme, mode=QuantMode.PTQ, exclude=exclude, layer_weight_bits=layer_weight_bits)
     record_options(qmodel, options)
@@ -131,4 +138,24 @@ def quantize(
         num_batches=num_batches,
         progress=progress,
     )
-    return qmodel
+    return qmodel.eval()
+
+
+def _check_model(model: nn.Module) -> None:
+    """Fail on a model calibration cannot run (meta tensors); warn about a model in training mode."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize() takes an nn.Module, got {type(model).__name__}.")
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        raise ValueError(
+            "the model holds tensors on the 'meta' device (built under torch.device('meta') or with lazy init): "
+            "they have no values to calibrate. Load its weights first, e.g. model.to_empty(device='cpu') then "
+            "model.load_state_dict(torch.load(path, weights_only=True)), and pass that model."
+        )
+    if model.training:
+        warnings.warn(
+            "quantize() got a model in training mode: BatchNorm statistics and dropout would change calibration. "
+            "It calibrates the model as in model.eval() and returns the quantized model in eval mode; call "
+            "model.eval() before quantize() to silence this warning.",
+            UserWarning,
+            stacklevel=3,
+        )
