@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,7 @@ from torch import fx, nn
 
 from lightning_quant.capture.bn_fold import fold_batchnorm, foldable_pairs, set_submodule
 from lightning_quant.capture.patterns import activation_quant_points, shared_quant_points
-from lightning_quant.capture.trace import capture
+from lightning_quant.capture.trace import capture, is_traceable_leaf
 from lightning_quant.config import QuantMode, QuantScheme, Target, _coerce_enum
 from lightning_quant.errors import NotCalibratedError, NothingToQuantizeError
 from lightning_quant.quantizers.config_record import (
@@ -47,6 +48,7 @@ from lightning_quant.quantizers.modules import (
     QuantConv3d,
     QuantConvBn,
     QuantLinear,
+    _WeightQuantMixin,
     quantized_layer_from_float,
 )
 from lightning_quant.quantizers.observers import input_spec
@@ -313,16 +315,75 @@ def prepare(
     model = model if inplace else copy.deepcopy(model)
     info = PrepareInfo(scheme=scheme, mode=mode, layer_weight_bits=bits_by_pattern)
     prepared = _prepare_tree(model, "", scheme, mode, exclude, info)
+    _note_unreached_layers(prepared, info)
     if not info.quantized_layers:
         found = ", ".join(f"{k}: {v}" for k, v in list(info.float_layers.items())[:5]) or "no Conv/Linear layers"
         raise NothingToQuantizeError(
             f"nothing to quantize in {type(model).__name__} ({found}). lightning_quant quantizes nn.Conv1d/2d/3d and "
             "nn.Linear layers; check `exclude=` patterns, or pass the submodule that holds the network."
         )
+    _warn_mostly_float(prepared, info)
     _attach_info(prepared, info)
     attach_config_record(prepared, mode=mode, scheme=scheme, exclude=exclude, layer_weight_bits=bits_by_pattern)
     prepared.register_load_state_dict_pre_hook(_check_loaded_state)
     return prepared
+
+
+def _note_unreached_layers(prepared: nn.Module, info: PrepareInfo) -> None:
+    """Every Conv/Linear that neither got a quantizer nor a reason yet gets one, with the fix (no layer stays float
+    without saying so): layers inside torch.nn blocks that run as one opaque module, attention projections read
+    through ``F.linear``, layers whose weight is used without calling them."""
+    inserted = (_WeightQuantMixin, QuantConvBn, FakeQuantize)
+    known = set(info.quantized_layers) | set(info.float_layers)
+    blocks = {
+        name: m
+        for name, m in prepared.named_modules()
+        if name and is_traceable_leaf(m) and not isinstance(m, (*QUANTIZABLE_LAYERS, *inserted))
+    }
+    for name, module in prepared.named_modules():
+        if not isinstance(module, QUANTIZABLE_LAYERS) or isinstance(module, inserted):
+            continue
+        if name in known or any(name.startswith(k + ".") for k in known):
+            continue
+        parent = max((b for b in blocks if name.startswith(b + ".")), key=len, default=None)
+        info.float_layers[name] = _unreached_reason(name, parent, blocks.get(parent) if parent else None)
+
+
+def _unreached_reason(name: str, parent: str | None, block: nn.Module | None) -> str:
+    if isinstance(block, nn.MultiheadAttention):
+        return (
+            f"read through F.linear inside nn.MultiheadAttention '{parent}' (F.multi_head_attention_forward uses "
+            "in_proj_weight and out_proj.weight directly; the module is never called). Fix: write the attention from "
+            "nn.Linear q/k/v/out layers and F.scaled_dot_product_attention to quantize it"
+        )
+    if block is not None:
+        return (
+            f"inside {type(block).__name__} '{parent}', a torch.nn block that runs as one opaque module (fused fast "
+            "path / functional calls on its float weights), so no quantizer can wrap this layer. Fix: build the block "
+            f"from nn.Linear/nn.Conv layers, or exclude=['{parent}*'] to keep it float knowingly"
+        )
+    return (
+        "never called as a module in forward (its weight is used directly, e.g. through F.linear or weight tying); "
+        "call the layer itself so its weight can be quantized"
+    )
+
+
+def _warn_mostly_float(prepared: nn.Module, info: PrepareInfo) -> None:
+    """Warn when more than a quarter of the Conv/Linear weights stay float for reasons other than ``exclude=``."""
+    sizes = {name: m.weight.numel() for name, m in prepared.named_modules() if isinstance(m, QUANTIZABLE_LAYERS)}
+    total = sum(sizes.values())
+    unplanned = {n: r for n, r in info.float_layers.items() if n in sizes and not r.startswith("excluded")}
+    share = sum(sizes[n] for n in unplanned) / total if total else 0.0
+    if share > 0.25:
+        first, reason = next(iter(unplanned.items()))
+        others = f" and {len(unplanned) - 1} more" if len(unplanned) > 1 else ""
+        warnings.warn(
+            f"{share:.0%} of the model's Conv/Linear weights stay float ({first}{others}), so the quantized model will "
+            f"be barely smaller or faster. {first}: {reason}. prepare_info(model).float_layers and the quantization "
+            "report give every layer's reason and fix.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _check_loaded_state(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
