@@ -22,7 +22,8 @@ import torch
 import lightning_quant
 from lightning_quant import quantization_report, quantize, scheme_for_target
 from lightning_quant.data import ImagenetteDataModule, calibration_subset
-from lightning_quant.models import IMAGENETTE_EVAL_SIZES, IMAGENETTE_MODELS, top1_accuracy
+from lightning_quant.evaluation import top1_accuracy
+from lightning_quant.models import IMAGENETTE_EVAL_SIZES, IMAGENETTE_MODELS
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from results_io import RESULTS_DIR, run_header, write_results
 
-from lightning_quant.models.zoo_sweep import ZOO_SWEEP_MODELS, check_zoo_model, zoo_table
+from lightning_quant.evaluation.zoo_sweep import ZOO_SWEEP_MODELS, check_zoo_model, zoo_table
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

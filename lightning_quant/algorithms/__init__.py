@@ -1,9 +1,8 @@
-"""PTQ algorithms: histogram range estimators (``percentile``, ``mse``, ``entropy``), the output-aware activation
-range search, CLE, bias correction,
-AdaRound (learned weight rounding), fast finetuning (AdaQuant), sensitivity analysis and accuracy-controlled
-mixed precision.
+"""PTQ algorithms: the output-aware activation range search, CLE, bias correction, AdaRound (learned weight
+rounding), fast finetuning (AdaQuant), sensitivity analysis and accuracy-controlled mixed precision.
 
-The estimators register themselves as observers, so a spec selects them by name:
+The histogram range estimators (``percentile``, ``mse``, ``entropy``) live in :mod:`lightning_quant.quantizers`
+with the other observers and are re-exported here; a spec selects them by name:
 
 Example:
     >>> from lightning_quant.config import scheme_for_target
@@ -16,10 +15,6 @@ from lightning_quant.algorithms.adaquant import FastFinetuneReport, LayerTuning,
 from lightning_quant.algorithms.adaround import AdaRoundReport, adaround
 from lightning_quant.algorithms.bias_correction import BiasCorrectionReport, correct_bias
 from lightning_quant.algorithms.cle import CLEReport, equalization_pairs, equalize, relu6_to_relu
-from lightning_quant.algorithms.entropy import EntropyObserver
-from lightning_quant.algorithms.histogram import HistogramObserver
-from lightning_quant.algorithms.mse import MSEObserver
-from lightning_quant.algorithms.percentile import PercentileObserver
 from lightning_quant.algorithms.range_search import RangeSearchReport, search_activation_ranges
 from lightning_quant.algorithms.sensitivity import (
     KindSensitivity,
@@ -28,6 +23,10 @@ from lightning_quant.algorithms.sensitivity import (
     plot_quantizer_histograms,
     sensitivity_analysis,
 )
+from lightning_quant.quantizers.entropy import EntropyObserver
+from lightning_quant.quantizers.histogram import HistogramObserver
+from lightning_quant.quantizers.mse import MSEObserver
+from lightning_quant.quantizers.percentile import PercentileObserver
 
 __all__ = [
     "AccuracyControlReport",

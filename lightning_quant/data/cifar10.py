@@ -24,8 +24,8 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from lightning_quant.data.archives import extract_archive
-from lightning_quant.data.image_folder import ClassificationDataModule
-from lightning_quant.data.imagenette import IMAGENET_MEAN, IMAGENET_STD
+from lightning_quant.data.classification import ClassificationDataModule
+from lightning_quant.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lightning_quant.paths import cache_dir, shared_dir
 
 __all__ = ["CIFAR10_CLASSES", "CIFAR10DataModule", "cifar10_transform"]
@@ -60,7 +60,7 @@ class CIFAR10DataModule(ClassificationDataModule):
         download: with no ``root`` and no shared archive, download with ``torchvision.datasets.CIFAR10``.
         train_augment: random crop + flip for the train loader.
         **kwargs: ``batch_size``, ``num_workers``, ``calibration_size``, ``seed``, ``pin_memory``
-            (see :class:`~lightning_quant.data.image_folder.ClassificationDataModule`).
+            (see :class:`~lightning_quant.data.classification.ClassificationDataModule`).
 
     Raises:
         ValueError: bad loader arguments (see the base class).

@@ -25,23 +25,21 @@ import os
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
-import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
 from lightning_quant.data.archives import extract_archive
+from lightning_quant.data.checks import check_positive_int
+from lightning_quant.data.classification import ClassificationDataModule
+from lightning_quant.data.splits import held_out_subset  # noqa: F401  (app/accuracy_control_step.py imports it here)
+from lightning_quant.data.transforms import imagenette_transform
 from lightning_quant.paths import cache_dir, shared_dir
 
 __all__ = [
     "IMAGENETTE_CLASSES",
     "IMAGENETTE_WNIDS",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "ImagenetteDataModule",
-    "calibration_subset",
     "imagenette_datasets",
     "imagenette_split_dirs",
-    "imagenette_transform",
 ]
 
 # Sorted order = torchvision ImageFolder class indices. (Parachute is n03888257 in the imagenette2 data.)
@@ -69,42 +67,7 @@ IMAGENETTE_CLASSES = (
     "golf ball",
     "parachute",
 )
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _ARCHIVES = {"train": "imagenette_train.tar.gz", "val": "imagenette_val.tar.gz"}
-
-
-def _check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}.")
-
-
-def imagenette_transform(image_size: int = 224, resize: int | None = None, *, train_augment: bool = False) -> Any:
-    """The torchvision transform: [resize shorter side], center-crop, ToTensor, ImageNet mean/std.
-
-    Example:
-        >>> t = imagenette_transform(image_size=128, resize=144)
-        >>> [type(op).__name__ for op in t.transforms]
-        ['Resize', 'CenterCrop', 'ToTensor', 'Normalize']
-
-    Args:
-        image_size: side of the square crop fed to the model (a no-op crop when images already have that size).
-        resize: resize the shorter side to this many pixels first; None keeps the images' size.
-        train_augment: random-resized crop and horizontal flip instead of resize + center crop.
-
-    Raises:
-        ValueError: ``image_size`` or ``resize`` is not a positive integer.
-    """
-    from torchvision import transforms  # lazy: torchvision is an optional dependency
-
-    _check_positive_int("image_size", image_size)
-    if resize is not None:
-        _check_positive_int("resize", resize)
-    if train_augment:
-        ops: list[Any] = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
-    else:
-        ops = ([transforms.Resize(resize)] if resize is not None else []) + [transforms.CenterCrop(image_size)]
-    return transforms.Compose([*ops, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def imagenette_split_dirs(root: str | os.PathLike[str] | None = None, *, download: bool = False) -> dict[str, Path]:
@@ -194,55 +157,9 @@ def imagenette_datasets(
     return datasets
 
 
-def _seeded_permutation(n: int, seed: int) -> torch.Tensor:
-    """The permutation of ``range(n)`` both subsets are cut from (the same seed gives the same order)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
-
-
-def calibration_subset(dataset: Dataset, size: int, seed: int = 0) -> Subset:
-    """A reproducible random subset of ``size`` items (the same ``seed`` gives the same items, in the same order).
-
-    Example:
-        >>> ds = torch.utils.data.TensorDataset(torch.arange(100))
-        >>> calibration_subset(ds, 5, seed=0).indices == calibration_subset(ds, 5, seed=0).indices
-        True
-
-    Raises:
-        ValueError: ``size`` < 1 or larger than the dataset.
-    """
-    _check_positive_int("calibration_size", size)
-    n = len(dataset)  # type: ignore[arg-type]
-    if size > n:
-        raise ValueError(f"calibration_size={size} is larger than the training split ({n} images); use at most {n}.")
-    return Subset(dataset, _seeded_permutation(n, seed)[:size].tolist())
-
-
-def held_out_subset(dataset: Dataset, size: int, *, calibration_size: int, seed: int = 0) -> Subset:
-    """``size`` items disjoint from ``calibration_subset(dataset, calibration_size, seed)``: the next ``size``
-    positions of the same seeded permutation (for tuning decisions such as accuracy control, never evaluation).
-
-    Example:
-        >>> ds = torch.utils.data.TensorDataset(torch.arange(100))
-        >>> held = held_out_subset(ds, 20, calibration_size=50, seed=0)
-        >>> len(held), set(held.indices) & set(calibration_subset(ds, 50, seed=0).indices)
-        (20, set())
-
-    Raises:
-        ValueError: ``size`` < 1, or the two subsets together larger than the dataset.
-    """
-    _check_positive_int("tuning_size", size)
-    _check_positive_int("calibration_size", calibration_size)
-    n = len(dataset)  # type: ignore[arg-type]
-    if calibration_size + size > n:
-        raise ValueError(
-            f"tuning_size={size} + calibration_size={calibration_size} exceed the training split ({n} images); "
-            f"use at most {n - calibration_size} held-out images."
-        )
-    return Subset(dataset, _seeded_permutation(n, seed)[calibration_size : calibration_size + size].tolist())
-
-
-class ImagenetteDataModule(pl.LightningDataModule):
-    """Imagenette train/val loaders plus a calibration loader drawn from the train split.
+class ImagenetteDataModule(ClassificationDataModule):
+    """Imagenette train/val loaders plus a calibration loader drawn from the train split (the loaders are
+    :class:`~lightning_quant.data.classification.ClassificationDataModule`'s; this class says where the images are).
 
     Example:
         >>> dm = ImagenetteDataModule(batch_size=64, calibration_size=512, seed=0)  # 224 px, MobileNetV2
@@ -263,7 +180,8 @@ class ImagenetteDataModule(pl.LightningDataModule):
 
     Raises:
         ValueError: a non-positive ``batch_size``, ``calibration_size``, ``image_size`` or ``resize``, a
-            negative ``num_workers``; at setup, ``calibration_size`` larger than the train split.
+            negative ``num_workers``, a non-integer ``seed``; at setup, ``calibration_size`` larger than the train
+            split.
         FileNotFoundError: at setup, no data was found (the message lists the three ways to provide it).
     """
 
@@ -281,77 +199,43 @@ class ImagenetteDataModule(pl.LightningDataModule):
         download: bool = False,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__()
-        _check_positive_int("batch_size", batch_size)
-        _check_positive_int("num_workers", num_workers, minimum=0)
-        _check_positive_int("calibration_size", calibration_size)
-        _check_positive_int("image_size", image_size)
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            calibration_size=calibration_size,
+            seed=seed,
+            pin_memory=pin_memory,
+        )
+        check_positive_int("image_size", image_size)
         if resize is not None:
-            _check_positive_int("resize", resize)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed={seed!r} must be an integer.")
+            check_positive_int("resize", resize)
         self.save_hyperparameters()
         self.root = root
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.calibration_size = calibration_size
-        self.seed = seed
         self.image_size = image_size
         self.resize = resize
         self.train_augment = train_augment
         self.download = download
-        self.pin_memory = pin_memory
-        self.train_dataset: Dataset | None = None
-        self.val_dataset: Dataset | None = None
-        self.calibration_dataset: Subset | None = None
 
     def prepare_data(self) -> None:
         """Extract the shared archives (or download) once, on one process per node."""
         imagenette_split_dirs(self.root, download=self.download)
 
-    def setup(self, stage: str | None = None) -> None:
-        """Build the datasets (idempotent; extracts the archives first when that has not happened)."""
-        if self.train_dataset is not None:
-            return
-        datasets = imagenette_datasets(
+    def eval_transform(self) -> Any:
+        """[Resize], center crop, ToTensor, ImageNet mean/std (:func:`~lightning_quant.data.imagenette_transform`)."""
+        return imagenette_transform(self.image_size, self.resize)
+
+    def build_datasets(self) -> dict[str, Dataset]:
+        """:func:`imagenette_datasets` (extracts the archives first when that has not happened)."""
+        return imagenette_datasets(
             self.root,
             image_size=self.image_size,
             resize=self.resize,
             train_augment=self.train_augment,
             download=self.download,
         )
-        self.calibration_dataset = calibration_subset(datasets["train_eval"], self.calibration_size, self.seed)
-        self.train_dataset, self.val_dataset = datasets["train"], datasets["val"]
 
     @property
     def classes(self) -> list[str]:
         """Class folder names (wnids) in label order."""
         self.setup()
         return list(self.val_dataset.classes)  # type: ignore[union-attr]
-
-    def _loader(self, attr: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        return DataLoader(
-            getattr(self, attr),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=False,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled train split (eval transform unless ``train_augment``)."""
-        return self._loader("train_dataset", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """The whole val split, in order."""
-        return self._loader("val_dataset", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Same as :meth:`val_dataloader` (Imagenette has no labelled test split)."""
-        return self.val_dataloader()
-
-    def calibration_dataloader(self) -> DataLoader:
-        """``calibration_size`` train images (seeded subset, eval transform, fixed order) for PTQ calibration."""
-        return self._loader("calibration_dataset", shuffle=False)

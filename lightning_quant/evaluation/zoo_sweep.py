@@ -35,6 +35,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_quant.api import quantize
+from lightning_quant.export.onnx import export_onnx
+from lightning_quant.export.verify import load_runner, runs_on_cpu_int8_kernels, verify_export
+from lightning_quant.models.torchvision_zoo import torchvision_model
+from lightning_quant.quantizers.functional import sqnr_db
+from lightning_quant.quantizers.prepare import iter_quantizers, prepare_info
+
 __all__ = ["ZOO_SWEEP_MODELS", "ZooResult", "check_zoo_model", "liven_random_model", "zoo_table"]
 
 #: The models the README's sweep table covers (one or two per torchvision family).
@@ -151,13 +158,6 @@ def check_zoo_model(
     Returns:
         A :class:`ZooResult`; failures are recorded in it, never raised.
     """
-    from lightning_quant.api import quantize
-    from lightning_quant.export.onnx import export_onnx
-    from lightning_quant.export.verify import load_runner, runs_on_cpu_int8_kernels, verify_export
-    from lightning_quant.models.torchvision_zoo import torchvision_model
-    from lightning_quant.quantizers.functional import sqnr_db
-    from lightning_quant.quantizers.prepare import iter_quantizers, prepare_info
-
     start = time.perf_counter()
     result = ZooResult(model=name, status="failed: build")
     size = _FIXED_SIZES.get(name, image_size)

@@ -27,14 +27,9 @@ import torch
 from torch import nn
 
 from lightning_quant.export._atomic import atomic_path, check_output_path
+from lightning_quant.export._jit_warnings import quiet_jit_deprecation
 from lightning_quant.export.deploy import deploy_model
-
-
-def quiet_jit_deprecation() -> None:
-    """Inside ``warnings.catch_warnings()``: hide torch's ``torch.jit.* is deprecated`` FutureWarnings. TorchScript
-    is a format the user asked for (README, Export); the notice would repeat on every export and load."""
-    warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
-
+from lightning_quant.export.verify import verify_export
 
 __all__ = ["export_torchscript"]
 
@@ -76,8 +71,6 @@ def export_torchscript(
             quiet_jit_deprecation()
             torch.jit.save(traced, str(tmp))
         if verify:
-            from lightning_quant.export.verify import verify_export
-
             verify_export(
                 qmodel,
                 tmp,

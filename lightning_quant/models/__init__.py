@@ -15,7 +15,6 @@ from lightning_quant.models.imagenette import (
     mobilenet_v2_imagenette_transform,
     resnet50_imagenette,
     resnet50_imagenette_transform,
-    top1_accuracy,
 )
 from lightning_quant.models.torchvision_zoo import WeightsUnavailableError, torchvision_model
 from lightning_quant.models.weights import WeightsMismatchError, load_weights
@@ -27,7 +26,6 @@ __all__ = [
     "mobilenet_v2_imagenette_transform",
     "resnet50_imagenette",
     "resnet50_imagenette_transform",
-    "top1_accuracy",
     "CIFAR_RESNET_WEIGHTS",
     "CifarResNet",
     "ImageClassifier",

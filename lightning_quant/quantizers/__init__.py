@@ -1,8 +1,13 @@
-"""Quantizers: pure functions, observers, fake-quant modules, quantized layers and prepare()/convert()."""
+"""Quantizers: pure functions, observers (range estimators), fake-quant modules, quantized layers and
+prepare()/convert()."""
 
 from lightning_quant.quantizers.dynamic import DynamicQuantLinear, quantize_dynamic
+from lightning_quant.quantizers.entropy import EntropyObserver
 from lightning_quant.quantizers.fake_quant import FakeQuantize
+from lightning_quant.quantizers.histogram import HistogramObserver
+from lightning_quant.quantizers.mse import MSEObserver
 from lightning_quant.quantizers.observers import Observer, observer_names, register_observer
+from lightning_quant.quantizers.percentile import PercentileObserver
 from lightning_quant.quantizers.prepare import (
     PrepareInfo,
     convert,
@@ -17,8 +22,12 @@ from lightning_quant.quantizers.prepare import (
 
 __all__ = [
     "DynamicQuantLinear",
+    "EntropyObserver",
     "FakeQuantize",
+    "HistogramObserver",
+    "MSEObserver",
     "Observer",
+    "PercentileObserver",
     "PrepareInfo",
     "convert",
     "freeze_bn",

@@ -27,7 +27,7 @@ import torch
 
 from lightning_quant.config import QuantSpec, RoundingMode, ScaleType
 from lightning_quant.quantizers.functional import round_tensor
-from lightning_quant.quantizers.observers import Observer, register_observer
+from lightning_quant.quantizers.minmax import Observer
 
 __all__ = [
     "CANDIDATES",
@@ -180,7 +180,6 @@ def fix_pos_from_scale(scale: torch.Tensor | float) -> int:
     return 1 - exponent
 
 
-@register_observer("dpu_pot")
 class DPUFixPosObserver(Observer):
     """DPU fix positions: per observed tensor the least-squared-error position, over tensors the most frequent one.
 
@@ -243,7 +242,6 @@ class DPUFixPosObserver(Observer):
         return super().sync_tensors(phase) + ([(self.pos_counts, "sum")] if phase == 1 else [])
 
 
-@register_observer("dpu_pot_input")
 class DPUInputFixPosObserver(DPUFixPosObserver):
     """For network inputs: the overflow-safe position per batch (no error search), most frequent over batches.
 

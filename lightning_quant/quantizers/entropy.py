@@ -29,8 +29,7 @@ import functools
 
 import torch
 
-from lightning_quant.algorithms.histogram import HistogramObserver
-from lightning_quant.quantizers.observers import register_observer
+from lightning_quant.quantizers.histogram import HistogramObserver
 
 __all__ = ["EntropyObserver", "kl_divergences", "kl_threshold_bins"]
 
@@ -113,7 +112,6 @@ def kl_threshold_bins(counts: torch.Tensor, levels: int) -> int:
     return int(cand[best].item())
 
 
-@register_observer("entropy")
 class EntropyObserver(HistogramObserver):
     """TensorRT-style KL-divergence threshold on ``|x|``.
 
@@ -123,7 +121,7 @@ class EntropyObserver(HistogramObserver):
         bins: histogram bins.
 
     Raises:
-        ValueError: see :class:`~lightning_quant.algorithms.histogram.HistogramObserver`.
+        ValueError: see :class:`~lightning_quant.quantizers.histogram.HistogramObserver`.
         FloatingPointError: NaN or inf in an observed tensor.
     """
 

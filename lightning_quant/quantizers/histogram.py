@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from lightning_quant.quantizers.functional import qparams_from_range
-from lightning_quant.quantizers.observers import Observer
+from lightning_quant.quantizers.minmax import Observer
 
 __all__ = ["DEFAULT_BINS", "HistogramObserver", "bin_counts"]
 

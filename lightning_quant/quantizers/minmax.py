@@ -1,28 +1,22 @@
-"""Range estimators (observers): stateful modules that watch tensors and propose quantization parameters.
+"""The observer base class and the min/max range estimators (``minmax``, ``moving_average``, ``mean_minmax``).
 
-Every observer shares one interface, so calibration algorithms plug in by name:
+Observers are stateful modules that watch tensors and propose quantization parameters. Every observer shares one
+interface, so calibration algorithms plug in by name (the registry is :mod:`lightning_quant.quantizers.observers`):
 ``forward(x)`` records statistics and returns ``x`` unchanged; ``calculate_qparams()`` returns
-``(scale, zero_point)``; all state lives in buffers of fixed shape, so it is saved in checkpoints.
+``(scale, zero_point)``; all state lives in buffers of fixed shape, so it is saved in checkpoints. Every observer
+keeps the running ``min_val`` / ``max_val`` of :class:`Observer`, which the estimators here turn into the range.
 
 Example:
     >>> import torch
     >>> from lightning_quant.config import QuantSpec
-    >>> obs = build_observer(QuantSpec(observer="minmax"))
+    >>> obs = MinMaxObserver(QuantSpec(observer="minmax"))
     >>> _ = obs(torch.tensor([-1.0, 2.0])); _ = obs(torch.tensor([0.5, 4.0]))
     >>> obs.min_val.item(), obs.max_val.item()
     (-1.0, 4.0)
-    >>> @register_observer("my_minmax")
-    ... class MyMinMax(MinMaxObserver):
-    ...     pass
-    >>> "my_minmax" in observer_names()
-    True
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,82 +24,14 @@ from torch import nn
 
 from lightning_quant.quantizers.functional import qparams_from_range
 
-__all__ = [
-    "MeanMinMaxObserver",
-    "MinMaxObserver",
-    "MovingAverageMinMaxObserver",
-    "Observer",
-    "build_observer",
-    "input_spec",
-    "observer_names",
-    "register_observer",
-]
-
-_REGISTRY: dict[str, type[Observer]] = {}
-# histogram estimators registered on first use (they import this module, so they cannot be imported at its top)
-_BUILTIN_MODULES = (
-    "lightning_quant.algorithms.percentile",
-    "lightning_quant.algorithms.mse",
-    "lightning_quant.algorithms.entropy",
-    "lightning_quant.quantizers.dpu",
-)
-_builtins_loaded = False
-
-
-def _load_builtins() -> None:
-    """Import the built-in histogram estimators once, so ``percentile``, ``mse`` and ``entropy`` are registered."""
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        for module in _BUILTIN_MODULES:
-            importlib.import_module(module)
-
-
-def register_observer(name: str) -> Callable[[type[Observer]], type[Observer]]:
-    """Class decorator that makes an observer selectable by name in :class:`~lightning_quant.config.QuantSpec`."""
-
-    def decorator(cls: type[Observer]) -> type[Observer]:
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorator
-
-
-def observer_names() -> list[str]:
-    """Names accepted by ``QuantSpec(observer=...)``, in registration order (built-in estimators first)."""
-    _load_builtins()
-    return list(_REGISTRY)
-
-
-def build_observer(spec: Any, num_channels: int | None = None) -> Observer:
-    """Instantiate the observer a :class:`~lightning_quant.config.QuantSpec` names."""
-    _load_builtins()
-    return _REGISTRY[spec.observer](spec, num_channels)
-
-
-def input_spec(spec: Any) -> Any:
-    """The spec for a network input: ``spec`` with the observer's ``input_observer`` variant, if it names one.
-
-    The DPU's ``dpu_pot`` observer keeps network inputs at the overflow-safe position (``dpu_pot_input``).
-
-    Example:
-        >>> from lightning_quant.config import scheme_for_target
-        >>> input_spec(scheme_for_target("dpu").activation).observer
-        'dpu_pot_input'
-        >>> input_spec(scheme_for_target("x86").activation).observer
-        'minmax'
-    """
-    _load_builtins()
-    variant = getattr(_REGISTRY.get(spec.observer), "input_observer", None)
-    if variant is None or variant == spec.observer:
-        return spec
-    return dataclasses.replace(spec, observer=variant)
+__all__ = ["MeanMinMaxObserver", "MinMaxObserver", "MovingAverageMinMaxObserver", "Observer"]
 
 
 class Observer(nn.Module):
     """Base class. Subclasses implement :meth:`observe` and keep their state in buffers.
 
-    A subclass may set ``input_observer`` to the name of the observer :func:`input_spec` picks for network inputs.
+    A subclass may set ``input_observer`` to the name of the observer
+    :func:`~lightning_quant.quantizers.observers.input_spec` picks for network inputs.
 
     Args:
         spec: the :class:`~lightning_quant.config.QuantSpec` being estimated.
@@ -210,7 +136,6 @@ def _extremes(x: torch.Tensor, axis: int | None = None) -> tuple[torch.Tensor, t
     return lo, hi
 
 
-@register_observer("minmax")
 class MinMaxObserver(Observer):
     """Running minimum and maximum over everything observed."""
 
@@ -220,7 +145,6 @@ class MinMaxObserver(Observer):
         self.max_val.copy_(torch.maximum(self.max_val, hi))
 
 
-@register_observer("moving_average")
 class MovingAverageMinMaxObserver(Observer):
     """Exponential moving average of per-batch min and max (``averaging_constant`` is the new batch's weight)."""
 
@@ -243,7 +167,6 @@ class MovingAverageMinMaxObserver(Observer):
             self._finish_mean_sync()
 
 
-@register_observer("mean_minmax")
 class MeanMinMaxObserver(Observer):
     """Mean over all samples seen of each sample's min and max (NNCF's ``MEAN_MINMAX`` activation default).
 
@@ -255,7 +178,7 @@ class MeanMinMaxObserver(Observer):
     Example:
         >>> import torch
         >>> from lightning_quant.config import QuantSpec
-        >>> obs = build_observer(QuantSpec(observer="mean_minmax"))
+        >>> obs = MeanMinMaxObserver(QuantSpec(observer="mean_minmax"))
         >>> _ = obs(torch.tensor([[0.0, 1.0], [0.0, 3.0]])); _ = obs(torch.tensor([[0.0, 8.0]]))
         >>> obs.max_val.item(), int(obs.samples)  # (1 + 3 + 8) / 3
         (4.0, 3)

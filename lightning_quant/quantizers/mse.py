@@ -29,9 +29,8 @@ from typing import Any
 
 import torch
 
-from lightning_quant.algorithms.histogram import DEFAULT_BINS, HistogramObserver
 from lightning_quant.quantizers.functional import dequantize, qparams_from_range, quantize
-from lightning_quant.quantizers.observers import register_observer
+from lightning_quant.quantizers.histogram import DEFAULT_BINS, HistogramObserver
 
 __all__ = ["MSEObserver", "NUM_CANDIDATES", "expected_quant_error"]
 
@@ -94,7 +93,6 @@ def _candidate_ranges(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor,
     return c * lo.float(), c * hi.float()
 
 
-@register_observer("mse")
 class MSEObserver(HistogramObserver):
     """Pick the clipping range with the lowest expected squared quantization error.
 
@@ -104,7 +102,7 @@ class MSEObserver(HistogramObserver):
         bins: histogram bins (per-tensor specs).
 
     Raises:
-        ValueError: see :class:`~lightning_quant.algorithms.histogram.HistogramObserver`.
+        ValueError: see :class:`~lightning_quant.quantizers.histogram.HistogramObserver`.
         FloatingPointError: NaN or inf in an observed tensor.
     """
 

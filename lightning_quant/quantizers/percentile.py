@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_quant.algorithms.histogram import HistogramObserver
-from lightning_quant.quantizers.observers import register_observer
+from lightning_quant.quantizers.histogram import HistogramObserver
 
 __all__ = ["PercentileObserver", "histogram_quantile"]
 
@@ -47,7 +46,6 @@ def histogram_quantile(counts: torch.Tensor, first_edge: float, width: float, q:
     return first_edge + (k + min(max(frac, 0.0), 1.0)) * width
 
 
-@register_observer("percentile")
 class PercentileObserver(HistogramObserver):
     """Clip at ``spec.percentile`` of ``|x|`` (symmetric) or of both tails (asymmetric).
 
@@ -57,7 +55,7 @@ class PercentileObserver(HistogramObserver):
         bins: histogram bins.
 
     Raises:
-        ValueError: see :class:`~lightning_quant.algorithms.histogram.HistogramObserver`.
+        ValueError: see :class:`~lightning_quant.quantizers.histogram.HistogramObserver`.
         FloatingPointError: NaN or inf in an observed tensor.
     """
 

@@ -19,7 +19,8 @@ from torch.utils.data import RandomSampler, SequentialSampler
 
 from lightning_quant.data import IMAGENETTE_WNIDS, ImagenetteDataModule, calibration_subset, extract_archive
 from lightning_quant.data.archives import MARKER_NAME, archive_stem, is_extracted
-from lightning_quant.data.imagenette import imagenette_split_dirs, imagenette_transform
+from lightning_quant.data.imagenette import imagenette_split_dirs
+from lightning_quant.data.transforms import imagenette_transform
 from lightning_quant.paths import shared_dir
 
 # -- helpers ---------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """torchvision zoo sweep: random-weight models through quantize -> ONNX -> onnxruntime, plus the bugs it found.
 
-The whole zoo runs under the ``slow`` marker (``pytest -q -m slow tests/robustness/test_zoo_sweep.py``, ~6 min);
+The whole zoo runs under the ``slow`` marker (``pytest -q -m slow tests/evaluation/test_zoo_sweep.py``, ~6 min);
 the default run covers the machinery on one small model and the regressions on tiny stand-ins.
 """
 
@@ -13,8 +13,14 @@ from torch import nn
 
 from lightning_quant import export_onnx, quantize
 from lightning_quant.capture.patterns import is_shape_value
+from lightning_quant.evaluation.zoo_sweep import (
+    ZOO_SWEEP_MODELS,
+    ZooResult,
+    check_zoo_model,
+    liven_random_model,
+    zoo_table,
+)
 from lightning_quant.export.verify import load_runner
-from lightning_quant.models.zoo_sweep import ZOO_SWEEP_MODELS, ZooResult, check_zoo_model, liven_random_model, zoo_table
 from lightning_quant.quantizers.prepare import prepare_info
 
 pytest.importorskip("torchvision")

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from lightning_quant.data import ImagenetteDataModule, calibration_subset
+from lightning_quant.evaluation import top1_accuracy
 from lightning_quant.models import (
     IMAGENETTE_EVAL_SIZES,
     IMAGENETTE_MODELS,
     mobilenet_v2_imagenette,
     resnet50_imagenette,
-    top1_accuracy,
 )
 from lightning_quant.models.weights import WeightsMismatchError
 from lightning_quant.paths import shared_dir
@@ -62,17 +61,6 @@ def test_wrong_architecture_weights_raise(tmp_path):
     torch.save({"state_dict": {k: v.half() for k, v in net.state_dict().items()}}, tmp_path / "r.pth")
     with pytest.raises(WeightsMismatchError, match=r"does not fit ResNet: .*missing .*another architecture"):
         resnet50_imagenette(weights_path=tmp_path / "r.pth")
-
-
-def test_top1_accuracy_counts_and_rejects_empty():
-    model = nn.Linear(2, 2, bias=False)
-    with torch.no_grad():
-        model.weight.copy_(torch.eye(2))
-    batches = [(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), torch.tensor([0, 1, 1]))]
-    result = top1_accuracy(model, batches)
-    assert (result["correct"], result["images"]) == (2, 3) and abs(result["top1"] - 200 / 3) < 1e-9
-    with pytest.raises(ValueError, match="no images"):
-        top1_accuracy(model, [])
 
 
 def _val_sample(name: str, n: int = 128) -> torch.utils.data.DataLoader:

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_quant.algorithms import EntropyObserver, HistogramObserver, MSEObserver, PercentileObserver
-from lightning_quant.algorithms import histogram as histogram_module
-from lightning_quant.algorithms.entropy import kl_divergences, kl_threshold_bins
-from lightning_quant.algorithms.histogram import bin_counts
-from lightning_quant.algorithms.mse import NUM_CANDIDATES, expected_quant_error
-from lightning_quant.algorithms.percentile import histogram_quantile
 from lightning_quant.config import QuantSpec
+from lightning_quant.quantizers import EntropyObserver, HistogramObserver, MSEObserver, PercentileObserver
+from lightning_quant.quantizers import histogram as histogram_module
+from lightning_quant.quantizers.entropy import kl_divergences, kl_threshold_bins
 from lightning_quant.quantizers.functional import fake_quantize, qparams_from_range
+from lightning_quant.quantizers.histogram import bin_counts
+from lightning_quant.quantizers.mse import NUM_CANDIDATES, expected_quant_error
 from lightning_quant.quantizers.observers import build_observer
+from lightning_quant.quantizers.percentile import histogram_quantile
 
 NAMES = ["percentile", "mse", "entropy"]
 X86_ACT = dict(symmetric=False, signed=False)

@@ -1,0 +1,12 @@
+"""Evaluation harness: top-1 accuracy of a classifier, and the torchvision zoo sweep (quantize -> ONNX -> parity).
+
+Example:
+    >>> from lightning_quant.evaluation import ZOO_SWEEP_MODELS, top1_accuracy
+    >>> "resnet50" in ZOO_SWEEP_MODELS
+    True
+"""
+
+from lightning_quant.evaluation.accuracy import top1_accuracy
+from lightning_quant.evaluation.zoo_sweep import ZOO_SWEEP_MODELS, ZooResult, check_zoo_model, zoo_table
+
+__all__ = ["ZOO_SWEEP_MODELS", "ZooResult", "check_zoo_model", "top1_accuracy", "zoo_table"]
