@@ -21,7 +21,6 @@ Checked:
 from __future__ import annotations
 
 import ast
-import warnings
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +30,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / PACKAGE
 
 # Local imports known to be hidden upward dependencies, as (importing module, imported module), each with the
 # module-level path that closes the loop. Fix the import, then delete the entry.
-ALLOWED_UPWARD_LOCAL_IMPORTS = {
-    # QuantSpec.__post_init__ validates the observer name against the registry, and the registry's estimators
-    # import config (quantizers.observers -> quantizers.dpu -> config; also -> quantizers.functional -> config).
-    # Being fixed in config.py; delete this entry with that fix.
-    ("lightning_quant.config", "lightning_quant.quantizers.observers"),
-}
+ALLOWED_UPWARD_LOCAL_IMPORTS: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -215,8 +209,8 @@ def test_local_imports_are_not_hidden_upward_dependencies():
 
 def test_allow_list_entries_are_still_needed():
     live = {(imp.source, imp.target) for imp, _ in upward_local_imports()}
-    if stale := ALLOWED_UPWARD_LOCAL_IMPORTS - live:  # a warning, so that the fix and the deletion can land apart
-        warnings.warn(f"fixed, delete from ALLOWED_UPWARD_LOCAL_IMPORTS: {sorted(stale)}", stacklevel=1)
+    stale = ALLOWED_UPWARD_LOCAL_IMPORTS - live
+    assert not stale, f"fixed: delete from ALLOWED_UPWARD_LOCAL_IMPORTS: {sorted(stale)}"
 
 
 def test_the_checks_catch_what_they_should():
