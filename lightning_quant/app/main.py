@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,22 +34,42 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from lightning_quant.app.accuracy_control_step import accuracy_control_enabled, choose_float_layers, report_metrics
+from lightning_quant.app.export_step import export_artefacts
+from lightning_quant.app.help import help_page
+from lightning_quant.app.overrides import app_unavailable_error
+from lightning_quant.app.report_step import model_sizes, summary_table, write_run_report
+from lightning_quant.app.schema import MODES, config_keys, explain_override_error, register_schema, validate_config
 from lightning_quant.callbacks.quant_callback import QuantCallback
 from lightning_quant.checkpoint import callback_state, read_checkpoint
 from lightning_quant.config import QATSchedule, QuantOptions, QuantScheme, scheme_for_target
+from lightning_quant.downloads import AssetUnavailableError
 from lightning_quant.quantizers.prepare import prepare_info
 from lightning_quant.report import quantization_report
-from lightning_quant.app.accuracy_control_step import accuracy_control_enabled, choose_float_layers, report_metrics
-from lightning_quant.app.export_step import export_artefacts
-from lightning_quant.app.report_step import model_sizes, summary_table, write_run_report
 
-__all__ = ["CONFIG_DIR", "MODES", "RECIPES_DIR", "compose_config", "main", "quant_options", "summary_table", "train"]
+__all__ = [
+    "CONFIG_DIR",
+    "MODES",
+    "RECIPES_DIR",
+    "compose_config",
+    "main",
+    "quant_options",
+    "quant_scheme",
+    "summary_table",
+    "train",
+]
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = _REPO_ROOT / "configs"
-RECIPES_DIR = _REPO_ROOT / "recipes"
-MODES = ("ptq", "qat", "float", "calib", "test")
-_EXPORT_FORMATS = ("onnx", "torchscript", "xmodel")
+
+
+def _resource_dir(name: str) -> Path:
+    """``configs``/``recipes``: inside the installed package (a wheel), else at the top level of a checkout."""
+    package = Path(__file__).resolve().parents[1]
+    return package / name if (package / name).is_dir() else package.parent / name
+
+
+CONFIG_DIR = _resource_dir("configs")
+RECIPES_DIR = _resource_dir("recipes")
+register_schema()
 # configs/train.yaml adds this folder to Hydra's search path, so `recipe=<name>` works from any directory.
 os.environ.setdefault("LIGHTNING_QUANT_RECIPES", str(RECIPES_DIR))
 
@@ -68,33 +89,47 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+        cfg = compose(config_name="train", overrides=list(overrides))
+    validate_config(cfg)
+    return cfg
 
 
 def _check_config(cfg: DictConfig) -> None:
-    """Fail before any work on overrides that cannot run."""
-    if cfg.mode not in MODES:
-        raise ValueError(
-            f"mode={cfg.mode!r} is not a mode; use one of {', '.join(MODES)} (Vitis AI --quant_mode float|calib|test "
-            "is mode=float|calib|test; mode=ptq runs calib + test in one go)."
-        )
-    if cfg.get("progress_bar", "rich") not in ("rich", "tqdm"):
-        raise ValueError(
-            f"progress_bar={cfg.progress_bar!r}; use rich or tqdm (trainer.enable_progress_bar=false hides the bars)."
-        )
+    """Fail before any work on overrides that cannot run (after the schema's own checks at composition)."""
+    validate_config(cfg)
     formats = list(cfg.export.formats)
-    unknown = [f for f in formats if f not in _EXPORT_FORMATS]
-    if unknown:
-        raise ValueError(f"export.formats has {unknown}; use a list of {', '.join(_EXPORT_FORMATS)}.")
     if cfg.deploy and "xmodel" in formats and cfg.quant.target != "dpu":
         raise ValueError(
             f"export.formats has xmodel but quant={cfg.quant.target}: Vitis AI XModels hold the DPU scheme only; use "
             "quant=dpu (or a *_dpu recipe), or drop xmodel from export.formats."
         )
+    _check_name(cfg.name)
+    if cfg.deploy and cfg.mode in ("calib", "float"):
+        why = "it only writes the calibration state file" if cfg.mode == "calib" else "it has no quantized model"
+        print(
+            f"lightning-quant: deploy=true has no effect with mode={cfg.mode}: nothing is exported ({why}). Export "
+            "with mode=ptq or mode=qat, or mode=test state_file=<the calibration state> deploy=true."
+        )
+    if cfg.mode == "calib" and Path(cfg.state_file).expanduser().exists() and not cfg.get("overwrite_state", False):
+        raise FileExistsError(
+            f"mode=calib: state file {cfg.state_file!r} already exists (another run wrote it) and is kept. Pass "
+            "overwrite_state=true to replace it, or write elsewhere with name=<new name> or state_file=/path/x.ckpt."
+        )
     if cfg.mode == "test" and not Path(cfg.state_file).is_file():
         raise FileNotFoundError(
             f"mode=test: state file {cfg.state_file!r} does not exist. Run mode=calib first with the same recipe "
             "(it writes that file), or pass state_file=/path/to/quant_state.ckpt (e.g. from a mode=ptq run dir)."
+        )
+
+
+def _check_name(name: Any) -> None:
+    """``name`` becomes a file and folder name (``<state_dir>/<name>.ckpt``, ``outputs/<name>/``): no path in it."""
+    text = str(name)
+    if not text or ".." in text or any(sep in text for sep in ("/", "\\", "\0")):
+        raise ValueError(
+            f"name={text!r} must be a plain run name (no '/', '\\' or '..'): it names the state file and the output "
+            "folder, so it cannot point outside them. Use e.g. name=resnet20_ptq_v2; to write elsewhere set "
+            "paths.state_dir=/some/folder or state_file=/path/to/state.ckpt."
         )
 
 
@@ -119,9 +154,22 @@ def _build_model(cfg: DictConfig) -> pl.LightningModule:
         return instantiate(cfg.model)
     except InstantiationException as err:
         cause = err.__cause__
+        if isinstance(cause, AssetUnavailableError):  # offline first run: name the overrides (the data's too)
+            raise app_unavailable_error(cfg, ("model", cause), *_data_unavailable(cfg)) from None
         if isinstance(cause, Exception):
             raise cause from None
         raise
+
+
+def _data_unavailable(cfg: DictConfig) -> list[tuple[str, AssetUnavailableError]]:
+    """``[("data", error)]`` when the data cannot be had either, so that one error names every fix; else ``[]``."""
+    try:
+        _build_datamodule(cfg)
+    except AssetUnavailableError as err:
+        return [("data", err)]
+    except Exception:  # noqa: BLE001 - any other data problem is raised when the data is built
+        pass
+    return []
 
 
 def _build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
@@ -134,7 +182,13 @@ def _build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
         )
     data = OmegaConf.to_container(cfg.data, resolve=True)
     data.pop("calibration_dir", None)  # type: ignore[union-attr]
-    return instantiate(data)
+    dm = instantiate(data)
+    if hasattr(dm, "check_source"):  # missing data fails here, naming the overrides, not inside the Trainer
+        try:
+            dm.check_source()
+        except AssetUnavailableError as err:
+            raise app_unavailable_error(cfg, ("data", err)) from None
+    return dm
 
 
 def _calibration_data(cfg: DictConfig, dm: pl.LightningDataModule) -> DataLoader | None:
@@ -149,7 +203,14 @@ def _calibration_data(cfg: DictConfig, dm: pl.LightningDataModule) -> DataLoader
     return DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
 
 
-def _scheme(cfg: DictConfig, mode: str) -> QuantScheme:
+def quant_scheme(cfg: DictConfig, mode: str = "ptq") -> QuantScheme:
+    """The scheme the app quantizes with: ``quant.target``'s default for ``mode``, with the recipe's non-null
+    ``quant.scheme`` keys as overrides (``scheme_for_target(target, mode, **overrides)``).
+
+    Example:
+        >>> quant_scheme(compose_config(["recipe=mobilenetv2_ptq_imagenette"])).activation.observer
+        'mse'
+    """
     overrides = {k: v for k, v in (cfg.quant.get("scheme") or {}).items() if v is not None}
     return scheme_for_target(cfg.quant.target, mode, **overrides)
 
@@ -179,7 +240,7 @@ def _build_callback(
     mode = mode or ("qat" if cfg.mode == "qat" else "ptq")
     return QuantCallback(
         mode=mode,
-        scheme=_scheme(cfg, mode),
+        scheme=quant_scheme(cfg, mode),
         options=quant_options(cfg, mode),
         calibration_batches=q.calibration_batches,
         calibration_data=_calibration_data(cfg, dm),
@@ -233,7 +294,7 @@ def _calibrate(cfg: DictConfig, model: pl.LightningModule, dm: Any, state_path: 
     if accuracy_control_enabled(cfg):  # choose layers first; the state file's exclude / layer_weight_bits keep them
         calibration = _calibration_data(cfg, dm)
         chosen = choose_float_layers(
-            cfg, model, dm, scheme=_scheme(cfg, "ptq"), options=quant_options(cfg), calibration_data=calibration
+            cfg, model, dm, scheme=quant_scheme(cfg, "ptq"), options=quant_options(cfg), calibration_data=calibration
         )
         metrics["accuracy_control"] = report_metrics(chosen)
         exclude = [*cfg.quant.exclude, *chosen.kept_float]
@@ -308,8 +369,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     Raises:
         ValueError: unknown mode or export format, xmodel export for a non-DPU target, a required data path unset,
-            or ``paths.output_dir`` unresolvable outside a Hydra run.
+            ``paths.output_dir`` unresolvable outside a Hydra run, or a ``name`` holding ``/``, ``\\`` or ``..``.
         FileNotFoundError: ``mode=test`` without the state file (run ``mode=calib`` first), or missing data/weights.
+        FileExistsError: ``mode=calib`` onto an existing state file without ``overwrite_state=true``.
         lightning_quant.models.WeightsUnavailableError: online-only weights while offline (names the offline recipe).
     """
     _check_config(cfg)
@@ -331,13 +393,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.deploy and cfg.mode != "calib":
             metrics["artefacts"] = export_artefacts(cfg, network, dm, out)
     metrics.update(
-        calibration_batches=cfg.quant.calibration_batches,
+        # the batches calibration actually saw (the loader may hold fewer than quant.calibration_batches)
+        calibration_batches=getattr(callback, "calibration_batches_used", None) or cfg.quant.calibration_batches,
         calibration_size=cfg.data.calibration_size,
         batch_size=cfg.data.batch_size,
         wall_seconds=round(time.perf_counter() - start, 1),
         output_dir=str(out),
     )
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    from lightning_quant.export._atomic import atomic_path
+
+    with atomic_path(out / "metrics.json") as tmp:  # never a half-written file, like the reports
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     metrics["reports"] = write_run_report(out, metrics, report)
     print(summary_table(metrics))
     return metrics
@@ -354,9 +420,37 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Command-line entry point: ``python train.py recipe=<name> [overrides]`` (Hydra parses ``sys.argv``).
+    """Command-line entry point: ``lightning-quant recipe=<name> [overrides]`` (also ``python -m lightning_quant``
+    and ``python train.py`` in a checkout). ``--help`` prints the app's page; the overrides are composed and checked
+    first, so a typo fails with the key it most likely meant before Hydra starts a run.
 
     Example:
-        >>> # python train.py recipe=resnet20_ptq_cifar10 deploy=true
+        >>> # lightning-quant recipe=resnet20_ptq_cifar10 deploy=true
     """
+    args = sys.argv[1:]
+    if any(a in ("--help", "-h") for a in args):
+        print(help_page(RECIPES_DIR))
+        return
+    if not any(a.startswith("-") for a in args):  # a plain run (no multirun sweep or Hydra flag): check it first
+        problem = _override_problem([a for a in args if not a.startswith("hydra.")])
+        if problem:
+            sys.exit(f"lightning-quant: {problem}")
     _hydra_main()
+
+
+def _override_problem(overrides: list[str]) -> str | None:
+    """What is wrong with the command line's overrides, in the app's words; None when they compose and validate."""
+    from hydra.errors import ConfigCompositionException
+
+    try:
+        compose_config(overrides)
+    except ConfigCompositionException as err:
+        base = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("recipe", "model", "data", "quant")]
+        try:
+            keys = config_keys(compose_config(base))
+        except Exception:  # noqa: BLE001 - the base itself fails: Hydra's message says why
+            keys = []
+        return explain_override_error(str(err), keys)
+    except (ValueError, FileNotFoundError) as err:
+        return str(err)
+    return None
