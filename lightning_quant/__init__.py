@@ -18,7 +18,12 @@ from lightning_quant.config import (
     Target,
     scheme_for_target,
 )
-from lightning_quant.errors import CheckpointMismatchError, NotCalibratedError, NothingToQuantizeError
+from lightning_quant.errors import (
+    CheckpointMismatchError,
+    NotCalibratedError,
+    NothingToQuantizeError,
+    RankFailedError,
+)
 from lightning_quant.export import (
     ExportVerificationError,
     export_onnx,
@@ -42,6 +47,7 @@ __all__ = [
     "QuantReport",
     "QuantScheme",
     "QuantSpec",
+    "RankFailedError",
     "Target",
     "convert",
     "export_onnx",

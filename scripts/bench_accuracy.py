@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from results_io import RESULTS_DIR, run_header, write_results
 
-from lightning_quant import quantize, scheme_for_target
+from lightning_quant import QuantOptions, quantize, scheme_for_target
 from lightning_quant.config import Granularity
-from lightning_quant.models import top1_accuracy
+from lightning_quant.evaluation import top1_accuracy
 from lightning_quant.quantizers.prepare import prepare_info
 
 CIFAR_MODELS = ("resnet20", "resnet56")
@@ -87,8 +87,13 @@ def scheme_for(name: str, **overrides: Any) -> tuple[Any, str]:
     raise ValueError(f"unknown scheme {name!r}; use int8_pc, int7_pc, int8_pt, pow2, w4a8 or w6a8.")
 
 
-def parse_method(method: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """``(scheme name, scheme overrides, quantize() flags)`` of ``<scheme>[+<token>...]``."""
+def parse_method(method: str) -> tuple[str, dict[str, Any], QuantOptions]:
+    """``(scheme name, scheme overrides, quantize() options)`` of ``<scheme>[+<token>...]``.
+
+    Raises:
+        ValueError: an unknown token, two activation estimators, or options that cannot go together (``ps``
+            without ``adaround``), before anything is measured.
+    """
     scheme, *tokens = method.split("+")
     overrides: dict[str, Any] = {}
     for token in (t for t in tokens if t not in ALGORITHMS and t not in MIXED_PRECISION):
@@ -103,7 +108,7 @@ def parse_method(method: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
         if value is not None:
             overrides["activation_percentile"] = float(value)
     scheme_for(scheme, **overrides)  # QuantSpec validates the percentile
-    return scheme, overrides, {ALGORITHMS[t]: True for t in tokens if t in ALGORITHMS}
+    return scheme, overrides, QuantOptions(**{ALGORITHMS[t]: True for t in tokens if t in ALGORITHMS})
 
 
 def load(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
@@ -123,15 +128,21 @@ def load(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
 
 
 def run_method(model: torch.nn.Module, dm: Any, method: str, args: argparse.Namespace) -> dict[str, Any]:
-    scheme_name, overrides, flags = parse_method(method)
+    scheme_name, overrides, options = parse_method(method)
     scheme, target = scheme_for(scheme_name, **overrides)
     eight_bit = [
         name for token in method.split("+") if token in MIXED_PRECISION for name in MIXED_PRECISION[token](model)
     ]
-    if eight_bit:
-        flags = {**flags, "layer_weight_bits": dict.fromkeys(eight_bit, 8)}
+    layer_weight_bits = dict.fromkeys(eight_bit, 8) if eight_bit else None
     start = time.perf_counter()
-    qmodel = quantize(model, dm.calibration_dataloader(), scheme=scheme, progress=False, **flags)
+    qmodel = quantize(
+        model,
+        dm.calibration_dataloader(),
+        scheme=scheme,
+        options=options,
+        layer_weight_bits=layer_weight_bits,
+        progress=False,
+    )
     seconds = time.perf_counter() - start
     top1 = top1_accuracy(qmodel, dm.val_dataloader(), num_batches=args.limit_batches, progress=False)
     row = {"method": method, "target": target, "top1": top1["top1"], "images": top1["images"], "ptq_s": seconds}

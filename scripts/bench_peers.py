@@ -11,11 +11,12 @@ Protocol (the same for every method, not tuned per tool):
 - images are decoded once into uint8 arrays and normalized on the fly with exactly the ops of ToTensor + Normalize,
   so every method sees bit-identical inputs (checked at start-up against the datasets' own transform).
 
-Methods: ``ours`` (the model's best default recipe: ``x86`` target, 7-bit per-channel weights, uint8 activations,
-min/max ranges; MobileNetV2 MSE activation ranges and bias correction, as
-``recipes/recipe/mobilenetv2_ptq_imagenette.yaml``; ResNet50 ``mean_minmax`` activation ranges (the mean of every
-image's min and max), as ``recipes/recipe/resnet50_ptq_imagenette.yaml``; these model settings hold in every variant
-but ``ours_dpu``),
+Methods: ``ours`` (the model's best default recipe, its scheme and ``quant.options`` read from the recipe file as
+the app reads them (:func:`recipe_settings`): ``x86`` target, 7-bit per-channel weights, uint8 activations, min/max
+ranges; MobileNetV2 MSE activation ranges and bias correction, as ``recipes/recipe/mobilenetv2_ptq_imagenette.yaml``;
+ResNet50 ``mean_minmax`` activation ranges (the mean of every image's min and max), as
+``recipes/recipe/resnet50_ptq_imagenette.yaml``; these model settings (the recipe's activation settings and options)
+hold in every variant but ``ours_dpu``),
 ``ours_per_tensor`` (same with per-tensor weights), ``ours_pow2`` (power-of-two scales, symmetric int8 activations),
 ``ours_per_tensor_cle`` (8-bit per-tensor weights with the data-free recipe: ReLU6 -> ReLU, cross-layer
 equalization, bias correction; ``recipes/recipe/mobilenetv2_ptq_imagenette_per_tensor.yaml``), ``ours_dpu`` (the Vitis
@@ -80,21 +81,17 @@ from results_io import RESULTS_DIR, repo_relative
 
 MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)  # ImageNet mean/std: every model here uses them
 STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+# Each model's scheme and options come from its recipe (recipe_settings): only the data, the recipe's name and the
+# calibration batching are stated here.
 MODELS: dict[str, dict[str, Any]] = {
-    "mobilenet_v2": {
-        "data": "imagenette",
-        "recipe": "mobilenetv2_ptq_imagenette",
-        "act": {"activation_observer": "mse"},
-        "options": {"bias_correction": True},  # as the recipe; every variant but ours_dpu
-    },
+    "mobilenet_v2": {"data": "imagenette", "recipe": "mobilenetv2_ptq_imagenette"},
     "resnet50": {
         "data": "imagenette",
         "recipe": "resnet50_ptq_imagenette",
-        "act": {"activation_observer": "mean_minmax"},
         "calib_batch": 128,  # the recipe's batch size (mean_minmax does not depend on it; the DPU vote does)
     },
-    "resnet20": {"data": "cifar10", "recipe": "resnet20_ptq_cifar10", "act": {}},
-    "resnet56": {"data": "cifar10", "recipe": "resnet20_ptq_cifar10 settings (no resnet56 recipe)", "act": {}},
+    "resnet20": {"data": "cifar10", "recipe": "resnet20_ptq_cifar10"},
+    "resnet56": {"data": "cifar10", "recipe": "resnet20_ptq_cifar10", "note": "settings (no resnet56 recipe)"},
 }
 METHODS = ("ours", "ours_per_tensor", "ours_pow2", "ours_per_tensor_cle", "ours_dpu", "ours_best")
 METHODS += ("nncf", "pt2e", "mct", "ort", "nncf_per_tensor", "ort_per_tensor")
@@ -102,7 +99,8 @@ METHODS += ("nncf", "pt2e", "mct", "ort", "nncf_per_tensor", "ort_per_tensor")
 DATA_FREE = {"replace_relu6": True, "cross_layer_equalization": True, "bias_correction": True}
 VARIANT_OPTIONS = {"ours_per_tensor_cle": DATA_FREE, "ours_dpu": DATA_FREE, "ours_best": {"bias_correction": True}}
 NOTES = {"replace_relu6": "ReLU6 -> ReLU", "cross_layer_equalization": "CLE", "bias_correction": "bias correction"}
-NOTES["range_search"] = "activation range search"
+NOTES |= {"range_search": "activation range search", "adaround": "AdaRound", "fast_finetune": "fast finetune"}
+NOTES |= {"adaround_per_sample": "per-sample AdaRound"}
 PEERS = {"nncf": "nncf", "pt2e": "torchao", "mct": "model_compression_toolkit", "ort": "onnxruntime.quantization"}
 PEERS |= {"nncf_per_tensor": "nncf", "ort_per_tensor": "onnxruntime.quantization"}  # the same calls, per-tensor weights
 PIP_NAMES = {"nncf": "nncf", "pt2e": "torchao", "mct": "model-compression-toolkit", "ort": "onnxruntime"}
@@ -375,42 +373,85 @@ def run_float(name: str, data: Data, opts: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+@functools.cache
+def recipe_settings(name: str) -> tuple[Any, Any]:
+    """``(scheme, options)`` of the model's recipe, built as the app builds them (``python train.py recipe=...``
+    calibrates with exactly these), so that the ``ours`` row cannot drift from the recipe it names."""
+    from lightning_quant.app import compose_config
+    from lightning_quant.app.main import quant_options, quant_scheme
+
+    cfg = compose_config([f"recipe={MODELS[name]['recipe']}"])
+    return quant_scheme(cfg, "ptq"), quant_options(cfg, "ptq")
+
+
+def activation_overrides(scheme: Any) -> dict[str, Any]:
+    """The ``activation_<field>`` overrides that turn the target's default scheme into ``scheme``'s activations (the
+    model's activation settings, kept by the variants with another target or weight format)."""
+    from lightning_quant import scheme_for_target
+
+    default = scheme_for_target(scheme.target, "ptq").activation.to_dict()
+    return {f"activation_{k}": v for k, v in scheme.activation.to_dict().items() if default[k] != v}
+
+
 def ours_scheme(name: str, variant: str) -> Any:
     from lightning_quant import scheme_for_target
 
+    recipe, _ = recipe_settings(name)
+    if variant == "ours":
+        return recipe
     if variant == "ours_dpu":
         return scheme_for_target("dpu")
+    act = activation_overrides(recipe)
     if variant == "ours_per_tensor_cle":
-        return scheme_for_target("x86_vnni", weight_granularity="per_tensor", **MODELS[name]["act"])
+        return scheme_for_target("x86_vnni", weight_granularity="per_tensor", **act)
     if variant == "ours_best":
-        return scheme_for_target("x86_vnni", **MODELS[name]["act"])
-    overrides = dict(MODELS[name]["act"])
+        return scheme_for_target("x86_vnni", **act)
+    overrides = dict(act)
     if variant == "ours_per_tensor":
         overrides["weight_granularity"] = "per_tensor"
     elif variant == "ours_pow2":
         overrides |= {"weight_scale_type": "power_of_two", "activation_scale_type": "power_of_two"}
         overrides |= {"activation_symmetric": True, "activation_signed": True}
-    return scheme_for_target("x86", **overrides)
+    return scheme_for_target(recipe.target, **overrides)
+
+
+def ours_options(name: str, variant: str) -> Any:
+    """The recipe's options (none for ``ours_dpu``) with the variant's switches on top."""
+    import dataclasses
+
+    from lightning_quant import QuantOptions
+
+    base = QuantOptions() if variant == "ours_dpu" else recipe_settings(name)[1]
+    return dataclasses.replace(base, **VARIANT_OPTIONS.get(variant, {}))
+
+
+def option_notes(options: Any) -> list[str]:
+    """The switches ``options`` turns on, in the order they run, as the table's notes name them."""
+    on = [*options.network_transforms, *options.refinements]
+    if options.adaround_per_sample:
+        on.insert(on.index("adaround") + 1, "adaround_per_sample")
+    return [NOTES[k] for k in on]
 
 
 def run_ours(name: str, data: Data, opts: dict[str, Any], variant: str = "ours") -> dict[str, Any]:
     from lightning_quant import export_onnx, quantize
 
-    model, scheme = build_model(name), ours_scheme(name, variant)
-    result: dict[str, Any] = {"notes": [f"recipe {MODELS[name]['recipe']}" if variant == "ours" else variant]}
+    model, scheme, options = build_model(name), ours_scheme(name, variant), ours_options(name, variant)
+    entry = MODELS[name]
+    recipe = f"recipe {entry['recipe']}" + (f" {entry['note']}" if "note" in entry else "")
+    result: dict[str, Any] = {"notes": [recipe if variant == "ours" else variant]}
     w, a = scheme.weight, scheme.activation
     result["notes"].append(
         f"w {w.bits}-bit {w.granularity.value} {w.scale_type.value}, a {'u' if not a.signed else ''}int8 "
         f"{'sym' if a.symmetric else 'asym'} {a.scale_type.value} {a.observer}"
         + (f" {a.percentile}" if a.observer == "percentile" else "")
     )
-    options = {**(MODELS[name].get("options", {}) if variant != "ours_dpu" else {}), **VARIANT_OPTIONS.get(variant, {})}
     per = MODELS[name].get("calib_batch", CALIB_BATCH) // CALIB_BATCH  # the same images, in the recipe's batches
     calib = [torch.cat(data.calib[i : i + per]) for i in range(0, len(data.calib), per)]
     with calibration_cost(result):
-        qmodel = quantize(model, calib, scheme=scheme, progress=False, **options)
-    if options:
-        result["notes"].append(", ".join(NOTES[k] for k in options))
+        qmodel = quantize(model, calib, scheme=scheme, options=options, progress=False)
+    if option_notes(options):
+        result["notes"].append(", ".join(option_notes(options)))
     result |= evaluate(qmodel, data)
     path = Path(opts["workdir"]) / f"{name}_{variant}.onnx"
     attempt(result, "export_onnx", lambda: onnx_cost(export_onnx(qmodel, path, data.example(8)), data, opts))

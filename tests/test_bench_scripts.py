@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from torch import nn
 
+from lightning_quant import QuantOptions, scheme_for_target
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
@@ -16,18 +18,19 @@ bench_accuracy = pytest.importorskip("bench_accuracy")
 bench_calibration = pytest.importorskip("bench_calibration")
 
 
-def test_methods_parse_into_scheme_overrides_and_quantize_flags():
-    scheme, overrides, flags = bench_accuracy.parse_method("pow2+relu+cle+bc")
+def test_methods_parse_into_scheme_overrides_and_quantize_options():
+    scheme, overrides, options = bench_accuracy.parse_method("pow2+relu+cle+bc")
     assert (scheme, overrides) == ("pow2", {})
-    assert flags == {"replace_relu6": True, "cross_layer_equalization": True, "bias_correction": True}
-    scheme, overrides, flags = bench_accuracy.parse_method("int8_pc+pct99.9+ff")
+    assert options == QuantOptions(replace_relu6=True, cross_layer_equalization=True, bias_correction=True)
+    scheme, overrides, options = bench_accuracy.parse_method("int8_pc+pct99.9+ff")
     assert overrides == {"activation_observer": "percentile", "activation_percentile": 99.9}
-    assert flags == {"fast_finetune": True}
-    assert bench_accuracy.parse_method("w4a8+mse+dw8")[1:] == ({"activation_observer": "mse"}, {})
+    assert options == QuantOptions(fast_finetune=True)
+    assert bench_accuracy.parse_method("w4a8+mse+dw8")[1:] == ({"activation_observer": "mse"}, QuantOptions())
     assert bench_accuracy.parse_method("int8_pc+meanmm+bc")[1:] == (
         {"activation_observer": "mean_minmax"},
-        {"bias_correction": True},
+        QuantOptions(bias_correction=True),
     )
+    assert bench_accuracy.parse_method("w4a8+adaround+ps")[2] == QuantOptions(adaround=True, adaround_per_sample=True)
 
 
 @pytest.mark.parametrize(
@@ -37,6 +40,7 @@ def test_methods_parse_into_scheme_overrides_and_quantize_flags():
         ("int8_pc+mse+kl", "more than one activation estimator"),
         ("int8_pc+pctabc", "unknown algorithm 'pctabc'"),
         ("int9+bc", "unknown scheme 'int9'"),
+        ("w4a8+ps", "set adaround=True too"),
     ],
 )
 def test_bad_methods_are_refused_before_any_evaluation(method, message):
@@ -65,7 +69,7 @@ def test_fl8_names_the_stem_and_the_classifier():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8, 10))
     assert bench_accuracy.end_layers(model) == ["0", "3"]
     assert bench_accuracy.end_layers(nn.Sequential(nn.Linear(4, 2))) == ["0"]  # one layer is both ends
-    assert bench_accuracy.parse_method("w4a8+fl8+dw8+adaround")[1:] == ({}, {"adaround": True})
+    assert bench_accuracy.parse_method("w4a8+fl8+dw8+adaround")[1:] == ({}, QuantOptions(adaround=True))
 
 
 def test_resume_keeps_rows_and_replace_measures_named_methods_again(tmp_path, monkeypatch):
@@ -92,22 +96,40 @@ def test_resume_keeps_rows_and_replace_measures_named_methods_again(tmp_path, mo
     assert rows[1]["drop"] == -7.0 and len(rows[1]["measured"]) == 10  # YYYY-MM-DD
 
 
-@pytest.mark.parametrize("model", ["mobilenet_v2", "resnet50", "resnet20"])
+@pytest.mark.parametrize("model", ["mobilenet_v2", "resnet50", "resnet20", "resnet56"])
 def test_peer_benchmark_ours_row_runs_the_models_recipe(model):
-    """bench_peers' ``ours`` row claims to be the model's default recipe: its scheme and quantize() flags must be
-    the recipe file's, so that a recipe change cannot leave the peer table measuring something else."""
+    """bench_peers' ``ours`` row claims to be the model's default recipe: its scheme and options must be what the app
+    builds from the recipe file, so that a recipe change cannot leave the peer table measuring something else."""
     from omegaconf import OmegaConf
+
+    from lightning_quant.app import compose_config
+    from lightning_quant.app.main import quant_options, quant_scheme
 
     bench_peers = pytest.importorskip("bench_peers")
     entry = bench_peers.MODELS[model]
+    cfg = compose_config([f"recipe={entry['recipe']}"])
+    assert cfg.quant.target == "x86"  # the module docstring's claim for the ours row
+    scheme, options = quant_scheme(cfg, "ptq"), quant_options(cfg, "ptq")
+    assert bench_peers.ours_scheme(model, "ours") == scheme
+    assert bench_peers.ours_options(model, "ours") == options
+    for variant in ("ours_per_tensor", "ours_pow2", "ours_per_tensor_cle", "ours_best"):  # the model's settings hold
+        assert bench_peers.ours_scheme(model, variant).activation.observer == scheme.activation.observer, variant
+        switched_on = bench_peers.ours_options(model, variant)
+        assert all(getattr(switched_on, k) for k in (*options.network_transforms, *options.refinements)), variant
+    assert bench_peers.ours_options(model, "ours_dpu") == QuantOptions(**bench_peers.DATA_FREE)  # Vitis AI's recipe
     recipe = OmegaConf.load(SCRIPTS.parent / "recipes" / "recipe" / f"{entry['recipe']}.yaml")
-    quant = OmegaConf.to_container(recipe.quant) if "quant" in recipe else {}
-    assert recipe.defaults[-1] == {"override /quant": "x86"}  # the x86 target, as ours_scheme builds
-    assert quant.pop("scheme", {}) == entry["act"]
-    quant.pop("calibration_batches", None)  # the batching, not a quantize() flag (checked by calib_batch below)
-    assert quant == entry.get("options", {})
     if "batch_size" in recipe.get("data", {}):  # a recipe that batches its calibration its own way (range search)
         assert entry["calib_batch"] == recipe.data.batch_size
+
+
+def test_peer_benchmark_variants_keep_the_recipes_activation_settings():
+    bench_peers = pytest.importorskip("bench_peers")
+    pct = scheme_for_target("x86", activation_observer="percentile", activation_percentile=99.9)
+    assert bench_peers.activation_overrides(pct) == {"activation_observer": "percentile", "activation_percentile": 99.9}
+    assert bench_peers.activation_overrides(scheme_for_target("dpu")) == {}
+    both = QuantOptions(replace_relu6=True, bias_correction=True, adaround=True, adaround_per_sample=True)
+    assert bench_peers.option_notes(both) == ["ReLU6 -> ReLU", "bias correction", "AdaRound", "per-sample AdaRound"]
+    assert bench_peers.option_notes(QuantOptions()) == []
 
 
 def test_peer_summary_bolds_the_best_default_and_tells_failures_from_missing_runs():

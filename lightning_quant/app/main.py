@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import sys
@@ -30,6 +31,7 @@ import hydra
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
@@ -174,14 +176,19 @@ def _data_unavailable(cfg: DictConfig) -> list[tuple[str, AssetUnavailableError]
 
 def _build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
     missing = [k for k in cfg.data if OmegaConf.is_missing(cfg.data, k)]
+    no_train_split = "train_root" in missing and cfg.data.get("calibration_dir") and cfg.mode != "qat"
+    if no_train_split:  # PTQ that calibrates on data.calibration_dir needs no train split
+        missing.remove("train_root")
     if missing:
         raise ValueError(
             f"data.{missing[0]} is required by data={cfg.data._target_.rsplit('.', 1)[-1]}: pass "
             + " ".join(f"data.{k}=/path/to/{k.removesuffix('_root')}" for k in missing)
             + " (ImageFolder folders), or use an offline recipe such as recipe=resnet50_ptq_imagenette."
         )
-    data = OmegaConf.to_container(cfg.data, resolve=True)
+    data = OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=False)
     data.pop("calibration_dir", None)  # type: ignore[union-attr]
+    if no_train_split:
+        data["train_root"] = None  # type: ignore[index]
     dm = instantiate(data)
     if hasattr(dm, "check_source"):  # missing data fails here, naming the overrides, not inside the Trainer
         try:
@@ -265,9 +272,33 @@ def _progress_bar(cfg: DictConfig) -> list[Any]:
         return []
 
 
-def _build_trainer(cfg: DictConfig, callbacks: list[Any]) -> pl.Trainer:
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    return instantiate(cfg.trainer, callbacks=[*callbacks, *_progress_bar(cfg)], logger=logger)
+# loggers that need a package the [app] extra does not install: logger target -> (module, extra)
+_LOGGER_EXTRAS = {"WandbLogger": ("wandb", "wandb"), "MLFlowLogger": ("mlflow", "mlflow")}
+
+
+def _build_logger(cfg: DictConfig) -> Any:
+    """``cfg.logger`` instantiated (False for ``logger=none``).
+
+    Raises:
+        ModuleNotFoundError: the logger's package is missing; the message names the extra to install.
+    """
+    if not cfg.get("logger"):
+        return False
+    name = str(cfg.logger.get("_target_", "")).rsplit(".", 1)[-1]
+    if name in _LOGGER_EXTRAS:
+        module, extra = _LOGGER_EXTRAS[name]
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(
+                f"logger={module} needs the {module} package: pip install 'lightning-quant[{extra}]' (or pick "
+                "logger=csv, logger=tensorboard or logger=none)."
+            )
+    return instantiate(cfg.logger)
+
+
+def _build_trainer(cfg: DictConfig, callbacks: list[Any], **overrides: Any) -> pl.Trainer:
+    return instantiate(
+        cfg.trainer, callbacks=[*callbacks, *_progress_bar(cfg)], logger=_build_logger(cfg), **overrides
+    )
 
 
 def _evaluate(
@@ -343,17 +374,53 @@ def _run_test(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) ->
 
 
 def _run_qat(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -> _RunResult:
+    resume = _resume_path(cfg, out)  # before any work: a wrong ckpt_path fails fast
     metrics, _ = _run_float(cfg, model, dm, out)
     callback = _build_callback(cfg, dm)
-    trainer = _build_trainer(cfg, [callback])
+    # every epoch end writes <run dir>/checkpoints/last.ckpt: an interrupted run resumes with ckpt_path=last
+    checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0)
+    trainer = _build_trainer(cfg, [callback, checkpoints], enable_checkpointing=True)
     model.train()  # the builders return eval-mode networks and Lightning keeps the mode it finds
-    trainer.fit(model, datamodule=dm)
+    if resume is not None:
+        print(f"lightning-quant: resuming QAT from {resume}")
+        metrics["resumed_from"] = str(resume)
+    trainer.fit(model, datamodule=dm, ckpt_path=resume, weights_only=True if resume is not None else None)
     metrics.update(_evaluate(trainer, model, dm, "int8", stage="test"))
     metrics["calibration_seconds"] = callback.calibration_seconds
     state = out / "quant_state.ckpt"
     trainer.save_checkpoint(state)
     metrics["state_file"] = str(state)
     return metrics, callback
+
+
+def _resume_path(cfg: DictConfig, out: Path) -> Path | None:
+    """``ckpt_path``: None, a checkpoint file, or ``last``: the newest ``checkpoints/last.ckpt`` of an earlier run of
+    this recipe (``<output_dir>/../*/checkpoints/last.ckpt``).
+
+    Raises:
+        ValueError: ``ckpt_path`` with another mode than ``qat``.
+        FileNotFoundError: no such file, or no earlier run of this recipe left a ``last.ckpt``.
+    """
+    wanted = cfg.get("ckpt_path")
+    if wanted is None:
+        return None
+    if cfg.mode != "qat":
+        raise ValueError(
+            f"ckpt_path resumes QAT training; mode={cfg.mode} does not train. For a calibrated state use "
+            "mode=test state_file=<file>."
+        )
+    if str(wanted) == "last":
+        found = sorted(out.parent.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise FileNotFoundError(
+                f"ckpt_path=last: no earlier run of {cfg.name} left a checkpoint ({out.parent}/*/checkpoints/"
+                "last.ckpt). Pass ckpt_path=/path/to/last.ckpt, or start without ckpt_path."
+            )
+        return found[-1]
+    path = Path(str(wanted)).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={str(wanted)!r} does not exist; pass a last.ckpt an earlier QAT run wrote.")
+    return path
 
 
 _RUNS = {"ptq": _run_ptq, "qat": _run_qat, "float": _run_float, "calib": _run_calib, "test": _run_test}

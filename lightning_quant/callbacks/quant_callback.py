@@ -287,8 +287,8 @@ class QuantCallback(Callback):
             return
         self.last_report = quantization_report(self.network(pl_module), self._report_inputs)
         rank_zero_info(f"lightning_quant report ({self.mode.value}, target={self._target_name}):\n{self.last_report}")
-        if trainer.logger is not None and trainer.is_global_zero:
-            trainer.logger.log_metrics(self.last_report.metrics(), step=trainer.global_step)
+        for logger in trainer.loggers:  # every logger the Trainer has (CSV, TensorBoard, W&B, MLflow, ...)
+            logger.log_metrics(self.last_report.metrics(), step=trainer.global_step)
 
     def _calibrated(self, pl_module: pl.LightningModule) -> bool:
         quantizers = list(iter_quantizers(self.network(pl_module)))

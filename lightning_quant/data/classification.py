@@ -70,12 +70,22 @@ class ClassificationDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
-        """Build the datasets once (idempotent)."""
-        if self.train_dataset is not None:
+        """Build the datasets once (idempotent). A datamodule without a train split (``build_datasets`` returns
+        only ``val``) evaluates; its train and calibration loaders then say what to set."""
+        if self.val_dataset is not None:
             return
         datasets = self.build_datasets()
-        self.calibration_dataset = calibration_subset(datasets["train_eval"], self.calibration_size, self.seed)
-        self.train_dataset, self.val_dataset = datasets["train"], datasets["val"]
+        if "train_eval" in datasets:
+            self.calibration_dataset = calibration_subset(datasets["train_eval"], self.calibration_size, self.seed)
+        self.train_dataset, self.val_dataset = datasets.get("train"), datasets["val"]
+
+    def _require_train(self, what: str) -> None:
+        if self.train_dataset is None:
+            raise ValueError(
+                f"{type(self).__name__} has no train split, so it has no {what}: set its train root (app: "
+                "data.train_root=/path/to/train), or calibrate on a folder of images (app: data.calibration_dir=...; "
+                "Python: QuantCallback(calibration_data=...))."
+            )
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         return DataLoader(
@@ -89,6 +99,7 @@ class ClassificationDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled train split."""
         self.setup()
+        self._require_train("train dataloader")
         return self._loader(self.train_dataset, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -103,4 +114,5 @@ class ClassificationDataModule(pl.LightningDataModule):
     def calibration_dataloader(self) -> DataLoader:
         """``calibration_size`` train images (seeded subset, eval transform, fixed order) for PTQ calibration."""
         self.setup()
+        self._require_train("calibration dataloader")
         return self._loader(self.calibration_dataset, shuffle=False)

@@ -30,7 +30,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         ['Resize', 'CenterCrop', 'ToTensor', 'Normalize']
 
     Args:
-        train_root: ImageFolder folder of the training split (calibration images come from here).
+        train_root: ImageFolder folder of the training split (calibration images come from here); None for an
+            evaluation-only datamodule (calibrate on an unlabeled folder: app ``data.calibration_dir=...``).
         val_root: ImageFolder folder of the evaluation split (same class sub-folders).
         image_size: center-crop side fed to the model.
         resize: resize the shorter side first (256 for ImageNet-trained 224 px models); None keeps the size.
@@ -45,7 +46,7 @@ class ImageFolderDataModule(ClassificationDataModule):
 
     def __init__(
         self,
-        train_root: str | os.PathLike[str],
+        train_root: str | os.PathLike[str] | None,
         val_root: str | os.PathLike[str],
         *,
         image_size: int = 224,
@@ -57,7 +58,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         check_positive_int("image_size", image_size)
         if resize is not None:
             check_positive_int("resize", resize)
-        self.train_root, self.val_root = Path(train_root).expanduser(), Path(val_root).expanduser()
+        self.train_root = None if train_root is None else Path(train_root).expanduser()
+        self.val_root = Path(val_root).expanduser()
         self.image_size, self.resize, self.train_augment = image_size, resize, train_augment
 
     def eval_transform(self) -> Any:
@@ -69,18 +71,18 @@ class ImageFolderDataModule(ClassificationDataModule):
         from torchvision.datasets import ImageFolder  # lazy: torchvision is an optional dependency
 
         for name, root in (("train_root", self.train_root), ("val_root", self.val_root)):
-            if not root.is_dir():
+            if root is not None and not root.is_dir():
                 raise FileNotFoundError(
                     f"{name}={str(root)!r} does not exist. Point it at an ImageFolder folder (<class>/<image> files, "
                     f"e.g. ImageNet's {'train' if name == 'train_root' else 'val'} split sorted into wnid folders)."
                 )
         eval_tf = self.eval_transform()
         train_tf = imagenette_transform(self.image_size, train_augment=True) if self.train_augment else eval_tf
-        datasets = {
-            "train": ImageFolder(str(self.train_root), transform=train_tf),
-            "train_eval": ImageFolder(str(self.train_root), transform=eval_tf),
-            "val": ImageFolder(str(self.val_root), transform=eval_tf),
-        }
+        datasets = {"val": ImageFolder(str(self.val_root), transform=eval_tf)}
+        if self.train_root is None:  # evaluation only (calibration from an unlabeled folder)
+            return datasets
+        datasets["train"] = ImageFolder(str(self.train_root), transform=train_tf)
+        datasets["train_eval"] = ImageFolder(str(self.train_root), transform=eval_tf)
         if datasets["train"].classes != datasets["val"].classes:
             raise ValueError(
                 f"train and val class folders differ ({len(datasets['train'].classes)} vs "

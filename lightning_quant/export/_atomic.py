@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "check_output_path"]
+__all__ = ["atomic_path", "atomic_paths", "check_output_path", "replace_together"]
 
 
 def check_output_path(path: str | os.PathLike, suffixes: tuple[str, ...]) -> Path:
@@ -63,3 +63,74 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[Path]]:
+    """:func:`atomic_path` for files that belong together (an XModel and its ``quant_info.json``): yield one
+    temporary path per destination; once the block has written them all, they replace the destinations together.
+
+    On any error in the block no destination is touched. If a replacement itself fails (a full or read-only
+    folder), the destinations already replaced get their earlier files back, so an earlier set stays a set.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> with atomic_paths(folder / "a.bin", folder / "a.json") as (data, meta):
+        ...     _ = data.write_bytes(b"1"), meta.write_text("{}")
+        >>> sorted(p.name for p in folder.iterdir())
+        ['a.bin', 'a.json']
+
+    Raises:
+        FileNotFoundError: the block did not write one of the temporary files (nothing is replaced).
+        OSError: the folder does not accept new files; the destinations are then left as they were.
+    """
+    targets = [Path(p) for p in paths]
+    folders: list[Path] = []
+    try:
+        for target in targets:
+            folders.append(Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent)))
+        temps = [folder / target.name for folder, target in zip(folders, targets, strict=True)]
+        yield temps
+        missing = [str(t) for t, tmp in zip(targets, temps, strict=True) if not tmp.exists()]
+        if missing:
+            raise FileNotFoundError(f"nothing was written for {', '.join(missing)}; no file was replaced.")
+        replace_together(list(zip(temps, targets, strict=True)))
+    finally:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def replace_together(moves: list[tuple[Path, Path]]) -> None:
+    """``os.replace(src, dst)`` for every pair, all or none: when one fails, the destinations replaced before it
+    get their earlier files back (or are removed when there was none) and the error is raised.
+
+    Raises:
+        OSError: a replacement failed (the destinations are as they were before the call).
+    """
+    folders: dict[Path, Path] = {}  # destination folder -> its private backup folder (same file system)
+    restore: list[tuple[Path, Path | None]] = []
+    try:
+        for src, dst in moves:
+            backup = None
+            if dst.exists():
+                parent = dst.parent
+                if parent not in folders:
+                    folders[parent] = Path(tempfile.mkdtemp(prefix=f".{dst.name}.backup-", dir=parent))
+                backup = folders[parent] / f"{len(restore)}-{dst.name}"
+                try:
+                    os.link(dst, backup)  # the earlier file stays in place until it is replaced
+                except OSError:
+                    shutil.copy2(dst, backup)
+            os.replace(src, dst)
+            restore.append((dst, backup))
+    except BaseException:
+        for dst, backup in reversed(restore):
+            if backup is not None:
+                os.replace(backup, dst)
+            else:
+                dst.unlink(missing_ok=True)
+        raise
+    finally:
+        for folder in folders.values():
+            shutil.rmtree(folder, ignore_errors=True)

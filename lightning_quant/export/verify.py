@@ -2,7 +2,8 @@
 
 Reports max/mean output difference (also in output quantization steps), top-1 agreement, accuracy of each
 when labels are given, median latency at fixed threads, and file size against a float export when a float
-model is given. Raises :class:`ExportVerificationError` when agreement falls below the threshold.
+model is given. Raises :class:`ExportVerificationError` when agreement falls below the threshold, or when
+either side produced a NaN or inf output (a non-finite output never counts as agreeing).
 
 Example:
     >>> import tempfile, torch
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import statistics
 import time
@@ -35,6 +37,7 @@ import torch
 from torch import nn
 
 from lightning_quant.calibration import call_model, default_transform
+from lightning_quant.export._jit_warnings import quiet_jit_deprecation
 
 __all__ = [
     "ExportVerificationError",
@@ -65,6 +68,8 @@ class VerificationReport:
     file_bytes: int
     float_file_bytes: int | None
     near_tie_flips: int | None = None
+    nonfinite_outputs: int = 0  # NaN/inf values in the artefact's outputs
+    model_nonfinite_outputs: int = 0  # NaN/inf values in the fake-quant model's outputs
 
     @property
     def tolerant_agreement(self) -> float | None:
@@ -144,8 +149,6 @@ def load_runner(path: str | Path, threads: int = 2, *, int8_kernels: bool = True
 
         return run_onnx
     if suffix in (".pt", ".pth", ".torchscript"):  # the suffixes export_torchscript writes
-        from lightning_quant.export.torchscript import quiet_jit_deprecation
-
         with warnings.catch_warnings():
             quiet_jit_deprecation()
             module = torch.jit.load(str(path), map_location="cpu").eval()
@@ -235,11 +238,18 @@ class _Tally:
     correct_artifact: int = 0
     correct_model: int = 0
     labelled: int = 0
+    nonfinite: int = 0
+    model_nonfinite: int = 0
 
     def add(self, expected: np.ndarray, got: np.ndarray, labels: np.ndarray | None, tie: float) -> None:
+        self.nonfinite += int(got.size - np.isfinite(got).sum())
+        self.model_nonfinite += int(expected.size - np.isfinite(expected).sum())
         diff = np.abs(got - expected)
-        self.diff_max = max(self.diff_max, float(diff.max()))
-        self.diff_sum += float(diff.sum())
+        if np.isfinite(diff).all():
+            self.diff_max = max(self.diff_max, float(diff.max()) if diff.size else 0.0)
+            self.diff_sum += float(diff.sum())
+        else:  # max() would drop a NaN and report the finite part: the difference is unbounded
+            self.diff_max = self.diff_sum = math.inf
         self.count += diff.size
         if expected.ndim != 2:
             return
@@ -295,7 +305,9 @@ def verify_export(
             they deploy on (:func:`runs_on_cpu_int8_kernels`); otherwise the graph is checked by its definition.
 
     Raises:
-        ExportVerificationError: agreement or difference outside the thresholds.
+        ExportVerificationError: agreement or difference outside the thresholds, or a NaN/inf in the outputs of
+            the artefact or of the model (never counted as agreeing; the report's ``nonfinite_outputs`` and
+            ``model_nonfinite_outputs`` count them).
         ValueError: ``data`` is empty, or ``tie_steps`` is negative.
     """
     if tie_steps < 0:
@@ -345,10 +357,19 @@ def _report(path: str | Path, t: _Tally, step: float | None) -> VerificationRepo
         file_bytes=os.path.getsize(path),
         float_file_bytes=None,
         near_tie_flips=t.near_ties if t.total else None,
+        nonfinite_outputs=t.nonfinite,
+        model_nonfinite_outputs=t.model_nonfinite,
     )
 
 
 def _check(report: VerificationReport, min_top1_agreement: float, max_diff_steps: float | None) -> None:
+    if report.nonfinite_outputs or report.model_nonfinite_outputs:
+        raise ExportVerificationError(
+            f"{report.path}: NaN/inf outputs on the {report.num_samples} verification sample(s): "
+            f"{report.nonfinite_outputs} value(s) from the artefact, {report.model_nonfinite_outputs} from the "
+            "fake-quant model; a non-finite output never counts as agreeing. Check the verification inputs for "
+            "NaN/inf, then the model's calibration (a scale of 0 or inf) and the exporter, before deploying."
+        )
     agreement = report.tolerant_agreement
     if agreement is not None and agreement < min_top1_agreement:
         raise ExportVerificationError(

@@ -1,9 +1,13 @@
-"""Vitis AI XModel export: an uncompiled XIR graph of a DPU-quantized model, plus a Vitis-style ``quant_info.json``.
+"""Vitis AI XModel export: an uncompiled XIR graph of a DPU-quantized model, plus its Vitis-style quant_info JSON.
 
 The file is what Vitis AI's own quantizer writes as ``<Model>_int.xmodel``: an **uncompiled XIR graph** (NHWC,
 float32 ``const`` ops already on their ``2**-fix_point`` grid, each followed by a ``fix`` op). It does not run
 on a board as is: compile it with ``vai_c_xir`` for your DPU arch (``vai_c_xir -x model.xmodel -a arch.json
 -o out/``). :mod:`lightning_quant.export.xmodel_interpreter` runs it in numpy to check it.
+
+The fix positions go beside it in a file named after it (``model.xmodel`` -> ``model.quant_info.json``, Vitis AI's
+``quant_info.json`` layout), so two exports into one folder keep their own pairs; :func:`read_quant_info` reads
+a pair back (and the plain ``quant_info.json`` earlier versions wrote, when it belongs to that XModel).
 
 Example:
     >>> import tempfile, pathlib, torch
@@ -13,7 +17,9 @@ Example:
     >>> q = quantize(model, [torch.randn(2, 3, 8, 8)], target="dpu", progress=False)
     >>> path = export_xmodel(q, pathlib.Path(tempfile.mkdtemp()) / "net.xmodel", torch.randn(1, 3, 8, 8))
     >>> sorted(p.name for p in path.parent.iterdir())
-    ['net.xmodel', 'quant_info.json']
+    ['net.quant_info.json', 'net.xmodel']
+    >>> read_quant_info(path)["graph_md5"] == hashlib.md5(path.read_bytes()).hexdigest()
+    True
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from lightning_quant.capture.patterns import shared_quantizer_calls
 from lightning_quant.config import ScaleType
-from lightning_quant.export._atomic import atomic_path, check_output_path
+from lightning_quant.export._atomic import atomic_path, atomic_paths, check_output_path
 from lightning_quant.export.xir_builder import XIRBuilder, sanitize
 from lightning_quant.export.xmodel_lowering import UnsupportedOpError, lower_graph
 from lightning_quant.quantizers.dpu import fix_pos_from_scale
@@ -40,10 +46,57 @@ from lightning_quant.quantizers.fake_quant import FakeQuantize
 from lightning_quant.quantizers.modules import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
 from lightning_quant.quantizers.prepare import convert, iter_quantizers, prepare_info
 
-__all__ = ["XMODEL_LABEL", "UnsupportedOpError", "export_xmodel", "quant_info"]
+__all__ = [
+    "LEGACY_QUANT_INFO_NAME",
+    "XMODEL_LABEL",
+    "UnsupportedOpError",
+    "export_xmodel",
+    "quant_info",
+    "quant_info_path_for",
+    "read_quant_info",
+]
 
 XMODEL_LABEL = "uncompiled XIR graph; compile with vai_c_xir for your DPU arch"
 _LAYERS = (QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear)
+LEGACY_QUANT_INFO_NAME = "quant_info.json"  # what earlier versions (and Vitis AI) wrote beside every XModel
+
+
+def quant_info_path_for(xmodel_path: str | os.PathLike) -> Path:
+    """The quant_info file :func:`export_xmodel` writes beside ``xmodel_path``: ``model.xmodel`` ->
+    ``model.quant_info.json``.
+
+    Example:
+        >>> quant_info_path_for("out/model_int8.xmodel").as_posix()
+        'out/model_int8.quant_info.json'
+    """
+    path = Path(xmodel_path)
+    return path.with_name(f"{path.stem}.quant_info.json")
+
+
+def read_quant_info(xmodel_path: str | os.PathLike) -> dict[str, Any]:
+    """The quant_info of an exported XModel: its pair file (:func:`quant_info_path_for`), or else the plain
+    ``quant_info.json`` beside it that earlier versions wrote, when that file's ``graph_md5`` is this XModel's.
+
+    Raises:
+        FileNotFoundError: neither file exists (export with ``quant_info_path=True``, the default).
+        ValueError: the file's ``graph_md5`` is not the XModel's: it belongs to another export (re-export both).
+    """
+    path = Path(xmodel_path)
+    paired, legacy = quant_info_path_for(path), path.with_name(LEGACY_QUANT_INFO_NAME)
+    info_path = paired if paired.is_file() else legacy
+    if not info_path.is_file():
+        raise FileNotFoundError(
+            f"no quant_info beside {str(path)!r}: looked for {paired.name} and {legacy.name}. Export again with "
+            "export_xmodel(qmodel, path, example_input) (it writes the pair)."
+        )
+    info = json.loads(info_path.read_text())
+    digest = hashlib.md5(path.read_bytes()).hexdigest()
+    if info.get("graph_md5") != digest:
+        raise ValueError(
+            f"{str(info_path)!r} belongs to another export: its graph_md5 {info.get('graph_md5')!r} is not the md5 "
+            f"of {path.name} ({digest}). Export the model again to write a matching pair."
+        )
+    return info
 
 
 def _check_dpu_model(qmodel: nn.Module) -> None:
@@ -159,10 +212,12 @@ def export_xmodel(
     quant_info_path: str | os.PathLike | None | bool = True,
     graph_name: str | None = None,
 ) -> Path:
-    """Write a DPU-quantized model as an **uncompiled XIR graph** (``.xmodel``) and its ``quant_info.json``.
+    """Write a DPU-quantized model as an **uncompiled XIR graph** (``.xmodel``) and its quant_info JSON.
 
-    Compile the file with ``vai_c_xir`` for your DPU arch before deployment. Both files are written
-    atomically: on any error neither is left behind and earlier files stay untouched.
+    Compile the file with ``vai_c_xir`` for your DPU arch before deployment. The two files are a pair named
+    after ``path`` (``model.xmodel`` + ``model.quant_info.json``), so exports into one folder do not overwrite
+    each other's, and they are replaced together: on any error neither is left behind and an earlier pair
+    stays as it was, its ``graph_md5`` still the md5 of its own XModel.
 
     Example:
         >>> import tempfile, pathlib, torch
@@ -178,30 +233,38 @@ def export_xmodel(
         qmodel: a calibrated model from ``quantize(model, data, target="dpu")`` (or QAT with the DPU scheme).
         path: destination ``*.xmodel``.
         example_input: a tensor (or tuple of tensors) of the shape the DPU will see; batch size 1 is typical.
-        quant_info_path: where to write the Vitis-style ``quant_info.json``; True (default) writes
-            ``quant_info.json`` beside ``path``, as Vitis AI does; None or False writes none.
+        quant_info_path: where to write the Vitis-style quant_info JSON (Vitis AI's ``quant_info.json``
+            layout); True (default) writes ``<stem>.quant_info.json`` beside ``path``
+            (:func:`quant_info_path_for`); None or False writes none and removes a ``<stem>.quant_info.json``
+            an earlier export left beside ``path`` (it would describe another graph).
         graph_name: the XIR graph name (default: the model's class name).
 
     Returns:
         The path of the written XModel.
 
     Raises:
-        ValueError: a bad path, a model not quantized with the DPU scheme, or one not traced whole.
+        ValueError: a bad path (a directory, not ``.xmodel``; a ``quant_info_path`` not ``.json``), a model not
+            quantized with the DPU scheme, or one not traced whole.
+        PermissionError: the destination folder is read-only.
         UnsupportedOpError: (a ValueError) an op with no XIR lowering; the message names it.
         TypeError: ``example_input`` is not a tensor or tuple of tensors.
         NotCalibratedError: some quantizer never saw data.
+        OSError: the folder does not accept the files (full); the earlier pair is then left as it was.
     """
     path = check_output_path(path, (".xmodel",))
-    info_path = path.with_name("quant_info.json") if quant_info_path is True else quant_info_path or None
+    info_path = quant_info_path_for(path) if quant_info_path is True else quant_info_path or None
     if info_path is not None:
         info_path = check_output_path(info_path, (".json",))
     graph, frozen = build_xir_graph(qmodel, example_input, graph_name)
     data = graph.SerializeToString()
-    with atomic_path(path) as tmp:
+    if info_path is None:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+        quant_info_path_for(path).unlink(missing_ok=True)  # an earlier pair's file would describe another graph
+        return path
+    info = quant_info(frozen, graph_name or type(qmodel).__name__)
+    info["graph_md5"] = hashlib.md5(data).hexdigest()
+    with atomic_paths(path, info_path) as (tmp, tmp_info):
         tmp.write_bytes(data)
-        if info_path is not None:
-            info = quant_info(frozen, graph_name or type(qmodel).__name__)
-            info["graph_md5"] = hashlib.md5(data).hexdigest()
-            with atomic_path(info_path) as tmp_info:
-                tmp_info.write_text(format_quant_info(info))
+        tmp_info.write_text(format_quant_info(info))
     return path

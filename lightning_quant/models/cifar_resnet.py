@@ -1,9 +1,12 @@
-"""CIFAR ResNet-20/32/44/56 (He et al. 2016, CIFAR variant with option-A shortcuts) and their offline weights.
+"""CIFAR ResNet-20/32/44/56 (He et al. 2016, CIFAR variant with option-A shortcuts) and their published weights.
 
 Three stages of 16/32/64 channels, ``n`` basic blocks each (depth = 6n + 2). Downsampling blocks use the
 parameter-free option-A shortcut: stride-2 subsampling plus ``planes // 4`` zero channels on each side.
-Parameter names match the published checkpoints ``<shared>/weights/resnet{20,32,44,56}-*.th`` (a dict with
-``state_dict`` whose keys are prefixed ``module.``); the prefix is stripped on load.
+Parameter names match the published checkpoints ``resnet{20,32,44,56}-*.th`` of the ``akamaster/pytorch_resnet_cifar10``
+release (a dict with ``state_dict`` whose keys are prefixed ``module.``); the prefix is stripped on load.
+The weights file is, in order: ``weights_path=``, ``<shared>/weights/``, the torch hub cache
+(``torch.hub.get_dir()/checkpoints``), else downloaded from :data:`CIFAR_RESNET_URLS` into that cache and checked
+against :data:`CIFAR_RESNET_SHA256`.
 
 Example:
     >>> import torch
@@ -23,16 +26,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_quant.downloads import AssetUnavailableError, download_file, is_offline
 from lightning_quant.models.weights import load_weights
 from lightning_quant.paths import shared_dir
 
-__all__ = ["CIFAR_RESNET_WEIGHTS", "CifarResNet", "cifar_resnet", "load_cifar_resnet_weights"]
+__all__ = [
+    "CIFAR_RESNET_SHA256",
+    "CIFAR_RESNET_URLS",
+    "CIFAR_RESNET_WEIGHTS",
+    "CifarResNet",
+    "cifar_resnet",
+    "cifar_resnet_weights_file",
+    "load_cifar_resnet_weights",
+]
 
 CIFAR_RESNET_WEIGHTS: dict[int, str] = {
     20: "resnet20-12fca82f.th",
     32: "resnet32-d509ac18.th",
     44: "resnet44-014dd654.th",
     56: "resnet56-4bfd9763.th",
+}
+_RELEASE = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
+# where each file is downloaded from when it is neither given, shared nor cached (tests point these elsewhere)
+CIFAR_RESNET_URLS: dict[int, str] = {depth: _RELEASE + name for depth, name in CIFAR_RESNET_WEIGHTS.items()}
+# SHA-256 of the published files (== the files in <shared>/weights; each starts with the hex in its name)
+CIFAR_RESNET_SHA256: dict[int, str] = {
+    20: "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8",
+    32: "d509ac1820d7f25398913559d7e81a13229b1e7adc5648e3bfa5e22dc137f850",
+    44: "014dd6541728a1c700b1642ab640e211dc6eb8ed507d70697458dc8f8a0ae2e4",
+    56: "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367",
 }
 
 
@@ -106,17 +128,48 @@ class CifarResNet(nn.Module):
         return self.linear(out)
 
 
-def _default_weights(depth: int) -> Path:
-    file_name = CIFAR_RESNET_WEIGHTS[depth]
+def cifar_resnet_weights_file(depth: int = 20, *, progress: bool = True) -> Path:
+    """The published CIFAR-10 weights of ResNet-``depth``: shared folder, else torch hub cache, else downloaded.
+
+    A download goes to ``torch.hub.get_dir()/checkpoints/<file>`` (atomically, after its SHA-256 was checked), so
+    later calls find it there.
+
+    Example:
+        >>> cifar_resnet_weights_file(20).name  # doctest: +SKIP
+        'resnet20-12fca82f.th'
+
+    Raises:
+        ValueError: ``depth`` has no published weights.
+        AssetUnavailableError: (a ``FileNotFoundError``) not shared nor cached, and offline or the download failed;
+            the message names ``weights_path=``, ``LIGHTNING_QUANT_SHARED`` and the cache folder.
+        ChecksumMismatchError: the downloaded file is not the published one (nothing is cached).
+    """
+    if depth not in CIFAR_RESNET_WEIGHTS:
+        raise ValueError(f"no published weights for depth={depth}; use one of {sorted(CIFAR_RESNET_WEIGHTS)}.")
+    name = CIFAR_RESNET_WEIGHTS[depth]
     shared = shared_dir()
-    path = shared / "weights" / file_name if shared is not None else None
-    if path is None or not path.is_file():
-        raise FileNotFoundError(
-            f"cifar_resnet({depth}): weights file {file_name} not found (looked in "
-            f"{path.parent if path else 'no shared folder'}). Pass weights_path='/path/to/{file_name}', set "
-            "LIGHTNING_QUANT_SHARED=/path/to/shared (the folder whose weights/ holds it), or pretrained=False."
-        )
-    return path
+    if shared is not None and (shared / "weights" / name).is_file():
+        return shared / "weights" / name
+    import torch.hub
+
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+    if cached.is_file():
+        return cached
+    url = CIFAR_RESNET_URLS[depth]
+    reason = "this machine is offline" if is_offline(url) else None
+    if reason is None:
+        try:
+            return download_file(url, cached, CIFAR_RESNET_SHA256[depth], progress=progress)
+        except OSError as err:  # urllib.error.URLError is an OSError: no route, DNS, HTTP 404, timeout
+            reason = f"the download failed ({err})"
+    shared_weights = shared / "weights" if shared else "none found"
+    raise AssetUnavailableError(
+        f"cifar_resnet({depth}): weights file {name} is not in the shared folder ({shared_weights}) nor in the torch "
+        f"hub cache ({cached.parent}), and {reason}, so it cannot be downloaded from {url}.",
+        arguments={"weights_path": f"/path/to/{name}", "pretrained": False},
+        also=f"copy {name} into {cached.parent}, or set LIGHTNING_QUANT_SHARED=/path/to/shared (the folder whose "
+        "weights/ holds it)",
+    )
 
 
 def load_cifar_resnet_weights(model: CifarResNet, path: str | os.PathLike[str]) -> CifarResNet:
@@ -157,13 +210,17 @@ def cifar_resnet(
 
     Args:
         depth: 20, 32, 44 or 56 for the published weights; any ``6n + 2`` with ``pretrained=False``.
-        pretrained: load ``weights_path`` or ``<shared>/weights/resnet<depth>-*.th``.
-        weights_path: explicit checkpoint file (wins over the shared folder).
+        pretrained: load ``weights_path``, else the published weights (:func:`cifar_resnet_weights_file`: shared
+            folder, torch hub cache, or a checked download).
+        weights_path: explicit checkpoint file (wins over the shared folder, the cache and the download).
         num_classes: must stay 10 with the published weights.
 
     Raises:
         ValueError: ``depth`` is not ``6n + 2``, or has no published weights while ``pretrained`` without a path.
-        FileNotFoundError: the weights file is missing (the message names ``weights_path`` and the shared folder).
+        FileNotFoundError: ``weights_path`` does not exist.
+        AssetUnavailableError: (a ``FileNotFoundError``) no weights file given, shared or cached, and offline; the
+            message names ``weights_path``, the shared folder and the cache.
+        ChecksumMismatchError: a downloaded file is not the published one.
     """
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
         raise ValueError(f"depth={depth!r} must be 6n + 2 (20, 32, 44, 56 have published weights).")
@@ -174,5 +231,5 @@ def cifar_resnet(
                 f"no published weights for depth={depth}; use one of {sorted(CIFAR_RESNET_WEIGHTS)}, pass "
                 "weights_path=..., or pretrained=False."
             )
-        load_cifar_resnet_weights(model, weights_path if weights_path is not None else _default_weights(depth))
+        load_cifar_resnet_weights(model, weights_path if weights_path is not None else cifar_resnet_weights_file(depth))
     return model.eval()

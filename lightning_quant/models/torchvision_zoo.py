@@ -15,13 +15,13 @@ Example:
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from torch import nn
+
+from lightning_quant.downloads import is_offline  # re-exported: it was defined here
 
 __all__ = ["WeightsUnavailableError", "is_offline", "torchvision_model", "weights_cache_file"]
 
@@ -64,25 +64,6 @@ def weights_cache_file(name: str, weights: str = "DEFAULT") -> Path:
 
     url = _weights_enum(name, weights).url
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
-
-
-def is_offline(url: str = "https://download.pytorch.org", timeout: float = 3.0) -> bool:
-    """True when ``LIGHTNING_QUANT_OFFLINE`` is set (not ``0``) or ``url``'s host cannot be reached in ``timeout`` s.
-
-    Example:
-        >>> os.environ["LIGHTNING_QUANT_OFFLINE"] = "1"; is_offline()
-        True
-        >>> del os.environ["LIGHTNING_QUANT_OFFLINE"]
-    """
-    flag = os.environ.get("LIGHTNING_QUANT_OFFLINE", "")
-    if flag and flag != "0":
-        return True
-    host = urlparse(url).hostname or url
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return False
-    except OSError:
-        return True
 
 
 def torchvision_model(

@@ -11,6 +11,9 @@ whose activation ranges vary too much from batch to batch for one calibrated ran
 compose: quantize convolutions statically with ``quantize(..., exclude=["head.*"])``, then ``quantize_dynamic``
 the result (it only touches float ``nn.Linear`` layers).
 
+``torch.ao.quantization.quantize_dynamic``'s call shape works too: ``quantize_dynamic(model, {nn.Linear},
+dtype=torch.qint8)`` is ``quantize_dynamic(model)``, and a set of layer names quantizes only those layers.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -26,7 +29,7 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +39,7 @@ from lightning_quant.capture.bn_fold import set_submodule
 from lightning_quant.config import Granularity, QuantMode, QuantSpec, Target, scheme_for_target
 from lightning_quant.errors import NothingToQuantizeError
 from lightning_quant.quantizers.functional import fake_quantize, qparams_from_range
-from lightning_quant.quantizers.prepare import is_excluded
+from lightning_quant.quantizers.prepare import ExcludeEntry, exclude_entries, is_excluded
 
 __all__ = ["DynamicQuantLinear", "dynamic_fake_quantize", "dynamic_qparams", "quantize_dynamic"]
 
@@ -104,39 +107,96 @@ class DynamicQuantLinear(nn.Module):
         return f"{self.name!r}, in={self.in_features}, out={self.out_features}, int{self.spec.bits} weights, dynamic"
 
 
+def _from_torch_ao(qconfig_spec: Iterable[type[nn.Module] | str], dtype: torch.dtype | None) -> tuple[str, ...]:
+    """Check torch.ao's ``qconfig_spec``/``dtype`` and return the layer names it limits quantization to (() = all).
+
+    Raises:
+        TypeError: a ``{type: qconfig}`` dict, or an entry that is neither a module type nor a layer name.
+        ValueError: a module type other than ``nn.Linear``, or a ``dtype`` other than ``torch.qint8``.
+    """
+    if isinstance(qconfig_spec, Mapping):
+        raise TypeError(
+            "quantize_dynamic(model, {type: qconfig}) is torch.ao's per-type qconfig; lightning_quant's qparams come "
+            "from the target: call quantize_dynamic(model, 'x86') (or 'x86_vnni'/'tensorrt', weight_bits=8 for 8-bit "
+            "weights)."
+        )
+    entries = list(qconfig_spec)
+    others = sorted({e.__name__ for e in entries if isinstance(e, type) and not issubclass(e, nn.Linear)})
+    if others:
+        raise ValueError(
+            f"quantize_dynamic quantizes nn.Linear only; {', '.join(others)} has no dynamic quantization here. Call "
+            "quantize_dynamic(model) for the Linear layers (the others stay in float)."
+        )
+    bad = [e for e in entries if not isinstance(e, (str, type))]
+    if bad:
+        raise TypeError(f"qconfig_spec entries are module types or layer names, got {bad[0]!r}; use {{nn.Linear}}.")
+    if dtype is not None and dtype != torch.qint8:
+        half = "; for float16 weights use model.half() instead" if dtype in (torch.float16, torch.bfloat16) else ""
+        raise ValueError(
+            f"dtype={dtype}: lightning_quant's dynamic quantization stores int8 weights (torch.qint8 is the only "
+            f"dtype it takes); call quantize_dynamic(model) or quantize_dynamic(model, dtype=torch.qint8){half}."
+        )
+    return tuple(e for e in entries if isinstance(e, str))
+
+
 def quantize_dynamic(
     model: nn.Module,
-    target: Target | str = Target.X86,
+    target: Target | str | Iterable[type[nn.Module] | str] = Target.X86,
     *,
     weight_bits: int | None = None,
-    exclude: Iterable[str] = (),
+    exclude: ExcludeEntry | Iterable[ExcludeEntry] = (),
+    dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """A copy of ``model`` with every float ``nn.Linear`` dynamically quantized (see the module docstring).
+
+    Example (torch.ao's call shape):
+        >>> qmodel = quantize_dynamic(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), {nn.Linear}, dtype=torch.qint8)
+        >>> type(qmodel[0]).__name__
+        'DynamicQuantLinear'
 
     Args:
         model: float model, or a statically quantized one whose float Linear layers should go dynamic.
         target: ``x86`` (7-bit weights: AVX2 integer kernels saturate on 8-bit ones without VNNI), ``x86_vnni`` or
-            ``tensorrt`` (8-bit). ``dpu`` has no dynamic quantization.
+            ``tensorrt`` (8-bit). ``dpu`` has no dynamic quantization. A set of module types and/or layer names
+            (``torch.ao.quantization.quantize_dynamic``'s ``qconfig_spec``) is accepted in its place and means the
+            ``x86`` target: ``{nn.Linear}`` quantizes every Linear layer, ``{"fc1", "head"}`` only the Linear layers
+            at or under those names.
         weight_bits: override the target's weight width (2-8).
-        exclude: glob patterns of Linear layer names to keep in float.
+        exclude: Linear layers to keep in float: glob patterns of layer names and/or ``nn.Module`` types.
+        dtype: torch.ao's weight dtype; only ``torch.qint8`` (what every target stores) or None.
 
     Raises:
-        ValueError: ``target='dpu'`` or a bad ``weight_bits``.
-        NothingToQuantizeError: no float ``nn.Linear`` layer (after ``exclude``).
+        ValueError: ``target='dpu'``, a bad ``weight_bits``, a ``qconfig_spec`` type other than ``nn.Linear``, or
+            a ``dtype`` other than ``torch.qint8``.
+        TypeError: a ``{type: qconfig}`` dict as ``qconfig_spec``, or an ``exclude``/``qconfig_spec`` entry that is
+            neither a string nor an ``nn.Module`` type.
+        NothingToQuantizeError: no float ``nn.Linear`` layer (after ``exclude`` and the ``qconfig_spec`` names).
     """
+    only: tuple[str, ...] = ()
+    if not isinstance(target, (str, Target)):  # torch.ao's qconfig_spec: {nn.Linear}, {"fc1", ...}
+        only = _from_torch_ao(target, dtype)
+        target = Target.X86
+    elif dtype is not None:
+        _from_torch_ao((), dtype)
     scheme = scheme_for_target(target, QuantMode.PTQ)
     if scheme.target is Target.DPU:
         raise ValueError("the DPU runs fixed-point activations only; use quantize(..., target='dpu') instead.")
     spec = scheme.weight if weight_bits is None else scheme_for_target(target, weight_bits=weight_bits).weight
-    patterns = tuple(exclude)
+    patterns = exclude_entries(exclude)
+
+    def chosen(name: str, module: nn.Module) -> bool:
+        inside = not only or any(name == o or name.startswith(f"{o}.") or not o for o in only)
+        return type(module) is nn.Linear and inside and not is_excluded(name, patterns, module)
+
     qmodel = copy.deepcopy(model)
-    names = [n for n, m in qmodel.named_modules() if type(m) is nn.Linear and n and not is_excluded(n, patterns)]
-    if type(qmodel) is nn.Linear and not is_excluded("", patterns):
+    names = [n for n, m in qmodel.named_modules() if n and chosen(n, m)]
+    if type(qmodel) is nn.Linear and chosen("", qmodel):
         return DynamicQuantLinear(qmodel, spec, "")
     if not names:
         raise NothingToQuantizeError(
             f"quantize_dynamic found no float nn.Linear layer in {type(model).__name__}"
             + (f" outside exclude={list(patterns)}" if patterns else "")
+            + (f" at or under {sorted(only)}" if only else "")
             + "; it quantizes nn.Linear only (use quantize() with calibration data for convolutions)."
         )
     for name in names:

@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_quant import convert, quantize
 from lightning_quant.algorithms import quantize_with_accuracy_control
-from lightning_quant.config import Granularity, scheme_for_target
+from lightning_quant.config import Granularity, QuantOptions, scheme_for_target
 from lightning_quant.quantizers.prepare import iter_quantizers, prepare_info
 
 SCHEME = scheme_for_target("tensorrt", weight_bits=4, weight_granularity=Granularity.PER_TENSOR)
@@ -101,7 +101,7 @@ def test_no_search_when_the_bound_already_holds_and_determinism():
 
 def test_user_exclude_is_kept_and_options_pass_through():
     model = _model()
-    qmodel, report = _run(model, 20.0, exclude=["7"], bias_correction=True)
+    qmodel, report = _run(model, 20.0, exclude=["7"], options=QuantOptions(bias_correction=True))
     assert type(qmodel.get_submodule("7")) is nn.Linear
     assert "7" not in [layer for layer, _ in report.ranking]
     assert report.quantized_layers == 3
@@ -115,13 +115,27 @@ def test_user_exclude_is_kept_and_options_pass_through():
         ({"max_accuracy_drop": True}, r"max_accuracy_drop=True must be a number >= 0"),
         ({"max_accuracy_drop": "1"}, r"max_accuracy_drop='1' must be a number >= 0"),
         ({"max_accuracy_drop": 1.0, "ranking_batches": 0}, r"ranking_batches=0 must be an integer >= 1"),
-        ({"max_accuracy_drop": 1.0, "adaroud": True}, r"unknown option\(s\) adaroud; .* passes on .*adaround"),
     ],
 )
 def test_bad_options(kwargs, match):
     model = _model()
     with pytest.raises(ValueError, match=match):
         quantize_with_accuracy_control(model, _data(), _metric_for(model), scheme=SCHEME, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"adaroud": True}, r"quantize_with_accuracy_control\(\) got an unexpected keyword argument 'adaroud'"),
+        ({"options": {"adaround": True}}, r"options=\.\.\.\) takes a QuantOptions, got dict"),
+    ],
+)
+def test_misspelled_or_untyped_options_are_refused(kwargs, match):
+    model = _model()
+    with pytest.raises(TypeError, match=match):
+        quantize_with_accuracy_control(
+            model, _data(), _metric_for(model), max_accuracy_drop=1.0, scheme=SCHEME, progress=False, **kwargs
+        )
 
 
 @pytest.mark.parametrize("value", [float("nan"), "high", None, True])

@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_quant.algorithms import correct_bias, fast_finetune
 from lightning_quant.algorithms.layerwise import capture_layer
-from lightning_quant.config import QuantMode, scheme_for_target
+from lightning_quant.config import QuantMode, QuantOptions, scheme_for_target
 from lightning_quant.errors import NotCalibratedError
 from lightning_quant.quantizers import prepare, set_fake_quant
 from tests.helpers.ptq_nets import calib_data, mobilenet_like, model_sqnr, quantize4, tiny_convbn
@@ -118,8 +118,8 @@ def test_quantize_options_improve_sqnr_and_leave_input_untouched():
     model, data, test = tiny_convbn(), calib_data(), torch.cat(calib_data(2, seed=9))
     before = copy.deepcopy(model.state_dict())
     plain = quantize4(model, data)
-    both = quantize4(model, data, bias_correction=True, fast_finetune=True)
-    corrected = quantize4(model, data, bias_correction=True)
+    both = quantize4(model, data, options=QuantOptions(bias_correction=True, fast_finetune=True))
+    corrected = quantize4(model, data, options=QuantOptions(bias_correction=True))
     assert model_sqnr(model, both, test) > model_sqnr(model, corrected, test) > model_sqnr(model, plain, test)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 

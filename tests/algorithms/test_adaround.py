@@ -11,7 +11,7 @@ from torch import nn
 from lightning_quant import quantize
 from lightning_quant.algorithms import adaround
 from lightning_quant.algorithms.adaround import _LearnedRounding, _soft_offset
-from lightning_quant.config import scheme_for_target
+from lightning_quant.config import QuantOptions, scheme_for_target
 from lightning_quant.errors import NotCalibratedError
 from lightning_quant.quantizers import prepare
 from lightning_quant.quantizers.prepare import iter_quantizers
@@ -99,7 +99,8 @@ def test_same_seed_same_weights_and_scales_untouched():
 def test_quantize_flag_runs_adaround():
     data = _data(2)
     plain = _w4(_model(), data)
-    tuned = quantize(_model(), data, scheme=scheme_for_target("tensorrt", weight_bits=4), progress=False, adaround=True)
+    w4 = scheme_for_target("tensorrt", weight_bits=4)
+    tuned = quantize(_model(), data, scheme=w4, progress=False, options=QuantOptions(adaround=True))
     assert any(not torch.equal(p, t) for p, t in zip(plain.parameters(), tuned.parameters(), strict=True))
 
 
@@ -176,19 +177,17 @@ def test_quantize_and_callback_pass_adaround_per_sample_on():
 
     data = _outlier_data()
     w4 = scheme_for_target("tensorrt", weight_bits=4)
-    pooled = quantize(_model(), data, scheme=w4, progress=False, adaround=True)
-    per_sample = quantize(_model(), data, scheme=w4, progress=False, adaround=True, adaround_per_sample=True)
+    pooled = quantize(_model(), data, scheme=w4, progress=False, options=QuantOptions(adaround=True))
+    both = QuantOptions(adaround=True, adaround_per_sample=True)
+    per_sample = quantize(_model(), data, scheme=w4, progress=False, options=both)
     direct = _w4(_model(), data)
     adaround(direct, data, per_sample=True, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(per_sample.parameters(), direct.parameters(), strict=True))
     assert any(not torch.equal(a, b) for a, b in zip(per_sample.parameters(), pooled.parameters(), strict=True))
-    assert QuantCallback("ptq", adaround=True, adaround_per_sample=True).state_dict()["adaround_per_sample"] is True
+    assert QuantCallback("ptq", options=both).state_dict()["options"]["adaround_per_sample"] is True
 
 
 def test_adaround_per_sample_without_adaround_is_refused():
-    from lightning_quant.callbacks import QuantCallback
-
+    # the options refuse it when built, before quantize() or QuantCallback() sees them
     with pytest.raises(ValueError, match="adaround_per_sample=True .* set adaround=True too"):
-        quantize(_model(), _data(1), progress=False, adaround_per_sample=True)
-    with pytest.raises(ValueError, match="adaround_per_sample=True .* set adaround=True too"):
-        QuantCallback("ptq", adaround_per_sample=True)
+        QuantOptions(adaround_per_sample=True)

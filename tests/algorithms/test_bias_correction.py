@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_quant import quantize
 from lightning_quant.algorithms import correct_bias
-from lightning_quant.config import QuantMode, scheme_for_target
+from lightning_quant.config import QuantMode, QuantOptions, scheme_for_target
 from lightning_quant.errors import NotCalibratedError
 from lightning_quant.quantizers import prepare
 from lightning_quant.quantizers.dpu_shifts import check_dpu_shifts
@@ -86,7 +86,8 @@ def test_creates_missing_bias_and_fast_variant():
 
 def test_dpu_bias_quantizers_follow_and_shifts_hold():
     model, data = tiny_convbn(), calib_data()
-    qmodel = quantize(model, data, target="dpu", bias_correction=True, fast_finetune=True, progress=False)
+    both = QuantOptions(bias_correction=True, fast_finetune=True)
+    qmodel = quantize(model, data, target="dpu", options=both, progress=False)
     assert check_dpu_shifts(qmodel) == []
     torch.manual_seed(0)
     no_bias = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.ReLU(), nn.Conv2d(4, 4, 1, bias=False)).eval()
@@ -161,7 +162,9 @@ def test_quantized_biases_are_corrected_from_their_deployed_value_not_rounded_tw
         fc.bias.copy_(torch.tensor([0.36, -0.36, 1.11, -2.2, 7.3, 0.6]))  # a 2**-4 grid: errors over a quarter step
     data = [torch.randn(32, 8) for _ in range(4)]
     plain = quantize(nn.Sequential(fc).eval(), data, target="dpu", progress=False)
-    corrected = quantize(nn.Sequential(fc).eval(), data, target="dpu", bias_correction=True, progress=False)
+    corrected = quantize(
+        nn.Sequential(fc).eval(), data, target="dpu", options=QuantOptions(bias_correction=True), progress=False
+    )
     deployed = [m.get_submodule("0")._quant_bias().detach() for m in (plain, corrected)]
     assert not torch.equal(deployed[0], fc.bias.detach())  # the grid does round these biases
     assert torch.equal(deployed[1], deployed[0])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_quant import quantize
+from lightning_quant import QuantOptions, quantize
 from lightning_quant.algorithms import equalization_pairs, equalize, relu6_to_relu
 from lightning_quant.capture.bn_fold import fold_bn_into
 from tests.helpers.models import TinyConvBN, random_images, warm_bn
@@ -133,7 +133,7 @@ def test_quantize_with_cross_layer_equalization():
     model = warm_bn(TinyConvBN())
     before = copy.deepcopy(model.state_dict())
     data = [(x, y) for x, y in torch.utils.data.DataLoader(random_images(16), batch_size=8)]
-    qmodel = quantize(model, data, progress=False, cross_layer_equalization=True)
+    qmodel = quantize(model, data, progress=False, options=QuantOptions(cross_layer_equalization=True))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the input model is untouched
     with torch.no_grad():
         x = data[0][0]
@@ -162,10 +162,11 @@ def test_quantize_replace_relu6_lets_cle_pair_the_layers():
     torch.manual_seed(0)
     model = _relu6_net()
     data = [torch.randn(4, 3, 12, 12) for _ in range(2)]
-    qmodel = quantize(model, data, progress=False, cross_layer_equalization=True, replace_relu6=True)
+    both = QuantOptions(cross_layer_equalization=True, replace_relu6=True)
+    qmodel = quantize(model, data, progress=False, options=both)
     assert not any(isinstance(m, nn.ReLU6) for m in qmodel.modules())
     assert any(isinstance(m, nn.ReLU6) for m in model.modules())  # the input model is untouched
-    plain = quantize(model, data, progress=False, cross_layer_equalization=True)
+    plain = quantize(model, data, progress=False, options=QuantOptions(cross_layer_equalization=True))
     folded = fold_bn_into(model[0], model[1]).weight
     assert torch.allclose(plain.get_submodule("0").weight, folded)  # ReLU6 pairs skipped: weights as folded
     assert not torch.allclose(qmodel.get_submodule("0").weight, folded)  # swapped: the pair was equalized

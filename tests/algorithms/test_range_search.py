@@ -14,7 +14,7 @@ from lightning_quant import quantize
 from lightning_quant.algorithms import search_activation_ranges
 from lightning_quant.algorithms.range_search import activation_groups, first_rows, relative_output_error
 from lightning_quant.callbacks import QuantCallback
-from lightning_quant.config import scheme_for_target
+from lightning_quant.config import QuantOptions, scheme_for_target
 from lightning_quant.errors import NotCalibratedError
 from lightning_quant.quantizers import prepare
 from lightning_quant.quantizers.functional import qparams_from_range
@@ -195,13 +195,14 @@ def test_relative_output_error_weighs_every_sample_the_same():
 
 
 def test_quantize_and_callback_run_it_and_record_it():
-    qmodel = quantize(Residual().eval(), _data(), scheme=PCT, range_search=True, progress=False)
+    search = QuantOptions(range_search=True)
+    qmodel = quantize(Residual().eval(), _data(), scheme=PCT, options=search, progress=False)
     assert prepare_info(qmodel).refinements == ["range_search"]
     assert prepare_info(qmodel).range_search.chosen.keys() == {"signed", "residual_sum", "non_negative"}
-    callback = QuantCallback("ptq", scheme=PCT, range_search=True)
-    assert callback.state_dict()["range_search"] is True
-    with pytest.raises(ValueError, match="range_search / bias_correction"):
-        QuantCallback("qat", range_search=True)
+    callback = QuantCallback("ptq", scheme=PCT, options=search)
+    assert callback.state_dict()["options"]["range_search"] is True
+    with pytest.raises(ValueError, match="range_search refine a PTQ calibration; QAT trains the weights itself"):
+        QuantCallback("qat", options=search)
 
 
 def test_other_estimators_are_refused_with_the_fix():

@@ -10,12 +10,12 @@ import torch
 
 from lightning_quant import export_xmodel, quantize
 from lightning_quant.algorithms import search_activation_ranges
-from lightning_quant.algorithms.range_knobs import _FixPosKnob
-from lightning_quant.algorithms.range_search import activation_groups, relative_output_error
+from lightning_quant.algorithms.range_search import _FixPosKnob, activation_groups, relative_output_error
+from lightning_quant.app.report_step import range_search_line
+from lightning_quant.config import QuantOptions
 from lightning_quant.quantizers.dpu import fix_pos_from_scale
 from lightning_quant.quantizers.dpu_shifts import check_dpu_shifts
 from lightning_quant.quantizers.prepare import iter_quantizers, prepare_info, set_fake_quant
-from lightning_quant.app.report_step import range_search_line
 from tests.algorithms.test_range_search import PCT, Residual, _data, reference_objective
 
 
@@ -121,12 +121,12 @@ def test_a_huge_outlier_branch_is_clipped_by_a_positive_shift():
 
 
 def test_quantize_runs_it_before_the_shift_constraints_and_the_xmodel_carries_it(tmp_path):
-    qmodel = quantize(Residual().eval(), _data(), target="dpu", range_search=True, progress=False)
+    qmodel = quantize(Residual().eval(), _data(), target="dpu", options=QuantOptions(range_search=True), progress=False)
     info = prepare_info(qmodel)
     assert info.refinements[:2] == ["range_search", "dpu_shifts"] and info.range_search.parameter == "fix_pos_offset"
     assert check_dpu_shifts(qmodel) == []
     export_xmodel(qmodel, tmp_path / "m.xmodel", _data()[0][:1])
-    quant_info = json.loads((tmp_path / "quant_info.json").read_text())
+    quant_info = json.loads((tmp_path / "m.quant_info.json").read_text())
     assert "m.xmodel" in {p.name for p in tmp_path.iterdir()} and quant_info
 
 
@@ -169,10 +169,11 @@ def test_dpu_with_percentile_ranges_searches_percentiles_and_stays_deployable(tm
     from lightning_quant.config import scheme_for_target
 
     scheme = scheme_for_target("dpu", activation_observer="percentile", activation_percentile=99.9)
-    qmodel = quantize(Residual().eval(), _data(), scheme=scheme, target="dpu", range_search=True, progress=False)
+    search = QuantOptions(range_search=True)
+    qmodel = quantize(Residual().eval(), _data(), scheme=scheme, target="dpu", options=search, progress=False)
     report = prepare_info(qmodel).range_search
     assert report.parameter == "percentile" and set(report.chosen) == {"signed", "residual_sum", "non_negative"}
     assert all(isinstance(p, int) for p in _positions(qmodel).values())  # fix_pos_from_scale accepts every scale
     assert check_dpu_shifts(qmodel) == []
     export_xmodel(qmodel, tmp_path / "m.xmodel", _data()[0][:1])
-    assert (tmp_path / "quant_info.json").is_file()
+    assert (tmp_path / "m.quant_info.json").is_file()

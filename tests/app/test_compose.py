@@ -8,6 +8,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 
 from lightning_quant.app import CONFIG_DIR, MODES, RECIPES_DIR, compose_config
+from lightning_quant.app.main import quant_options
+from lightning_quant.config import QuantOptions
 from lightning_quant.models import IMAGENETTE_EVAL_SIZES
 
 RECIPES = sorted(p.stem for p in (RECIPES_DIR / "recipe").glob("*.yaml"))
@@ -54,7 +56,7 @@ def test_recipe_composes(recipe):
     assert cfg.state_file.endswith(f"{recipe}.ckpt")
     if target == "dpu":
         assert list(cfg.export.formats) == ["torchscript", "xmodel"]
-        assert cfg.quant.cross_layer_equalization and cfg.quant.bias_correction  # Vitis AI's defaults
+        assert cfg.quant.options.cross_layer_equalization and cfg.quant.options.bias_correction  # Vitis AI's defaults
     if mode == "qat":
         assert cfg.trainer.max_epochs >= 1
     offline_model = next((m for m in IMAGENETTE_EVAL_SIZES if builder == f"{m}_imagenette"), None)
@@ -87,6 +89,28 @@ def test_vitis_style_overrides():
         ]
     )
     assert (cfg.mode, cfg.data.calibration_size, cfg.data.batch_size, cfg.deploy) == ("calib", 100, 8, True)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_options_build_valid_quant_options(recipe):
+    cfg = compose_config([f"recipe={recipe}"])
+    options = quant_options(cfg)
+    assert isinstance(options, QuantOptions)
+    assert options.to_dict() == dict(cfg.quant.options)  # every key of the recipe, nothing dropped or renamed
+    assert quant_options(cfg, "qat").refinements == ()  # QAT keeps only the network transforms
+
+
+@pytest.mark.parametrize("override", ["quant.options.bias_corection=true", "quant.bias_correction=true"])
+def test_misspelled_or_old_option_key_fails_at_composition(override):
+    # a misspelled key, or the pre-QuantOptions place of a switch: Hydra's struct mode refuses to add it
+    with pytest.raises(ConfigCompositionException, match=f"Could not override '{override.split('=')[0]}'"):
+        compose_config(["recipe=resnet20_ptq_cifar10", override])
+
+
+def test_forced_unknown_option_key_fails_when_the_options_are_built():
+    cfg = compose_config(["recipe=resnet20_ptq_cifar10", "+quant.options.bias_corection=true"])  # '+' adds any key
+    with pytest.raises(ValueError, match="unknown QuantOptions key.*bias_corection"):
+        quant_options(cfg)
 
 
 def test_unknown_recipe_lists_search_path():

@@ -55,13 +55,14 @@ def test_offline_recipe_runs(recipe, tmp_path):
     run = tmp_path / "run"
     assert json.loads((run / "metrics.json").read_text())["int8_top1"] == metrics["int8_top1"]
     assert (run / "quant_state.ckpt").is_file()
-    if cfg.quant.range_search:
+    if cfg.quant.options.range_search:
         assert set(metrics["range_search"]) <= {"signed", "residual_sum", "non_negative"}
     if cfg.deploy:
         assert sorted(metrics["artefacts"]) == sorted(cfg.export.formats)
         assert (run / "model_int8.pt").is_file()
         if "xmodel" in cfg.export.formats:
-            assert (run / "quant_info.json").is_file()
+            assert (run / "model_int8.quant_info.json").is_file()  # the pair of model_int8.xmodel
+            assert metrics["artefacts"]["xmodel"]["quant_info"] == str(run / "model_int8.quant_info.json")
             assert metrics["artefacts"]["xmodel"]["top1_agreement"] >= 0.99  # our XIR interpreter vs fake-quant
 
 
@@ -102,7 +103,7 @@ def test_calib_then_test_gives_identical_metrics(tmp_path):
 
 def test_dpu_range_search_shifts_survive_the_state_file(tmp_path):
     """quant=dpu + range search: fix position shifts per group, kept by mode=test and named in report.md."""
-    extra = ("quant.range_search=true", "quant.bias_correction=false")
+    extra = ("quant.options.range_search=true", "quant.options.bias_correction=false")
     calib = train(tiny_config("resnet20_ptq_cifar10_dpu", tmp_path, "mode=calib", *extra))
     assert calib["range_search_parameter"] == "fix_pos_offset"
     assert set(calib["range_search"]) <= {"signed", "residual_sum", "non_negative"}
@@ -172,26 +173,25 @@ def test_scheme_overrides_and_cle_from_the_config(tmp_path):
         "quant.scheme.activation_observer=percentile",
         "quant.scheme.activation_percentile=99.9",
         "quant.scheme.weight_bits=6",
-        "quant.cross_layer_equalization=true",
-        "quant.replace_relu6=true",
+        "quant.options.cross_layer_equalization=true",
+        "quant.options.replace_relu6=true",
     )
     metrics = train(cfg)
     state = torch.load(tmp_path / "run" / "quant_state.ckpt", map_location="cpu", weights_only=False)
     saved = next(v for k, v in state["callbacks"].items() if k.startswith("QuantCallback"))
     assert saved["scheme"]["activation"]["observer"] == "percentile"
     assert saved["scheme"]["activation"]["percentile"] == 99.9 and saved["scheme"]["weight"]["bits"] == 6
-    assert saved["cross_layer_equalization"] is True and saved["replace_relu6"] is True
+    assert saved["options"]["cross_layer_equalization"] is True and saved["options"]["replace_relu6"] is True
     assert metrics["int8_top1"] > 40.0
 
 
 def test_vitis_fast_finetune_and_bias_correction_flags(tmp_path):
-    cfg = tiny_config(
-        "resnet20_ptq_cifar10", tmp_path, "quant.fast_finetune=true", "quant.bias_correction=true", batch_size=8
-    )
+    flags = ("quant.options.fast_finetune=true", "quant.options.bias_correction=true")
+    cfg = tiny_config("resnet20_ptq_cifar10", tmp_path, *flags, batch_size=8)
     metrics = train(cfg)
     state = torch.load(tmp_path / "run" / "quant_state.ckpt", map_location="cpu", weights_only=False)
     saved = next(v for k, v in state["callbacks"].items() if k.startswith("QuantCallback"))
-    assert saved["fast_finetune"] is True and saved["bias_correction"] is True
+    assert saved["options"]["fast_finetune"] is True and saved["options"]["bias_correction"] is True
     assert metrics["int8_top1"] > 30.0
 
 

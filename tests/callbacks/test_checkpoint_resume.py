@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_quant import CheckpointMismatchError, QATSchedule, QuantCallback
+from lightning_quant import CheckpointMismatchError, QATSchedule, QuantCallback, QuantOptions
 from lightning_quant.checkpoint import load_quantized_checkpoint
 from lightning_quant.quantizers import iter_quantizers
 from tests.helpers.models import LitClassifier, TinyDataModule, quiet_trainer, seeded_lit
@@ -153,7 +153,8 @@ def test_checkpoint_from_other_target_is_rejected(tmp_path):
 
 
 def test_checkpoint_with_other_relu6_choice_is_rejected(tmp_path):
-    t = trainer(tmp_path, [QuantCallback(replace_relu6=True, calibration_batches=1, progress=False)])
+    relu = QuantOptions(replace_relu6=True)
+    t = trainer(tmp_path, [QuantCallback(options=relu, calibration_batches=1, progress=False)])
     t.validate(lit(), datamodule=TinyDataModule())
     t.save_checkpoint(tmp_path / "relu.ckpt")
     expected = r"replace_relu6.*options=QuantOptions\(replace_relu6=True\)"
@@ -199,9 +200,9 @@ def test_loaded_quantizers_are_frozen_and_calibrated(tmp_path, qat_run):
 
 
 def test_max_pool_quantizer_entries_of_older_checkpoints_are_dropped_with_a_warning():
-    from lightning_quant.quantizers.state_checks import check_quant_state_keys
     from lightning_quant.config import scheme_for_target
     from lightning_quant.quantizers import prepare
+    from lightning_quant.quantizers.state_checks import check_quant_state_keys
 
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Conv2d(4, 2, 1)

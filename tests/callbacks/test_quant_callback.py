@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_quant import QATSchedule, QuantCallback, scheme_for_target
+from lightning_quant import QATSchedule, QuantCallback, QuantOptions, scheme_for_target
 from lightning_quant.checkpoint import load_quantized_checkpoint
 from lightning_quant.quantizers import iter_quantizers, prepare_info
 from lightning_quant.quantizers.modules import QuantConvBn
@@ -286,7 +286,8 @@ def test_empty_loader_raises_before_touching_weights():
 
 def test_post_calibration_refinements_run_in_a_trainer(tmp_path):
     corrected, plain = lit(), lit()
-    callback = QuantCallback(mode="ptq", calibration_batches=2, bias_correction=True, progress=False, report=False)
+    bc = QuantOptions(bias_correction=True)
+    callback = QuantCallback(mode="ptq", calibration_batches=2, options=bc, progress=False, report=False)
     make_trainer(tmp_path, callback).validate(corrected, datamodule=TinyDataModule())
     make_trainer(tmp_path, QuantCallback(mode="ptq", calibration_batches=2, progress=False, report=False)).validate(
         plain, datamodule=TinyDataModule()
@@ -307,7 +308,8 @@ def test_post_calibration_refinements_run_in_a_trainer(tmp_path):
 def test_fast_finetune_runs_under_lightning_inference_mode(tmp_path, stage, refinement):
     # validate/test run callbacks inside torch.inference_mode(); fast finetune and AdaRound need autograd there.
     tuned, plain = lit(), lit()
-    callback = QuantCallback(mode="ptq", calibration_batches=2, progress=False, report=False, **{refinement: True})
+    options = QuantOptions(**{refinement: True})
+    callback = QuantCallback(mode="ptq", calibration_batches=2, options=options, progress=False, report=False)
     getattr(make_trainer(tmp_path, callback), stage)(tuned, datamodule=TinyDataModule())
     assert not tuned.model.conv1.weight.is_inference()
     assert not torch.equal(tuned.model.conv1.weight, plain.model.conv1.weight)  # the weights were tuned
@@ -315,9 +317,9 @@ def test_fast_finetune_runs_under_lightning_inference_mode(tmp_path, stage, refi
 
 def test_refinements_refused_for_qat():
     with pytest.raises(ValueError, match="refine a PTQ calibration"):
-        QuantCallback(mode="qat", fast_finetune=True)
+        QuantCallback(mode="qat", options=QuantOptions(fast_finetune=True))
     with pytest.raises(ValueError, match="adaround refine a PTQ calibration"):
-        QuantCallback(mode="qat", adaround=True)
+        QuantCallback(mode="qat", options=QuantOptions(adaround=True))
 
 
 @pytest.mark.parametrize("mode", ["ptq", "qat"])

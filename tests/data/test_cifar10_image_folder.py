@@ -32,6 +32,7 @@ def test_cifar10_bad_root(tmp_path):
 
 def test_cifar10_no_data(tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTNING_QUANT_SHARED", str(tmp_path))
+    monkeypatch.setenv("LIGHTNING_QUANT_CACHE", str(tmp_path / "cache"))  # no earlier download either
     with pytest.raises(FileNotFoundError, match="download=True"):
         CIFAR10DataModule(num_workers=0).setup()
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from lightning_quant import NotCalibratedError, export_xmodel, prepare, quantize, scheme_for_target
 from lightning_quant.config import QuantSpec
-from lightning_quant.export.xmodel import UnsupportedOpError
+from lightning_quant.export.xmodel import UnsupportedOpError, quant_info_path_for, read_quant_info
 from lightning_quant.quantizers.dpu import DPUFixPosObserver, fix_pos_from_scale
 from lightning_quant.quantizers.dpu_pool import avgpool_multiplier, use_dpu_avgpool
 from lightning_quant.quantizers.dpu_shifts import check_dpu_shifts, enforce_dpu_shifts
@@ -86,11 +90,59 @@ def test_untraced_and_uncalibrated_models(tmp_path):
 def test_failed_export_keeps_the_earlier_files(tmp_path):
     good = _dpu(warm_bn(TinyConvBN()))
     path = export_xmodel(good, tmp_path / "m.xmodel", X)
-    before = path.read_bytes(), (tmp_path / "quant_info.json").read_text()
+    before = path.read_bytes(), (tmp_path / "m.quant_info.json").read_text()
     with pytest.raises(UnsupportedOpError):
         export_xmodel(_dpu(Sigmoid()), path, X)
-    assert (path.read_bytes(), (tmp_path / "quant_info.json").read_text()) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.xmodel", "quant_info.json"]
+    assert (path.read_bytes(), (tmp_path / "m.quant_info.json").read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.quant_info.json", "m.xmodel"]
+
+
+def test_two_exports_into_one_folder_keep_their_own_pairs(tmp_path):
+    # before: both wrote quant_info.json, so the first XModel was left beside the second one's fix positions
+    first = export_xmodel(_dpu(warm_bn(TinyConvBN())), tmp_path / "first.xmodel", X)
+    second = export_xmodel(_dpu(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())), tmp_path / "second.xmodel", X)
+    names = ["first.quant_info.json", "first.xmodel", "second.quant_info.json", "second.xmodel"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    for path in (first, second):  # read_quant_info checks graph_md5 against the XModel's bytes
+        assert read_quant_info(path)["graph_md5"] == hashlib.md5(path.read_bytes()).hexdigest()
+    assert read_quant_info(first)["param"] != read_quant_info(second)["param"]
+
+
+def test_a_pair_is_replaced_together_or_not_at_all(tmp_path, monkeypatch):
+    """The XModel is replaced, then its quant_info file fails to be: the XModel gets its earlier bytes back."""
+    path = export_xmodel(_dpu(warm_bn(TinyConvBN())), tmp_path / "m.xmodel", X)
+    before = path.read_bytes(), quant_info_path_for(path).read_text()
+    real_replace = os.replace
+
+    def refuse_info(src, dst, *args, **kwargs):
+        if Path(dst).name == "m.quant_info.json":
+            raise PermissionError(13, "Permission denied (simulated)")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", refuse_info)
+    with pytest.raises(PermissionError, match="simulated"):
+        export_xmodel(_dpu(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())), path, X)
+    assert (path.read_bytes(), quant_info_path_for(path).read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.quant_info.json", "m.xmodel"]  # no temporary left
+    assert read_quant_info(path)["graph_md5"] == hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_export_without_quant_info_removes_the_stale_pair_file(tmp_path):
+    path = export_xmodel(_dpu(warm_bn(TinyConvBN())), tmp_path / "m.xmodel", X)
+    export_xmodel(_dpu(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())), path, X, quant_info_path=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.xmodel"]  # the old file described the old graph
+
+
+def test_read_quant_info_reads_the_old_name_only_when_it_belongs_to_the_xmodel(tmp_path):
+    path = export_xmodel(_dpu(warm_bn(TinyConvBN())), tmp_path / "m.xmodel", X)
+    quant_info_path_for(path).rename(tmp_path / "quant_info.json")  # as earlier versions named it
+    assert read_quant_info(path)["graph_md5"] == hashlib.md5(path.read_bytes()).hexdigest()
+    export_xmodel(_dpu(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())), path, X, quant_info_path=False)
+    with pytest.raises(ValueError, match=r"quant_info\.json' belongs to another export: its graph_md5 .* Export"):
+        read_quant_info(path)
+    (tmp_path / "quant_info.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"looked for m\.quant_info\.json and quant_info\.json"):
+        read_quant_info(path)
 
 
 def test_bad_paths_and_inputs(tmp_path):

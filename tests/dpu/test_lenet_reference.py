@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pytest
 
+from lightning_quant.export.xmodel import read_quant_info
 from lightning_quant.export.xmodel_interpreter import attr_value, load_xmodel
 from tests.dpu.models import reference_dir
 
@@ -41,7 +42,7 @@ def test_fc_weights_match_vitis_bit_for_bit(lenet_export, layer):
 def test_parameter_positions_match_quant_info(lenet_export):
     _, path = lenet_export
     ref = json.loads((reference_dir() / "quant_info.json").read_text())["param"]
-    ours = json.loads((path.parent / "quant_info.json").read_text())["param"]
+    ours = read_quant_info(path)["param"]
     assert set(ours) == set(ref)
     differ = {k for k in ref if ours[k] != ref[k]}
     assert differ <= {"LeNet::conv1.weight"}  # conv1's weights are rescaled by Vitis AI's CLE: 9 here, 8 there
@@ -59,7 +60,7 @@ def test_biases_within_one_code_of_vitis(lenet_export):
 
 def test_input_position_matches_vitis(lenet_export):
     qmodel, path = lenet_export  # calibrated on inputs spanning [-1, 1]: the overflow-safe position is 6
-    ours = json.loads((path.parent / "quant_info.json").read_text())["output"]
+    ours = read_quant_info(path)["output"]
     ref = json.loads((reference_dir() / "quant_info.json").read_text())["output"]
     assert ours["LeNet::x"] == ref["LeNet::nndct_input_0"] == [[8, 6]]
     assert len(ours) == len(ref) == 8
@@ -77,12 +78,12 @@ def test_with_cross_layer_equalization_conv_weights_come_within_one_code():
     """Vitis AI equalizes conv1 -> ReLU -> MaxPool -> conv2 by default; with our CLE the codes land next to its."""
     import torch
 
-    from lightning_quant import quantize
+    from lightning_quant import QuantOptions, quantize
     from tests.dpu.conftest import _batches
     from tests.dpu.models import reference_lenet
 
-    qmodel = quantize(reference_lenet(), _batches((3, 32, 32), seed=1), target="dpu", progress=False,
-                      cross_layer_equalization=True)  # fmt: skip
+    cle = QuantOptions(cross_layer_equalization=True)
+    qmodel = quantize(reference_lenet(), _batches((3, 32, 32), seed=1), target="dpu", progress=False, options=cle)
     ref = _ops(reference_dir() / "LeNet_int.xmodel")
     for layer, limit in (("conv1", 0.1), ("conv2", 0.1)):
         module = getattr(qmodel, layer)

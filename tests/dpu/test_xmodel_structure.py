@@ -8,9 +8,9 @@ import re
 import numpy as np
 import torch
 
-from lightning_quant import export_xmodel, quantize
+from lightning_quant import QuantOptions, export_xmodel, quantize
 from lightning_quant.algorithms.post_calibration import record_refinements
-from lightning_quant.export.xmodel import quant_info
+from lightning_quant.export.xmodel import quant_info, quant_info_path_for, read_quant_info
 from lightning_quant.export.xmodel_interpreter import attr_value, load_xmodel
 from lightning_quant.quantizers.dpu_shifts import check_dpu_shifts
 from lightning_quant.quantizers.prepare import prepare_info
@@ -113,7 +113,7 @@ def test_shift_constraints_hold_in_the_file(exported):
 
 def test_quant_info_layout_matches_vitis(exported):
     _, _, _, path = exported
-    text = (path.parent / "quant_info.json").read_text()
+    text = quant_info_path_for(path).read_text()  # model.xmodel -> model.quant_info.json
     ref_text = (reference_dir() / "quant_info.json").read_text()
     ours, ref = json.loads(text), json.loads(ref_text)
     assert list(ours) == list(ref)
@@ -128,11 +128,12 @@ def test_quant_info_records_bias_correction(tmp_path):
     """``bias_corrected`` / ``fast_finetuned`` say what ran, as Vitis AI's file does (and survive a state reload)."""
     data = [torch.rand(4, 3, 16, 16) for _ in range(2)]
     plain = quantize(warm_bn(TinyConvBN()), data, target="dpu", progress=False)
-    corrected = quantize(warm_bn(TinyConvBN()), data, target="dpu", bias_correction=True, progress=False)
+    bc = QuantOptions(bias_correction=True)
+    corrected = quantize(warm_bn(TinyConvBN()), data, target="dpu", options=bc, progress=False)
     assert (quant_info(plain)["bias_corrected"], quant_info(corrected)["bias_corrected"]) == (False, True)
     assert quant_info(corrected)["fast_finetuned"] is False
-    export_xmodel(corrected, tmp_path / "m.xmodel", data[0][:1])
-    assert json.loads((tmp_path / "quant_info.json").read_text())["bias_corrected"] is True
+    path = export_xmodel(corrected, tmp_path / "m.xmodel", data[0][:1])
+    assert read_quant_info(path)["bias_corrected"] is True
     record_refinements(plain, ["fast_finetune", "fast_finetune"])
     assert quant_info(plain)["fast_finetuned"] is True
     assert prepare_info(plain).refinements == ["dpu_shifts", "fast_finetune"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_quant import NotCalibratedError, export_onnx, export_torchscript, prepare, quantize
+from lightning_quant import NotCalibratedError, export_onnx, export_torchscript, export_xmodel, prepare, quantize
 from lightning_quant.config import scheme_for_target
 from tests.helpers.models import TinyConvBN, warm_bn
 
@@ -19,28 +19,44 @@ def x86_qmodel(tiny_exports):
     return tiny_exports["x86"].qmodel
 
 
-@pytest.mark.parametrize(("exporter", "name"), [(export_onnx, "m.onnx"), (export_torchscript, "m.pt")])
+@pytest.fixture(scope="module")
+def dpu_qmodel(tiny_float, calib_batches):
+    return quantize(tiny_float, calib_batches, target="dpu", progress=False)
+
+
+def _model_for(exporter, x86_qmodel, dpu_qmodel):
+    """export_xmodel takes DPU models only; the other exporters the x86 one."""
+    return dpu_qmodel if exporter is export_xmodel else x86_qmodel
+
+
+@pytest.mark.parametrize(
+    ("exporter", "name"), [(export_onnx, "m.onnx"), (export_torchscript, "m.pt"), (export_xmodel, "m.xmodel")]
+)
 def test_export_before_calibration_raises(exporter, name, tmp_path):
-    qmodel = prepare(warm_bn(TinyConvBN()), scheme_for_target("x86"))
+    qmodel = prepare(warm_bn(TinyConvBN()), scheme_for_target("dpu" if exporter is export_xmodel else "x86"))
     with pytest.raises(NotCalibratedError, match="calibrat"):
         exporter(qmodel, tmp_path / name, X)
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("exporter", [export_onnx, export_torchscript])
-def test_directory_path_raises(exporter, x86_qmodel, tmp_path):
+@pytest.mark.parametrize("exporter", [export_onnx, export_torchscript, export_xmodel])
+def test_directory_path_raises(exporter, x86_qmodel, dpu_qmodel, tmp_path):
     with pytest.raises(ValueError, match=r"is a directory; pass a file path such as"):
-        exporter(x86_qmodel, tmp_path, X)
+        exporter(_model_for(exporter, x86_qmodel, dpu_qmodel), tmp_path, X)
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
     ("exporter", "name", "expected"),
-    [(export_onnx, "model.pt", r"should end with \.onnx"), (export_torchscript, "model.onnx", r"should end with \.pt")],
+    [
+        (export_onnx, "model.pt", r"should end with \.onnx"),
+        (export_torchscript, "model.onnx", r"should end with \.pt"),
+        (export_xmodel, "model.onnx", r"should end with \.xmodel"),
+    ],
 )
-def test_wrong_suffix_raises(exporter, name, expected, x86_qmodel, tmp_path):
+def test_wrong_suffix_raises(exporter, name, expected, x86_qmodel, dpu_qmodel, tmp_path):
     with pytest.raises(ValueError, match=expected):
-        exporter(x86_qmodel, tmp_path / name, X)
+        exporter(_model_for(exporter, x86_qmodel, dpu_qmodel), tmp_path / name, X)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -141,3 +142,50 @@ def test_tolerant_agreement_and_negative_tie_steps(tiny_exports, eval_batches):
     assert "near-tie flips" in report.to_table()
     with pytest.raises(ValueError, match="tie_steps=-1 must be >= 0"):
         verify_export(x86.qmodel, x86.path, eval_batches[:1], latency_runs=0, tie_steps=-1)
+
+
+def _poisoned_runner(monkeypatch, value: float) -> None:
+    """The artefact's runtime gives ``value`` for logit 3 of every sample (an exporter or kernel bug)."""
+    import lightning_quant.export.verify as verify
+
+    real = verify.load_runner
+
+    def load(path, *args, **kwargs):
+        run = real(path, *args, **kwargs)
+
+        def poisoned(inputs):
+            out = np.array(run(inputs), copy=True)
+            out[:, 3] = value
+            return out
+
+        return poisoned
+
+    monkeypatch.setattr(verify, "load_runner", load)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_outputs_of_the_artefact_fail_verification(tiny_exports, eval_batches, monkeypatch, value):
+    # before: max() dropped the NaN differences and, with the agreement gate off, the NaN artefact passed
+    x86 = tiny_exports["x86"]
+    _poisoned_runner(monkeypatch, value)
+    with pytest.raises(
+        ExportVerificationError,
+        match=r"tiny_x86\.onnx: NaN/inf outputs on the 64 verification sample\(s\): 64 value\(s\) from the "
+        r"artefact, 0 from the fake-quant model; a non-finite output never counts as agreeing",
+    ):
+        verify_export(x86.qmodel, x86.path, eval_batches, latency_runs=0, min_top1_agreement=0.0, max_diff_steps=1e6)
+
+
+def test_nan_outputs_of_the_model_fail_verification(tiny_exports, eval_batches, monkeypatch):
+    x86 = tiny_exports["x86"]
+    _poisoned_runner(monkeypatch, float("nan"))
+    model = copy.deepcopy(x86.qmodel)
+    model.register_forward_hook(lambda module, args, out: out.index_fill(1, torch.tensor([3]), float("nan")))
+    with pytest.raises(ExportVerificationError, match=r"64 value\(s\) from the artefact, 64 from the fake-quant"):
+        verify_export(model, x86.path, eval_batches, latency_runs=0, min_top1_agreement=0.0)
+
+
+def test_finite_outputs_report_no_nonfinite_values(tiny_exports, eval_batches):
+    x86 = tiny_exports["x86"]
+    report = verify_export(x86.qmodel, x86.path, eval_batches, latency_runs=0)
+    assert report.nonfinite_outputs == report.model_nonfinite_outputs == 0 and np.isfinite(report.max_abs_diff)

@@ -52,6 +52,8 @@ def test_missing_weights_file(tmp_path):
 
 def test_missing_shared_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTNING_QUANT_SHARED", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # empty hub cache
+    monkeypatch.setenv("LIGHTNING_QUANT_OFFLINE", "1")  # never download, even on a machine with the internet
     with pytest.raises(FileNotFoundError, match="weights_path=.*LIGHTNING_QUANT_SHARED"):
         cifar_resnet(20)
 

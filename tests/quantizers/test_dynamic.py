@@ -120,3 +120,43 @@ def test_static_convolutions_with_a_dynamic_head(tmp_path):
     scripted = torch.jit.load(str(export_torchscript(qmodel, tmp_path / "mixed.pt", x)))
     with torch.no_grad():
         assert torch.allclose(scripted(x), qmodel(x), atol=1e-5)
+
+
+def test_torch_ao_call_shape_maps_onto_quantize_dynamic():
+    # before: ValueError: target={<class 'torch.nn.modules.linear.Linear'>} ... / unexpected keyword 'dtype'
+    model = _mlp()
+    qmodel = quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    reference = quantize_dynamic(model)
+    assert [type(m).__name__ for m in qmodel] == ["DynamicQuantLinear", "GELU", "DynamicQuantLinear"]
+    x = torch.randn(4, 32)
+    assert torch.equal(qmodel(x), reference(x))  # the same as our own default call
+    only_head = quantize_dynamic(model, {"2"}, dtype=torch.qint8)  # a set of names: only those layers
+    assert [type(m).__name__ for m in only_head] == ["Linear", "GELU", "DynamicQuantLinear"]
+    assert type(quantize_dynamic(model, dtype=torch.qint8)[0]) is DynamicQuantLinear
+
+
+def test_torch_ao_call_shapes_without_an_equivalent_name_the_call():
+    with pytest.raises(ValueError, match=r"quantizes nn.Linear only; LSTM has no dynamic quantization here\. Call "
+                                         r"quantize_dynamic\(model\)"):  # fmt: skip
+        quantize_dynamic(_mlp(), {nn.Linear, nn.LSTM}, dtype=torch.qint8)
+    with pytest.raises(ValueError, match=r"dtype=torch.float16: .*call quantize_dynamic\(model\).*model\.half\(\)"):
+        quantize_dynamic(_mlp(), {nn.Linear}, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"dtype=torch.quint8: .*torch.qint8 is the only dtype"):
+        quantize_dynamic(_mlp(), dtype=torch.quint8)
+    qconfig = torch.ao.quantization.default_dynamic_qconfig
+    with pytest.raises(TypeError, match=r"torch.ao's per-type qconfig.*call quantize_dynamic\(model, 'x86'\)"):
+        quantize_dynamic(_mlp(), {nn.Linear: qconfig})
+    with pytest.raises(TypeError, match=r"qconfig_spec entries are module types or layer names, got 3"):
+        quantize_dynamic(_mlp(), {nn.Linear, 3})
+    with pytest.raises(NothingToQuantizeError, match=r"at or under \['head'\]"):
+        quantize_dynamic(_mlp(), {"head"})
+
+
+def test_exclude_accepts_module_types():
+    # before: TypeError: object of type 'type' has no len() (fnmatch on a class)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(NothingToQuantizeError, match=r"outside exclude=\[<class 'torch\.nn\.modules\.linear\.Linear'>"):
+        quantize_dynamic(model, exclude=[nn.Linear])
+    assert type(quantize_dynamic(model, exclude=[nn.Conv2d])[2]) is DynamicQuantLinear  # a type that matches none
+    with pytest.raises(TypeError, match=r"got an instance of Linear \(pass the type, exclude=\[Linear\]\)"):
+        quantize_dynamic(model, exclude=[model[0]])

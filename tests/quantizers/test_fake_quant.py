@@ -148,9 +148,9 @@ def test_switch_helpers_and_describe():
 def test_calibration_estimates_qparams_once_not_per_batch(monkeypatch):
     # a histogram search per batch made percentile/MSE/entropy calibration many times slower than min/max
     from lightning_quant import scheme_for_target
-    from lightning_quant.algorithms.entropy import EntropyObserver
     from lightning_quant.calibration import calibrate
     from lightning_quant.quantizers import iter_quantizers, prepare
+    from lightning_quant.quantizers.entropy import EntropyObserver
 
     calls = []
     original = EntropyObserver.calculate_qparams

@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_quant import QATSchedule, QuantCallback, export_onnx, export_torchscript, quantize
+from lightning_quant import QATSchedule, QuantCallback, QuantOptions, export_onnx, export_torchscript, quantize
 from lightning_quant.config import scheme_for_target
 from tests.helpers.models import LitClassifier, TinyConvBN, TinyDataModule, quiet_trainer, warm_bn
 from tests.robustness.random_nets import NetPlan, build
@@ -60,9 +60,11 @@ def _loader(seed: int) -> DataLoader:
     )
 
 
-def _quantized(seed: int, target: str = "x86", **options) -> torch.nn.Module:
-    scheme = scheme_for_target(target, **options.pop("overrides", {}))
-    return quantize(build(PLAN, seed), _loader(seed), scheme=scheme, num_batches=4, progress=False, **options)
+def _quantized(
+    seed: int, target: str = "x86", overrides: dict | None = None, options: QuantOptions | None = None
+) -> torch.nn.Module:
+    scheme = scheme_for_target(target, **(overrides or {}))
+    return quantize(build(PLAN, seed), _loader(seed), scheme=scheme, options=options, num_batches=4, progress=False)
 
 
 def _assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -72,20 +74,20 @@ def _assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
 
 
 @pytest.mark.parametrize(
-    ("target", "options"),
+    ("target", "settings"),
     [
         ("x86", {}),
         ("x86_vnni", {"overrides": {"activation_observer": "mse"}}),
         ("tensorrt", {"overrides": {"activation_observer": "percentile", "weight_granularity": "per_tensor"}}),
         ("tensorrt", {"overrides": {"activation_observer": "entropy"}}),
         ("dpu", {}),
-        ("x86", {"cross_layer_equalization": True, "bias_correction": True, "fast_finetune": True}),
+        ("x86", {"options": QuantOptions(cross_layer_equalization=True, bias_correction=True, fast_finetune=True)}),
     ],
     ids=["x86_minmax", "vnni_mse", "trt_percentile", "trt_entropy", "dpu", "x86_cle_bc_adaquant"],
 )
-def test_same_seed_gives_bit_identical_qparams(target, options):
-    first = _quantized(3, target, **dict(options)).state_dict()
-    again = _quantized(3, target, **dict(options)).state_dict()
+def test_same_seed_gives_bit_identical_qparams(target, settings):
+    first = _quantized(3, target, **settings).state_dict()
+    again = _quantized(3, target, **settings).state_dict()
     assert any(k.endswith("weight_fake_quant.scale") for k in first)
     _assert_bit_identical(first, again)
 

@@ -19,7 +19,14 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_quant import CheckpointMismatchError, QuantCallback, export_onnx, export_torchscript, quantize
+from lightning_quant import (
+    CheckpointMismatchError,
+    QuantCallback,
+    export_onnx,
+    export_torchscript,
+    export_xmodel,
+    quantize,
+)
 from lightning_quant.checkpoint import load_quantized_checkpoint
 from lightning_quant.data import CalibrationFolder
 from tests.helpers.models import LitClassifier, TinyConvBN, TinyDataModule, quiet_trainer, seeded_lit, warm_bn
@@ -214,8 +221,20 @@ def test_state_with_incomplete_callback_config_is_rejected(ptq_state, tmp_path, 
 
 # --- read-only output folders -----------------------------------------------------------------------------------
 
-EXPORTERS = [(export_onnx, "model.onnx"), (export_torchscript, "model.pt")]
-IDS = ["onnx", "torchscript"]
+EXPORTERS = [(export_onnx, "model.onnx"), (export_torchscript, "model.pt"), (export_xmodel, "model.xmodel")]
+IDS = ["onnx", "torchscript", "xmodel"]
+
+
+@pytest.fixture(scope="module")
+def dpu_qmodel(tiny) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(1)
+    return quantize(tiny, [torch.randn(8, 3, 16, 16, generator=g) for _ in range(2)], target="dpu", progress=False)
+
+
+@pytest.fixture
+def exported_model(request, qmodel, dpu_qmodel):
+    """The model each exporter takes: the x86 one, or for export_xmodel the DPU one."""
+    return dpu_qmodel if request.node.callspec.params["exporter"] is export_xmodel else qmodel
 
 
 def _earlier_artefact(folder: Path, name: str) -> bytes:
@@ -226,12 +245,12 @@ def _earlier_artefact(folder: Path, name: str) -> bytes:
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; see the simulated cases below")
 @pytest.mark.parametrize(("exporter", "name"), EXPORTERS, ids=IDS)
-def test_read_only_folder_refuses_before_any_work(qmodel, tmp_path, exporter, name):
+def test_read_only_folder_refuses_before_any_work(exported_model, tmp_path, exporter, name):
     earlier = _earlier_artefact(tmp_path, name)
     tmp_path.chmod(stat.S_IRUSR | stat.S_IXUSR)
     try:
         with pytest.raises(PermissionError, match="the folder is read-only; choose another output path"):
-            exporter(qmodel, tmp_path / name, X)
+            exporter(exported_model, tmp_path / name, X)
         assert sorted(p.name for p in tmp_path.iterdir()) == [name]
         assert (tmp_path / name).read_bytes() == earlier
     finally:
@@ -239,7 +258,7 @@ def test_read_only_folder_refuses_before_any_work(qmodel, tmp_path, exporter, na
 
 
 @pytest.mark.parametrize(("exporter", "name"), EXPORTERS, ids=IDS)
-def test_read_only_filesystem_refuses_before_any_work(qmodel, tmp_path, monkeypatch, exporter, name):
+def test_read_only_filesystem_refuses_before_any_work(exported_model, tmp_path, monkeypatch, exporter, name):
     """A read-only mount: access(2) reports the folder unwritable even to root, as simulated here."""
     earlier = _earlier_artefact(tmp_path, name)
     real_access = os.access
@@ -251,7 +270,7 @@ def test_read_only_filesystem_refuses_before_any_work(qmodel, tmp_path, monkeypa
 
     monkeypatch.setattr(os, "access", read_only_mount)
     with pytest.raises(PermissionError, match="the folder is read-only; choose another output path"):
-        exporter(qmodel, tmp_path / name, X)
+        exporter(exported_model, tmp_path / name, X)
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
     assert (tmp_path / name).read_bytes() == earlier
 
@@ -259,7 +278,7 @@ def test_read_only_filesystem_refuses_before_any_work(qmodel, tmp_path, monkeypa
 @pytest.mark.parametrize(("exporter", "name"), EXPORTERS, ids=IDS)
 @pytest.mark.parametrize("refused", ["create", "replace"])
 def test_folder_refusing_writes_after_the_check_keeps_earlier_artefact(
-    qmodel, tmp_path, monkeypatch, exporter, name, refused
+    exported_model, tmp_path, monkeypatch, exporter, name, refused
 ):
     """The access check passes but the folder refuses the write (ACLs, a root-squashed NFS export, a folder made
     read-only while exporting): creating the temporary file, or renaming it over the earlier artefact, fails. The
@@ -284,16 +303,18 @@ def test_folder_refusing_writes_after_the_check_keeps_earlier_artefact(
         monkeypatch.setattr(tempfile, create, refusing(getattr(tempfile, create)))
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(PermissionError, match="simulated read-only folder"):
-        exporter(qmodel, tmp_path / name, X)
+        exporter(exported_model, tmp_path / name, X)
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
     assert (tmp_path / name).read_bytes() == earlier
 
 
 @pytest.mark.parametrize(("exporter", "name"), EXPORTERS, ids=IDS)
-def test_exports_get_the_usual_file_permissions(qmodel, tmp_path, exporter, name):
+def test_exports_get_the_usual_file_permissions(exported_model, tmp_path, exporter, name):
     """Artefacts are readable like any file the process writes (umask), e.g. by a serving process of another user.
     Before, the temporary file from ``mkstemp`` was renamed into place and kept its owner-only mode 0600."""
     umask = os.umask(0o022)
     os.umask(umask)
-    path = exporter(qmodel, tmp_path / name, X)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    path = exporter(exported_model, tmp_path / name, X)
+    for written in tmp_path.iterdir():  # an XModel's quant_info file too
+        assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask, written.name
+    assert path.exists()
