@@ -5,6 +5,7 @@ Example:
     >>> callback = QuantCallback(mode="ptq", target="x86", calibration_batches=16)
 """
 
+from lightning_quant._version import __version__
 from lightning_quant.algorithms.accuracy_control import AccuracyControlReport, quantize_with_accuracy_control
 from lightning_quant.api import quantize
 from lightning_quant.callbacks.quant_callback import QuantCallback
@@ -35,6 +36,7 @@ from lightning_quant.quantizers import convert, prepare, quantize_dynamic
 from lightning_quant.report import QuantReport, quantization_report
 
 __all__ = [
+    "__version__",
     "AccuracyControlReport",
     "CheckpointMismatchError",
     "ExportVerificationError",
@@ -62,5 +64,3 @@ __all__ = [
     "scheme_for_target",
     "verify_export",
 ]
-
-__version__ = "0.1.0"

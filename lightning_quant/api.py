@@ -99,7 +99,8 @@ def quantize(
         options: what runs around calibration (:class:`~lightning_quant.config.QuantOptions`: ReLU6 to ReLU,
             cross-layer equalization, range search, bias correction, AdaRound, fast finetune); default none.
         num_batches: calibrate on at most this many batches.
-        exclude: glob patterns of layer names to keep in float.
+        exclude: layers to keep in float: glob patterns of layer names (``"classifier.*"``) and/or ``nn.Module``
+            types (``nn.Linear``).
         progress: show a progress bar.
         layer_weight_bits: ``{glob pattern: bits}``: other weight widths for matching layers, e.g.
             ``{"conv1": 8}`` in a W4A8 model (see :func:`~lightning_quant.quantizers.prepare`).
@@ -111,13 +112,13 @@ def quantize(
         UserWarning: ``model`` is in training mode (it is calibrated as in eval mode; the result is in eval mode).
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``; ``options`` or ``scheme`` of the wrong type, an unknown keyword, or ``options=`` together with
-            option keywords.
+        TypeError: ``model`` is not an ``nn.Module``; ``options`` or ``scheme`` of the wrong type, an unknown
+            keyword, or ``options=`` together with option keywords; an ``exclude`` entry that is neither a string
+            nor an ``nn.Module`` type.
         ValueError: a model with tensors on the ``meta`` device, unknown target, a ``target`` that contradicts
-            ``scheme.target``, empty calibration data,
-            batches the model cannot take, (with ``cross_layer_equalization``) a BatchNorm in training mode or a model
-            torch.fx cannot trace, or ``range_search`` with activations that use neither the ``percentile``
-            estimator nor power-of-two scales.
+            ``scheme.target``, empty calibration data, batches the model cannot take, (with
+            ``cross_layer_equalization``) a BatchNorm in training mode or a model torch.fx cannot trace, or
+            ``range_search`` with activations that use neither the ``percentile`` estimator nor power-of-two scales.
         NothingToQuantizeError: no Conv/Linear layer found.
         NotCalibratedError: (with a refinement) calibration reached no quantizer.
     """

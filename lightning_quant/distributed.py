@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sa
 
 from lightning_quant.errors import RankFailedError
 from lightning_quant.quantizers.fake_quant import FakeQuantize
+from lightning_quant.quantizers.prepare import warn_degenerate_ranges
 
 __all__ = [
     "all_ranks_succeed",
@@ -279,7 +280,8 @@ def sync_quantizers(model: nn.Module, *, group: Any = None, only_observing: bool
 
     Warns:
         UserWarning: (on the first rank, unless ``only_observing``) a merged activation range has zero width
-            (all-zero or constant calibration data), see :func:`~lightning_quant.calibration.warn_degenerate_ranges`.
+            (all-zero or constant calibration data); see
+            :func:`~lightning_quant.quantizers.prepare.warn_degenerate_ranges`.
 
     Raises:
         RankFailedError: the local part of the merge (an observer's ``sync_tensors``/``after_sync``, the qparams
@@ -317,8 +319,6 @@ def sync_quantizers(model: nn.Module, *, group: Any = None, only_observing: bool
 
 def _warn_degenerate(model: nn.Module, group: Any) -> None:
     """After a calibration merge: warn (once, on the first rank) about ranges of zero width."""
-    from lightning_quant.calibration import warn_degenerate_ranges  # calibration imports this module
-
     if rank_and_world(group)[0] == 0:
         warn_degenerate_ranges(model, stacklevel=4)
 

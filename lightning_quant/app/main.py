@@ -62,7 +62,6 @@ __all__ = [
 ]
 
 
-
 def _resource_dir(name: str) -> Path:
     """``configs``/``recipes``: inside the installed package (a wheel), else at the top level of a checkout."""
     package = Path(__file__).resolve().parents[1]
@@ -296,9 +295,7 @@ def _build_logger(cfg: DictConfig) -> Any:
 
 
 def _build_trainer(cfg: DictConfig, callbacks: list[Any], **overrides: Any) -> pl.Trainer:
-    return instantiate(
-        cfg.trainer, callbacks=[*callbacks, *_progress_bar(cfg)], logger=_build_logger(cfg), **overrides
-    )
+    return instantiate(cfg.trainer, callbacks=[*callbacks, *_progress_bar(cfg)], logger=_build_logger(cfg), **overrides)
 
 
 def _evaluate(

@@ -117,7 +117,7 @@ class QuantCallback(Callback):
             that warns, since accuracy measured on the calibration data is optimistic).
         transform_fn: maps one batch to the network input (default: first element of ``(x, y)`` pairs).
         qat_schedule: when observers and BatchNorm statistics freeze during QAT.
-        exclude: glob patterns of layer names kept in float.
+        exclude: layers kept in float: glob patterns of layer names and/or ``nn.Module`` types.
         layer_weight_bits: ``{glob pattern: bits}`` weight widths of matching layers (mixed precision; see
             :func:`~lightning_quant.quantizers.prepare`); stored in checkpoints like ``exclude``.
         module_name: attribute of the LightningModule holding the network (default: ``model``, ``net``,

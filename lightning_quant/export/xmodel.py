@@ -35,6 +35,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from lightning_quant._version import __version__
 from lightning_quant.capture.patterns import shared_quantizer_calls
 from lightning_quant.config import ScaleType
 from lightning_quant.export._atomic import atomic_path, atomic_paths, check_output_path
@@ -181,7 +182,6 @@ def quant_info(qmodel: nn.Module, graph_name: str | None = None) -> dict[str, An
     for _, gm, node in shared_quantizer_calls(qmodel):
         fq = gm.get_submodule(node.target)
         output[f"{prefix}::{node.args[0].name}"] = [[fq.spec.bits, fix_pos_from_scale(fq.scale)]]
-    from lightning_quant import __version__
 
     steps = prepare_info(qmodel).refinements
     tuned, corrected = "fast_finetune" in steps, "bias_correction" in steps

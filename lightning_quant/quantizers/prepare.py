@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
@@ -63,6 +64,7 @@ __all__ = [
     "iter_quantizers",
     "prepare",
     "prepare_info",
+    "warn_degenerate_ranges",
     "require_calibrated",
     "set_fake_quant",
     "set_observers",
@@ -499,3 +501,42 @@ def convert(model: nn.Module) -> nn.Module:
     if _INFO_ATTR in model.__dict__:
         _attach_info(frozen, model.__dict__[_INFO_ATTR])  # the same record: steps noted later reach both
     return frozen.eval()
+
+
+def warn_degenerate_ranges(model: nn.Module, *, stacklevel: int = 2) -> list[str]:
+    """Warn about activation quantizers whose calibrated range has zero width, and return their names.
+
+    A range of zero width (every observed value the same, e.g. all-zero calibration images) gives no usable
+    scale: the quantizer then maps every other value onto the range's edge. It nearly always means the data
+    loading or normalization is broken.
+
+    Example:
+        >>> import torch, warnings
+        >>> from lightning_quant.calibration import calibrate
+        >>> from lightning_quant.config import scheme_for_target
+        >>> qmodel = prepare(nn.Sequential(nn.Linear(4, 2)), scheme_for_target("x86"))
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = calibrate(qmodel, [torch.zeros(2, 4)], progress=False)
+        >>> "range of zero width" in str(caught[-1].message)
+        True
+    """
+    flat: list[tuple[str, float]] = []
+    for name, fq in iter_quantizers(model):
+        if name.endswith(("weight_fake_quant", "bias_fake_quant")) or not fq.calibrated.item():
+            continue
+        low, high = fq.observer.min_val.detach(), fq.observer.max_val.detach()
+        if low.numel() and torch.isfinite(low).all() and torch.isfinite(high).all():
+            if float(high.max()) == float(low.min()):
+                flat.append((name, float(low.min())))
+    if flat:
+        listed = ", ".join(f"{name} (every value {value:g})" for name, value in flat[:5])
+        more = f" and {len(flat) - 5} more" if len(flat) > 5 else ""
+        warnings.warn(
+            f"{len(flat)} quantizer(s) observed a range of zero width during calibration: {listed}{more}. Their "
+            "scale is a placeholder and every other value is clipped to (almost) that one value. The calibration "
+            "data is probably all zeros or constant: check the dataset path, the image decoding and the normalization.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+    return [name for name, _ in flat]
