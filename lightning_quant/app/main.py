@@ -104,7 +104,6 @@ def _check_config(cfg: DictConfig) -> None:
             f"export.formats has xmodel but quant={cfg.quant.target}: Vitis AI XModels hold the DPU scheme only; use "
             "quant=dpu (or a *_dpu recipe), or drop xmodel from export.formats."
         )
-    _check_name(cfg.name)
     if cfg.deploy and cfg.mode in ("calib", "float"):
         why = "it only writes the calibration state file" if cfg.mode == "calib" else "it has no quantized model"
         print(
@@ -120,17 +119,6 @@ def _check_config(cfg: DictConfig) -> None:
         raise FileNotFoundError(
             f"mode=test: state file {cfg.state_file!r} does not exist. Run mode=calib first with the same recipe "
             "(it writes that file), or pass state_file=/path/to/quant_state.ckpt (e.g. from a mode=ptq run dir)."
-        )
-
-
-def _check_name(name: Any) -> None:
-    """``name`` becomes a file and folder name (``<state_dir>/<name>.ckpt``, ``outputs/<name>/``): no path in it."""
-    text = str(name)
-    if not text or ".." in text or any(sep in text for sep in ("/", "\\", "\0")):
-        raise ValueError(
-            f"name={text!r} must be a plain run name (no '/', '\\' or '..'): it names the state file and the output "
-            "folder, so it cannot point outside them. Use e.g. name=resnet20_ptq_v2; to write elsewhere set "
-            "paths.state_dir=/some/folder or state_file=/path/to/state.ckpt."
         )
 
 

@@ -143,6 +143,7 @@ def validate_config(cfg: DictConfig) -> None:
         ValueError: the first problem found, naming the key, the allowed values and the fix.
     """
     _check_schema_keys(cfg, TrainSchema, "")
+    _check_name(cfg.name)
     _one_of("mode", cfg.mode, MODES, "(Vitis AI --quant_mode float|calib|test is mode=float|calib|test)")
     _one_of("progress_bar", cfg.get("progress_bar", "rich"), _PROGRESS_BARS)
     _one_of("quant.target", cfg.quant.target, [t.value for t in Target])
@@ -231,6 +232,17 @@ def config_keys(cfg: DictConfig, path: str = "") -> list[str]:
         if isinstance(child, DictConfig):
             keys += config_keys(child, f"{path}{key}.")
     return keys
+
+
+def _check_name(name: Any) -> None:
+    """``name`` becomes a file and folder name (``<state_dir>/<name>.ckpt``, ``outputs/<name>/``): no path in it."""
+    text = str(name)
+    if not text or ".." in text or any(sep in text for sep in ("/", "\\", "\0")):
+        raise ValueError(
+            f"name={text!r} must be a plain run name (no '/', '\\' or '..'): it names the state file and the output "
+            "folder, so it cannot point outside them. Use e.g. name=resnet20_ptq_v2; to write elsewhere set "
+            "paths.state_dir=/some/folder or state_file=/path/to/state.ckpt."
+        )
 
 
 def _one_of(key: str, value: Any, allowed: typing.Sequence[str], extra: str = "") -> None:
