@@ -200,12 +200,27 @@ def deploy_model(qmodel: nn.Module, *, onnx_ops: bool = False) -> nn.Module:
         ValueError: a quantizer the chosen format cannot express (the message names it and the fix).
     """
     frozen = convert(qmodel)
+    read_by_graph = _graph_attribute_reads(frozen)
     for name, module in list(frozen.named_modules()):
         if isinstance(module, (QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear)):
-            set_submodule(frozen, name, DeployLayer(module, onnx_ops))
+            deployed = DeployLayer(module, onnx_ops)
+            if f"{name}.weight" in read_by_graph:  # the graph also uses the float weight itself (a tied weight)
+                deployed.register_buffer("weight", module.weight.detach().clone())
+            set_submodule(frozen, name, deployed)
         elif isinstance(module, DynamicQuantLinear):
             set_submodule(frozen, name, DeployDynamicLinear(module, onnx_ops))
     for name, module in list(frozen.named_modules()):
         if isinstance(module, FakeQuantize):
             set_submodule(frozen, name, DeployQuantize(module, onnx_ops))
     return frozen.eval().requires_grad_(False)
+
+
+def _graph_attribute_reads(model: nn.Module) -> set[str]:
+    """The full dotted names of every attribute an fx graph inside ``model`` reads (``get_attr`` nodes)."""
+    reads = set()
+    for path, module in model.named_modules():
+        graph = getattr(module, "graph", None)
+        if isinstance(graph, torch.fx.Graph):
+            prefix = f"{path}." if path else ""
+            reads |= {prefix + str(n.target) for n in graph.nodes if n.op == "get_attr"}
+    return reads

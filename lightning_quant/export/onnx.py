@@ -119,19 +119,8 @@ def _quiet_exporter():
 def _torch_export_to_onnx(deployed: nn.Module, args: tuple, kwargs: dict, opset: int, dynamic_batch: bool):
     from lightning_quant.export.qdq_ops import onnx_translations
 
-    shapes = _dynamic_batch(args, kwargs) if dynamic_batch else None
     with _quiet_exporter():
-        # torch.export first: torch.onnx.export would take a trailing dict positional argument for kwargs.
-        try:
-            with _size_oblivious(dynamic_batch and _has_batch_of_one(args, kwargs)):
-                exported = torch.export.export(deployed, args, kwargs or None, dynamic_shapes=shapes, strict=False)
-        except Exception as error:  # torch.export raises many types; all mean the graph could not be captured
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise RuntimeError(
-                f"torch.export could not capture the model for ONNX ({type(error).__name__}: {first_line}). Python "
-                "control flow on tensor values cannot be exported to ONNX: remove it (or use torch.cond), or export "
-                "TorchScript with export_torchscript, which records the path example_input takes."
-            ) from error
+        exported, dynamic_batch = _capture(deployed, args, kwargs, dynamic_batch)
         program = torch.onnx.export(
             exported,
             (),
@@ -145,6 +134,100 @@ def _torch_export_to_onnx(deployed: nn.Module, args: tuple, kwargs: dict, opset:
     if dynamic_batch:
         _name_batch_dim(proto)
     return proto
+
+
+def _capture(deployed: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool) -> tuple[Any, bool]:
+    """``torch.export`` of the deployable copy, with a dynamic batch when the model allows one; a model that fixes
+    its batch size is captured at the example's batch, with a warning. Returns the program and whether the batch
+    stayed dynamic.
+
+    Raises:
+        RuntimeError: the model cannot be captured; the message names the cause (see :func:`explain_export_failure`).
+    """
+    try:
+        shapes = _dynamic_batch(args, kwargs) if dynamic_batch else None
+        with _size_oblivious(dynamic_batch and _has_batch_of_one(args, kwargs)):
+            return torch.export.export(
+                deployed, args, kwargs or None, dynamic_shapes=shapes, strict=False
+            ), dynamic_batch
+    except Exception as error:  # torch.export raises many types; all mean the graph could not be captured
+        if not (dynamic_batch and _cause(error) == "dynamic shapes"):
+            raise RuntimeError(explain_export_failure(error)) from error
+    try:
+        exported = torch.export.export(deployed, args, kwargs or None, strict=False)
+    except Exception as error:  # noqa: BLE001
+        raise RuntimeError(explain_export_failure(error)) from error
+    batch = next((t.shape[0] for t in _tensors(args, kwargs) if t.dim()), "?")
+    warnings.warn(
+        f"the model fixes its batch size (it turns the batch dimension into a Python number, e.g. torch.zeros(x.shape) "
+        f"or a reshape with the batch written out), so the ONNX file takes batch {batch} only. Pass "
+        "dynamic_batch=False to say so and silence this warning, or keep the batch symbolic in the model.",
+        UserWarning,
+        stacklevel=4,
+    )
+    return exported, False
+
+
+def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    from torch.utils._pytree import tree_leaves
+
+    return [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+
+
+_CAUSES = (  # (cause, needles in torch.export's message), most specific first
+    ("missing attribute", ("referenced nonexistent target", "has no attribute")),
+    ("dynamic shapes", ("Constraints violated", "specialized", "dynamic_shapes", "marked dynamic")),
+    (
+        "data-dependent control flow",
+        ("data-dependent", "data dependent", "GuardOnDataDependent", "symbolically traced variables"),
+    ),
+    ("unsupported operator", ("not supported", "Unsupported", "no decomposition", "not implemented")),
+)
+_FIXES = {
+    "missing attribute": (
+        "the graph reads {detail}, which the deployable (int8) copy of the model does not have: a parameter of a "
+        "quantized layer is read outside the layer's own call. Call the layer instead of reading its weight, or "
+        "exclude=['<that layer>'] to keep it float"
+    ),
+    "dynamic shapes": "the batch dimension cannot stay symbolic in this model: pass dynamic_batch=False",
+    "data-dependent control flow": (
+        "Python control flow on a tensor value (an if/while on data) cannot be exported to ONNX: express it with "
+        "tensor ops (torch.where) or torch.cond, or export TorchScript with export_torchscript, which records the path "
+        "example_input takes"
+    ),
+    "unsupported operator": (
+        "an operator torch.export or the ONNX exporter does not support; keep that part float (exclude=[...]) or "
+        "export TorchScript with export_torchscript"
+    ),
+}
+
+
+def _cause(error: BaseException) -> str | None:
+    text = str(error)
+    return next((cause for cause, needles in _CAUSES if any(n in text for n in needles)), None)
+
+
+def explain_export_failure(error: BaseException) -> str:
+    """What a ``torch.export`` failure means for the user: the cause (a missing attribute after prepare, dynamic
+    shapes, data-dependent control flow, an unsupported operator) with the node it names and the fix; an
+    unrecognised failure is reported as it is, never with a guessed cause.
+
+    Example:
+        >>> explain_export_failure(RuntimeError("Node referenced nonexistent target layer.weight"))[:58]
+        'torch.export could not capture the model for ONNX: the gr'
+    """
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    cause = _cause(error)
+    if cause is None:
+        return (
+            f"torch.export could not capture the model for ONNX ({type(error).__name__}: {first_line[:300]}). "
+            "export_torchscript records the path example_input takes and may work where torch.export does not."
+        )
+    detail = first_line.rsplit(" ", 1)[-1] if cause == "missing attribute" else ""
+    return (
+        f"torch.export could not capture the model for ONNX: {_FIXES[cause].format(detail=detail)} "
+        f"[{type(error).__name__}: {first_line[:300]}]"
+    )
 
 
 def _name_batch_dim(model) -> None:

@@ -7,6 +7,7 @@ points, needed for QGemm fusion), :func:`strip_metadata`. Each returns how much 
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ def quantize_biases(model) -> int:
     producers = {out: node for node in model.graph.node for out in node.output}
     converted = 0
     new_nodes = []
+    taken = set(inits)
     for node in model.graph.node:
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in inits:
             continue
@@ -51,6 +53,9 @@ def quantize_biases(model) -> int:
         scale = (x_scale[0] * np.broadcast_to(w_scale, bias.shape)).astype(np.float32)
         q = np.clip(np.rint(bias / scale.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
         base = node.input[2]
+        if f"{base}_int32" in taken:  # one layer called twice: each call has its own input scale, so its own bias
+            base = next(f"{base}_call{k}" for k in itertools.count(2) if f"{base}_call{k}_int32" not in taken)
+        taken.add(f"{base}_int32")
         model.graph.initializer.append(numpy_helper.from_array(q, f"{base}_int32"))
         model.graph.initializer.append(numpy_helper.from_array(scale, f"{base}_int32_scale"))
         new_nodes.append(

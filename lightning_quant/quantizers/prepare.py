@@ -226,12 +226,24 @@ def _insert_activation_quantizers(gm: fx.GraphModule, path: str, scheme: QuantSc
     gm.add_module(_ACT_DICT, quantizers)
     for node in points:
         spec = input_spec(scheme.activation) if node.op == "placeholder" else scheme.activation
-        quantizers[node.name] = FakeQuantize(spec, name=_join(path, node.name))
-        _quantize_output(gm, node, node.name, {})
+        key = _quantizer_key(node.name)
+        quantizers[key] = FakeQuantize(spec, name=_join(path, key))
+        _quantize_output(gm, node, key, {})
     for pool, source in shared.items():  # already on the source's grid: fake-quantize again, observe nothing
-        if source.name in quantizers:
-            _quantize_output(gm, pool, source.name, {"observe": False})
+        if _quantizer_key(source.name) in quantizers:
+            _quantize_output(gm, pool, _quantizer_key(source.name), {"observe": False})
     return len(points)
+
+
+def _quantizer_key(node_name: str) -> str:
+    """The quantizer's name in ``activation_quantizers``: the node's name, unless that is an attribute of the
+    ModuleDict itself (a ``.to(dtype)`` call is a node named ``to``, a ``.float()`` one ``float``).
+
+    Example:
+        >>> _quantizer_key("conv1"), _quantizer_key("to"), _quantizer_key("float_1")
+        ('conv1', 'to_out', 'float_1')
+    """
+    return f"{node_name}_out" if hasattr(nn.ModuleDict, node_name) else node_name
 
 
 def _quantize_output(gm: fx.GraphModule, node: fx.Node, quantizer: str, kwargs: dict) -> None:
@@ -247,6 +259,7 @@ def _prepare_graph(gm: fx.GraphModule, path: str, scheme, mode, exclude, info) -
     if len(info.quantized_layers) == before:
         _record_float_ops(gm, path, info)
         return None
+    _detach_metadata_reads(gm)
     _insert_activation_quantizers(gm, path, scheme)
     if scheme.target is Target.DPU:
         use_dpu_avgpool(gm)  # the DPU averages with a dyadic reciprocal: model it in the fake-quant graph
@@ -255,6 +268,36 @@ def _prepare_graph(gm: fx.GraphModule, path: str, scheme, mode, exclude, info) -
     gm.recompile()
     info.traced.append(path or "<model>")
     return gm
+
+
+_METADATA_ATTRS = ("device", "dtype", "is_cuda")
+
+
+def _detach_metadata_reads(gm: fx.GraphModule) -> None:
+    """Graph reads of a quantized layer's ``weight``/``bias`` whose only use is ``.device``/``.dtype`` (timm's
+    positional encodings build their coordinate grid that way) read a tiny buffer with the same device and dtype
+    instead: the exported model stores int8 codes, not the float parameter, so nothing may depend on it by name.
+    The buffer is not persistent (checkpoints do not change) and follows ``.to()`` like the weight."""
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr" or not str(node.target).endswith((".weight", ".bias")):
+            continue
+        owner_path, _, attr = str(node.target).rpartition(".")
+        try:
+            owner = gm.get_submodule(owner_path)
+        except AttributeError:
+            continue
+        users = list(node.users)
+        metadata_only = users and all(
+            u.op == "call_function" and u.target is getattr and len(u.args) > 1 and u.args[1] in _METADATA_ATTRS
+            for u in users
+        )
+        if not isinstance(owner, (_WeightQuantMixin, QuantConvBn)) or not metadata_only:
+            continue
+        tensor = getattr(owner, attr)
+        probe = f"_lq_probe_{owner_path.replace('.', '_')}_{attr}"
+        if not hasattr(gm, probe):
+            gm.register_buffer(probe, torch.empty(0, dtype=tensor.dtype, device=tensor.device), persistent=False)
+        node.target = probe
 
 
 def _prepare_tree(module: nn.Module, path: str, scheme, mode, exclude, info) -> nn.Module:

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from lightning_quant import quantize, scheme_for_target
-from lightning_quant.report import quantization_report
 from lightning_quant.app.report_step import model_sizes, report_markdown, write_run_report
+from lightning_quant.report import quantization_report
 from tests.helpers.models import TinyConvBN, warm_bn
 
 
