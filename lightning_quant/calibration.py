@@ -211,9 +211,7 @@ def _feed(
     model.eval()
     set_observers(model, True)
     set_fake_quant(model, False)
-    total = num_batches
-    if total is None and hasattr(data, "__len__"):
-        total = len(data)  # type: ignore[arg-type]
+    total = _batch_count(data, num_batches)
     seen = empty = 0
     inputs: Any = None
     try:
@@ -244,6 +242,20 @@ def _feed(
             set_fake_quant(model, True)
         model.train(was_training)
     return seen, empty, inputs
+
+
+def _batch_count(data: Iterable[Any], num_batches: int | None) -> int | None:
+    """The batches calibration will see, for the progress bar: ``num_batches`` capped by the data's length.
+
+    Example:
+        >>> _batch_count([1, 2, 3, 4], 16), _batch_count([1, 2], None), _batch_count(iter([1]), 5)
+        (4, 2, 5)
+    """
+    try:
+        length = len(data)  # type: ignore[arg-type]
+    except TypeError:  # an iterator or a stream: only the cap is known
+        return num_batches
+    return length if num_batches is None else min(num_batches, length)
 
 
 def _has_samples(inputs: Any) -> bool:

@@ -33,7 +33,7 @@ from lightning_quant.quantizers.config_record import (
 )
 from lightning_quant.quantizers.prepare import prepare, set_fake_quant, set_observers
 
-__all__ = ["callback_state", "load_quantized_checkpoint", "read_checkpoint"]
+__all__ = ["callback_state", "exclude_from_names", "load_quantized_checkpoint", "read_checkpoint", "saved_config"]
 
 _STATE_KEY = "QuantCallback"
 _REQUIRED = ("mode", "target", "scheme")
@@ -130,7 +130,7 @@ def load_quantized_checkpoint(module: nn.Module, path: str | Path) -> nn.Module:
     """
     checkpoint = read_checkpoint(path)
     state_dict = checkpoint["state_dict"]
-    name, config = _saved_config(module, checkpoint)
+    name, config = saved_config(module, checkpoint)
     network = getattr(module, name).eval()
     options = QuantOptions.from_dict(config["options"])
     apply_network_transforms(network, options)
@@ -138,7 +138,7 @@ def load_quantized_checkpoint(module: nn.Module, path: str | Path) -> nn.Module:
         network,
         QuantScheme.from_dict(config["scheme"]),
         mode=QuantMode(config["mode"]),
-        exclude=_exclude_from_names(config["exclude"], network),
+        exclude=exclude_from_names(config["exclude"], network),
         inplace=True,
         layer_weight_bits=config["layer_weight_bits"],
     )
@@ -150,9 +150,14 @@ def load_quantized_checkpoint(module: nn.Module, path: str | Path) -> nn.Module:
     return module.eval()
 
 
-def _saved_config(module: nn.Module, checkpoint: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The network's attribute and the config it was quantized with: its saved record, else (checkpoints of earlier
-    releases) one rebuilt from the QuantCallback state and put into the state dict."""
+def saved_config(module: nn.Module, checkpoint: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The network's attribute in ``module`` and the config it was quantized with (mode, scheme, options, exclude,
+    layer_weight_bits, refinements): the network's saved record, else (checkpoints of earlier releases) one rebuilt
+    from the QuantCallback state and put into the checkpoint's state dict.
+
+    Raises:
+        CheckpointMismatchError: no record and no QuantCallback state, or a damaged record.
+    """
     callbacks = checkpoint.get("callbacks")
     state = callback_state(checkpoint) if callbacks else None
     name = network_attribute(module, state.get("module_name") if state else None)
@@ -193,7 +198,7 @@ _LEGACY_OPTION_KEYS = (
 )  # fmt: skip
 
 
-def _exclude_from_names(names: list[str], network: nn.Module) -> list[Any]:
+def exclude_from_names(names: list[str], network: nn.Module) -> list[Any]:
     """``exclude`` entries back from their saved form: module types (``type:<qualified name>``) are matched against
     the classes in ``network``, never imported.
 

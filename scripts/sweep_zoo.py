@@ -8,6 +8,7 @@ A failing model is reported in the table and the exit status is 1; the sweep its
 Usage:
     PYTHONPATH=. python scripts/sweep_zoo.py                              # the README's models, ~5 min on 2 cores
     PYTHONPATH=. python scripts/sweep_zoo.py --models resnet18 vit_b_16 --target tensorrt
+    PYTHONPATH=. python scripts/sweep_zoo.py --zoo timm --out scripts/results/sweep_timm.json   # one per timm family
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from pathlib import Path
 import torch
 from results_io import RESULTS_DIR, run_header, write_results
 
-from lightning_quant.evaluation.zoo_sweep import ZOO_SWEEP_MODELS, check_zoo_model, zoo_table
+from lightning_quant.evaluation.zoo_sweep import TIMM_SWEEP_MODELS, ZOO_SWEEP_MODELS, check_zoo_model, zoo_table
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(ZOO_SWEEP_MODELS))
+    parser.add_argument("--models", nargs="+", default=None, help="model names (timm: prefix for timm models)")
+    parser.add_argument("--zoo", choices=["torchvision", "timm"], default="torchvision", help="the default model list")
     parser.add_argument("--target", choices=["x86", "x86_vnni", "tensorrt"], default="x86")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -39,10 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    models = args.models or list(TIMM_SWEEP_MODELS if args.zoo == "timm" else ZOO_SWEEP_MODELS)
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)  # torchvision's GoogLeNet/Inception init notice
     results = []
-    for name in args.models:
+    for name in models:
         result = check_zoo_model(
             name,
             image_size=args.image_size,
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         results.append(result)
         print(
-            f"{name:<22} {result.status:<16} {result.quantized_layers}/{result.weight_layers} layers  "
+            f"{name:<28} {result.status:<16} {result.quantized_layers}/{result.weight_layers} layers  "
             f"{result.seconds:6.1f} s",
             flush=True,
         )

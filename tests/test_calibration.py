@@ -131,3 +131,20 @@ def test_bad_exclude_entries_are_named(tiny, exclude, expected):
 def test_qat_exclude_by_type_keeps_conv_bn_pairs_float(tiny):
     qat = prepare(tiny, scheme_for_target("x86", "qat"), mode="qat", exclude=[nn.Conv2d])
     assert not any(name.startswith("conv") for name in prepare_info(qat).quantized_layers)
+
+
+def test_progress_bar_counts_the_batches_that_exist(monkeypatch):
+    """The bar showed /16 where 4 batches existed."""
+    import lightning_quant.calibration as calibration_module
+
+    totals = []
+    real = calibration_module.tqdm
+
+    def recording(*args, **kwargs):
+        totals.append(kwargs.get("total"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibration_module, "tqdm", recording)
+    qmodel = prepare(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), scheme_for_target("x86"))
+    seen = calibrate(qmodel, [torch.randn(2, 3, 8, 8) for _ in range(4)], num_batches=16, progress=False)
+    assert seen == 4 and totals == [4]

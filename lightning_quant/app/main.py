@@ -43,7 +43,7 @@ from lightning_quant.app.overrides import app_unavailable_error
 from lightning_quant.app.report_step import model_sizes, summary_table, write_run_report
 from lightning_quant.app.schema import MODES, config_keys, explain_override_error, register_schema, validate_config
 from lightning_quant.callbacks.quant_callback import QuantCallback
-from lightning_quant.checkpoint import callback_state, read_checkpoint
+from lightning_quant.checkpoint import exclude_from_names, read_checkpoint, saved_config
 from lightning_quant.config import QATSchedule, QuantOptions, QuantScheme, scheme_for_target
 from lightning_quant.downloads import AssetUnavailableError
 from lightning_quant.quantizers.prepare import prepare_info
@@ -346,12 +346,25 @@ def _run_calib(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -
 
 def _run_test(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -> _RunResult:
     state = Path(cfg.state_file).expanduser().resolve()
-    written = callback_state(read_checkpoint(state))  # clear errors for a damaged or foreign file
-    # with accuracy control, the layers chosen at calibration are in the state file's exclude / layer_weight_bits
-    exclude = bits = None
-    if accuracy_control_enabled(cfg):
-        exclude, bits = written.get("exclude"), written.get("layer_weight_bits")
-    callback = _build_callback(cfg, dm, mode=written["mode"], exclude=exclude, layer_weight_bits=bits)
+    checkpoint = read_checkpoint(state)  # safe (weights_only) and clear errors for a damaged or foreign file
+    name, saved = saved_config(model, checkpoint)
+    # the network is rebuilt as the state file says (scheme, options, exclude, mixed precision), not as the recipe
+    # says: what was calibrated is what is evaluated
+    callback = QuantCallback(
+        mode=saved["mode"],
+        scheme=QuantScheme.from_dict(saved["scheme"]),
+        options=QuantOptions.from_dict(saved["options"]),
+        exclude=exclude_from_names(saved["exclude"], getattr(model, name)),
+        layer_weight_bits=saved["layer_weight_bits"],
+        module_name=name,
+        calibration_batches=max(int(cfg.quant.calibration_batches), 1),
+        report=cfg.quant.report,
+        progress=cfg.quant.progress,
+    )
+    print(
+        f"lightning-quant: evaluating {state.name} as it was quantized: {saved['mode']}, target "
+        f"{saved['scheme'].get('target')}, refinements {', '.join(saved.get('refinements') or []) or 'none'}"
+    )
     # weights_only: a state file from someone else can hold tensors and plain containers, never code that runs
     metrics = _evaluate(_build_trainer(cfg, [callback]), model, dm, "int8", ckpt_path=state, weights_only=True)
     metrics["state_file"] = str(state)

@@ -1,4 +1,8 @@
-"""Structural sweep of torchvision's classification zoo: prepare -> calibrate -> ONNX -> onnxruntime parity.
+"""Structural sweep of model zoos: prepare -> calibrate -> ONNX -> onnxruntime parity, plus TorchScript.
+
+torchvision's classification models by name, and (``timm:<name>``) one model per architecture family of timm, the
+model zoo vision users fine-tune most (hybrid conv/attention nets, re-parameterized nets, positional encodings,
+multi-branch mobile nets); timm is an optional test dependency.
 
 Each model is built with random weights (no download), made numerically lively (BatchNorm statistics
 re-estimated on the random data, zero-initialized heads re-drawn, so outputs are not constant and the parity
@@ -37,12 +41,21 @@ from torch import nn
 
 from lightning_quant.api import quantize
 from lightning_quant.export.onnx import export_onnx
+from lightning_quant.export.torchscript import export_torchscript
 from lightning_quant.export.verify import load_runner, runs_on_cpu_int8_kernels, verify_export
 from lightning_quant.models.torchvision_zoo import torchvision_model
 from lightning_quant.quantizers.functional import sqnr_db
 from lightning_quant.quantizers.prepare import iter_quantizers, prepare_info
 
-__all__ = ["ZOO_SWEEP_MODELS", "ZooResult", "check_zoo_model", "liven_random_model", "zoo_table"]
+__all__ = [
+    "TIMM_SWEEP_MODELS",
+    "ZOO_SWEEP_MODELS",
+    "ZooResult",
+    "build_zoo_model",
+    "check_zoo_model",
+    "liven_random_model",
+    "zoo_table",
+]
 
 #: The models the README's sweep table covers (one or two per torchvision family).
 ZOO_SWEEP_MODELS = (
@@ -71,8 +84,30 @@ ZOO_SWEEP_MODELS = (
     "maxvit_t",
 )
 
+#: One small model per timm family (``timm:<name>``; random weights, nothing downloaded).
+TIMM_SWEEP_MODELS = (
+    "timm:convnext_atto",  # ConvNeXt: depthwise 7x7, LayerNorm, GELU
+    "timm:edgenext_xx_small",  # hybrid conv/attention with a Fourier positional encoding from a coordinate grid
+    "timm:mobilevit_xxs",  # MobileViT: conv stem, transformer blocks on unfolded patches
+    "timm:fastvit_t8",  # FastViT: re-parameterizable MobileOne-style blocks, RepCPE positional encoding
+    "timm:repvgg_a0",  # RepVGG: three-branch training-time blocks
+    "timm:ghostnet_050",  # GhostNet: cheap-operation concat branches
+    "timm:efficientformerv2_s0",  # EfficientFormerV2: attention with conv projections
+    "timm:levit_128s",  # LeViT: attention with BatchNorm'd linear layers
+    "timm:vit_tiny_patch16_224",  # ViT: patch embedding, class token, MHA from nn.Linear
+    "timm:resnet18d",  # ResNet-D: deep stem, average-pool shortcut
+)
+
 #: Input sizes the architectures require (others take any size; the sweep's default is 224).
-_FIXED_SIZES = {"vit_b_16": 224, "maxvit_t": 224, "inception_v3": 299}
+_FIXED_SIZES = {
+    "vit_b_16": 224,
+    "maxvit_t": 224,
+    "inception_v3": 299,
+    "timm:vit_tiny_patch16_224": 224,
+    "timm:levit_128s": 224,
+    "timm:efficientformerv2_s0": 224,
+    "timm:mobilevit_xxs": 256,
+}
 _WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
@@ -92,6 +127,7 @@ class ZooResult:
     max_diff_steps: float | None = None
     quant_sqnr_db: float | None = None
     artefact_sqnr_db: float | None = None
+    torchscript_sqnr_db: float | None = None
     onnx_bytes: int | None = None
     seconds: float = 0.0
     error: str | None = None
@@ -132,6 +168,21 @@ def _float_summary(float_layers: dict[str, str], untraced: dict[str, str]) -> di
     return {reason: f"{count}x" for reason, count in counts.most_common()}
 
 
+def build_zoo_model(name: str) -> nn.Module:
+    """A random-weight model: ``timm:<name>`` from timm (an optional dependency), else torchvision's ``name``.
+
+    Raises:
+        ModuleNotFoundError: ``timm:`` without timm installed (the message names the install).
+    """
+    if not name.startswith("timm:"):
+        return torchvision_model(name, weights=None)
+    try:
+        import timm  # optional backend: only the wider sweep needs it
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(f"{name} needs timm: pip install timm (the [dev] extra installs it).") from err
+    return timm.create_model(name.removeprefix("timm:"), pretrained=False).eval()
+
+
 def check_zoo_model(
     name: str,
     *,
@@ -146,7 +197,7 @@ def check_zoo_model(
     """Run torchvision model ``name`` (random weights) through quantize -> export_onnx -> verify_export.
 
     Args:
-        name: a torchvision classification model name (``torchvision.models.list_models``).
+        name: a torchvision classification model name (``torchvision.models.list_models``), or ``timm:<name>``.
         image_size: input height/width; models with a fixed input size (ViT, MaxViT, Inception v3) use theirs.
         batch_size: samples per batch.
         batches: calibration batches; the same number of different batches checks the ONNX file.
@@ -164,7 +215,7 @@ def check_zoo_model(
     stage = "build"
     try:
         torch.manual_seed(seed)
-        model = torchvision_model(name, weights=None)
+        model = build_zoo_model(name)
         generator = torch.Generator().manual_seed(seed + 1)
         data = [torch.randn(batch_size, 3, size, size, generator=generator) for _ in range(2 * batches)]
         calibration, held_out = data[:batches], data[batches:]
@@ -200,12 +251,25 @@ def check_zoo_model(
             report = verify_export(qmodel, path, held_out, latency_runs=0, min_top1_agreement=0.0)
             run = load_runner(path, int8_kernels=runs_on_cpu_int8_kernels(qmodel))
             got = torch.cat([torch.as_tensor(run(b)) for b in held_out]).float()
+            stage = "torchscript"
+            export_torchscript(qmodel, path.with_suffix(".pt"), calibration[0], verify=False)
+            scripted = torch.jit.load(str(path.with_suffix(".pt")))
+            with torch.no_grad():
+                traced = torch.cat([scripted(b) for b in held_out]).float()
+            result.torchscript_sqnr_db = round(sqnr_db(expected, traced), 1)
         result.samples = report.num_samples
         result.top1_agreement = report.top1_agreement
         result.near_tie_flips = report.near_tie_flips
         result.max_diff_steps = report.max_diff_steps
         result.quant_sqnr_db = round(sqnr_db(reference, expected), 1)
         result.artefact_sqnr_db = round(sqnr_db(expected, got), 1)
+        if result.torchscript_sqnr_db < result.quant_sqnr_db:
+            result.status = "failed: torchscript"
+            result.error = (
+                f"the TorchScript file's output SQNR against the fake-quant model ({result.torchscript_sqnr_db} dB) is "
+                f"below the quantization's own SQNR ({result.quant_sqnr_db} dB)"
+            )
+            return result
         if report.tolerant_agreement < min_top1_agreement and result.artefact_sqnr_db < result.quant_sqnr_db:
             result.status = f"failed: {stage}"
             result.error = (
@@ -227,8 +291,8 @@ def zoo_table(results: list[ZooResult]) -> str:
     """Markdown table: model, quantized layers / total, ONNX top-1 agreement, status, what stays float."""
     lines = [
         "| model | quantized conv/linear | activation quantizers | ORT top-1 agreement | SQNR ORT vs model / model "
-        "vs float (dB) | status | kept float |",
-        "|---|---|---|---|---|---|---|",
+        "vs float (dB) | SQNR TorchScript vs model (dB) | status | kept float |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         agreement = "-" if r.top1_agreement is None else f"{r.top1_agreement:.0%} of {r.samples}"
@@ -236,9 +300,10 @@ def zoo_table(results: list[ZooResult]) -> str:
             agreement += f" ({r.near_tie_flips} near-tie)"
         sqnr = "-" if r.artefact_sqnr_db is None else f"{r.artefact_sqnr_db:.1f} / {r.quant_sqnr_db:.1f}"
         kept = "; ".join(f"{count} {reason}" for reason, count in r.float_summary.items()) or "-"
+        script = "-" if r.torchscript_sqnr_db is None else f"{r.torchscript_sqnr_db:.1f}"
         status = r.status if not r.error or r.status in ("quantized", "partial") else f"{r.status} ({r.error[:80]})"
         lines.append(
             f"| {r.model} | {r.quantized_layers}/{r.weight_layers} | {r.activation_quantizers} | {agreement} "
-            f"| {sqnr} | {status} | {kept} |"
+            f"| {sqnr} | {script} | {status} | {kept} |"
         )
     return "\n".join(lines)

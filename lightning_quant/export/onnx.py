@@ -22,6 +22,7 @@ import contextlib
 import io
 import logging
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +54,6 @@ def _as_args(example_input: Any) -> tuple[tuple, dict]:
     if isinstance(example_input, dict):
         return (), example_input
     return (example_input,), {}
-
-
-def _identity(item: Any) -> Any:
-    return item
 
 
 def _dynamic_batch(args: tuple, kwargs: dict) -> tuple | dict:
@@ -250,6 +247,9 @@ def export_onnx(
     dynamic_batch: bool = True,
     verify: bool = True,
     min_top1_agreement: float = 0.99,
+    verification_data: Iterable[Any] | None = None,
+    transform_fn: Callable[[Any], Any] | None = None,
+    max_verify_batches: int = 8,
 ) -> Path:
     """Export a calibrated/QAT model to an INT8 QDQ ONNX file.
 
@@ -263,6 +263,12 @@ def export_onnx(
         verify: run the file with onnxruntime on ``example_input`` and compare with the fake-quant model
             (see :func:`lightning_quant.export.verify.verify_onnx`); raises when it disagrees.
         min_top1_agreement: agreement threshold for ``verify``.
+        verification_data: a few held-out batches (a DataLoader, a list) to verify on instead of ``example_input``
+            alone: top-1 agreement over many images catches a model whose outputs differ between runtimes near its
+            decision boundaries, which one example does not (see :func:`~lightning_quant.export.verify.gate_inputs`).
+        transform_fn: maps one item of ``verification_data`` to the model input (default: first element of
+            ``(input, label)`` pairs).
+        max_verify_batches: verify on at most this many batches of ``verification_data``.
 
     Returns:
         The written path.
@@ -303,16 +309,15 @@ def export_onnx(
     with atomic_path(path) as tmp:
         onnx.save(proto, str(tmp))
         if verify:
-            from lightning_quant.export.verify import verify_onnx
+            from lightning_quant.export.verify import ExportVerificationError, gate_inputs, verify_onnx
 
-            verify_onnx(
-                qmodel,
-                tmp,
-                [example_input],
-                transform_fn=_identity,
-                min_top1_agreement=min_top1_agreement,
-                latency_runs=0,
-            )
+            batches, transform = gate_inputs(example_input, verification_data, transform_fn, max_verify_batches)
+            try:
+                verify_onnx(
+                    qmodel, tmp, batches, transform_fn=transform, min_top1_agreement=min_top1_agreement, latency_runs=0
+                )
+            except ExportVerificationError as err:
+                raise err.at(tmp, path) from None
     return path
 
 

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from torch import nn
 from lightning_quant.export._atomic import atomic_path, check_output_path
 from lightning_quant.export._jit_warnings import quiet_jit_deprecation
 from lightning_quant.export.deploy import deploy_model
-from lightning_quant.export.verify import verify_export
+from lightning_quant.export.verify import ExportVerificationError, gate_inputs, verify_export
 
 __all__ = ["export_torchscript"]
 
@@ -41,6 +42,9 @@ def export_torchscript(
     *,
     verify: bool = True,
     min_top1_agreement: float = 0.99,
+    verification_data: Iterable[Any] | None = None,
+    transform_fn: Callable[[Any], Any] | None = None,
+    max_verify_batches: int = 8,
 ) -> Path:
     """Trace the deployable model and save it as TorchScript (atomically).
 
@@ -50,6 +54,10 @@ def export_torchscript(
         example_input: one model input (tensor, tuple of args or dict of kwargs).
         verify: reload the file and compare with the fake-quant model on ``example_input``.
         min_top1_agreement: agreement threshold for ``verify``.
+        verification_data: a few held-out batches to verify on instead of ``example_input`` alone (see
+            :func:`~lightning_quant.export.verify.gate_inputs`).
+        transform_fn: maps one item of ``verification_data`` to the model input.
+        max_verify_batches: verify on at most this many batches of ``verification_data``.
 
     Raises:
         NotCalibratedError: the model was not calibrated.
@@ -71,12 +79,11 @@ def export_torchscript(
             quiet_jit_deprecation()
             torch.jit.save(traced, str(tmp))
         if verify:
-            verify_export(
-                qmodel,
-                tmp,
-                [example_input],
-                transform_fn=lambda item: item,
-                min_top1_agreement=min_top1_agreement,
-                latency_runs=0,
-            )
+            batches, transform = gate_inputs(example_input, verification_data, transform_fn, max_verify_batches)
+            try:
+                verify_export(
+                    qmodel, tmp, batches, transform_fn=transform, min_top1_agreement=min_top1_agreement, latency_runs=0
+                )
+            except ExportVerificationError as err:
+                raise err.at(tmp, path) from None
     return path

@@ -14,8 +14,10 @@ from torch import nn
 from lightning_quant import export_onnx, quantize
 from lightning_quant.capture.patterns import is_shape_value
 from lightning_quant.evaluation.zoo_sweep import (
+    TIMM_SWEEP_MODELS,
     ZOO_SWEEP_MODELS,
     ZooResult,
+    build_zoo_model,
     check_zoo_model,
     liven_random_model,
     zoo_table,
@@ -122,3 +124,21 @@ def test_zoo_model(name):
     result = check_zoo_model(name)
     assert not result.status.startswith("failed"), f"{result.status}: {result.error}"
     assert result.quantized_layers >= 0.5 * result.weight_layers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TIMM_SWEEP_MODELS)
+def test_timm_family(name):
+    """One model per timm family: quantize -> ONNX (onnxruntime parity) and TorchScript."""
+    pytest.importorskip("timm")
+    result = check_zoo_model(name)
+    assert not result.status.startswith("failed"), f"{result.status}: {result.error}"
+    assert result.torchscript_sqnr_db is not None
+
+
+def test_timm_models_need_timm_or_say_so(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if it were not installed
+    with pytest.raises(ModuleNotFoundError, match="needs timm: pip install timm"):
+        build_zoo_model("timm:convnext_atto")

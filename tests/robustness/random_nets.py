@@ -1,8 +1,10 @@
 """Small random CNNs for the property-based tests: a plan of blocks drawn by hypothesis, built into an ``nn.Module``.
 
 A plan is plain data (tuples of strings and ints), so hypothesis can shrink it and print it when a property fails.
-Blocks: conv (+BN) (+activation), depthwise conv, residual add, two-branch concat, max/avg pooling; the head is
-global average pooling or flatten, then one or two linear layers. Every block keeps the spatial size >= 1.
+Blocks: conv (+BN) (+activation), depthwise conv, residual add, two-branch concat, max/avg pooling, and the
+constructs that broke exports of models beyond torchvision: a positional encoding computed from a coordinate grid (its
+projection's weight read for device and dtype), one conv called twice, a conv whose weight is also read directly. The
+head is global average pooling or flatten, then one or two linear layers. Every block keeps the spatial size >= 1.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 
@@ -69,6 +72,46 @@ class Concat(nn.Module):
         return torch.cat([self.a(x), self.b(x)], dim=1)
 
 
+class GridEncoding(nn.Module):
+    """``x + proj(grid)``: a grid built from the input's shape (timm's Fourier positional encodings), projected by a
+    1x1 conv whose weight is read for its device and dtype."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(4, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        device, dtype = self.proj.weight.device, self.proj.weight.dtype
+        ys = torch.linspace(-1.0, 1.0, h, device=device).view(1, 1, h, 1).expand(b, 1, h, w)
+        xs = torch.linspace(-1.0, 1.0, w, device=device).view(1, 1, 1, w).expand(b, 1, h, w)
+        grid = torch.cat([ys, xs, (3 * ys).sin(), (3 * xs).cos()], dim=1)
+        return x + self.proj(grid.to(dtype))
+
+
+class SharedConv(nn.Module):
+    """One conv called twice: ``conv(act(conv(x)))``."""
+
+    def __init__(self, channels: int, act: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.act = _activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.act(self.conv(x)))
+
+
+class TiedConv(nn.Module):
+    """A conv whose weight is also read directly: ``conv(x) + 0.5 * F.conv2d(x, conv.weight)``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + 0.5 * F.conv2d(x, self.conv.weight, None, padding=1)
+
+
 class RandomNet(nn.Module):
     def __init__(self, plan: NetPlan) -> None:
         super().__init__()
@@ -87,6 +130,12 @@ class RandomNet(nn.Module):
             elif kind == "concat":
                 layers.append(Concat(channels, width, act, bn))
                 channels = 2 * width
+            elif kind == "grid":
+                layers.append(GridEncoding(channels))
+            elif kind == "shared":
+                layers.append(SharedConv(channels, act))
+            elif kind == "tied":
+                layers.append(TiedConv(channels))
             elif kind in ("maxpool", "avgpool"):
                 if min(h, w) < 2:
                     continue
@@ -123,7 +172,9 @@ def build(plan: NetPlan, seed: int) -> nn.Module:
 
 
 _block = st.tuples(
-    st.sampled_from(("conv", "conv", "depthwise", "residual", "concat", "maxpool", "avgpool")),
+    st.sampled_from(
+        ("conv", "conv", "depthwise", "residual", "concat", "maxpool", "avgpool", "grid", "shared", "tied")
+    ),
     st.integers(2, 8),  # width
     st.sampled_from((1, 3)),  # kernel (conv only)
     st.sampled_from((1, 1, 2)),  # stride (conv / depthwise)
