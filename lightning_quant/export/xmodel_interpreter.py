@@ -1,8 +1,9 @@
 """A small numpy interpreter for uncompiled XIR graphs as written by :func:`~lightning_quant.export.export_xmodel`.
 
 It runs ``data``, ``const``, ``fix``, ``conv2d``, ``depthwise-conv2d``, ``matmul``, ``add``, ``mul``,
-``concat``, ``relu``, ``relu6``, ``maxpool2d``, ``avgpool2d``, ``reshape``, ``strided_slice`` and ``pad`` in
-float64, NHWC. Values on ``2**-fix_point`` grids make every sum exact, so the result does not depend on summation
+``concat``, ``stack``, ``relu``, ``relu6``, ``maxpool2d``, ``avgpool2d``, ``reshape`` (with its ``shape`` attribute
+or, as Vitis AI writes it, a ``shape`` input), ``strided_slice`` and ``pad`` in float64, NHWC; graphs written by
+Vitis AI's own quantizer run too (its reference ``LeNet_int.xmodel`` is tested against its ``LeNet_int.onnx``). Values on ``2**-fix_point`` grids make every sum exact, so the result does not depend on summation
 order. An ``avgpool2d`` followed by a ``mul`` with a constant is computed as ``window_sum * (c / n)``, the DPU's
 dyadic reciprocal, exactly as the fake-quant model and the DPU compiler's fused pool do.
 
@@ -66,6 +67,9 @@ def _round(x: np.ndarray, mode: str) -> np.ndarray:
     return np.where(tie & (x < 0), np.ceil(x), std)  # DPU_ROUND
 
 
+_CONST_TYPES = {"float32": "<f4", "float64": "<f8", "int32": "<i4", "int64": "<i8", "int8": "i1", "uint8": "u1"}
+
+
 def _windows(x: np.ndarray, kernel, stride, dilation, pad, fill: float):
     """Yield ``(kh_index, kw_index, strided view)`` of an NHWC input for each kernel tap."""
     (kw, kh), (sw, sh), (dw, dh), (pl, pr, pt, pb) = kernel, stride, dilation, pad
@@ -89,7 +93,7 @@ class XModelInterpreter:
         self._handlers: dict[str, Callable] = {
             "data": self._data, "const": self._const, "fix": self._fix, "conv2d": self._conv,
             "depthwise-conv2d": self._conv, "matmul": self._matmul, "add": self._add, "mul": self._mul,
-            "concat": self._concat, "relu": self._relu, "relu6": self._relu6, "maxpool2d": self._pool,
+            "concat": self._concat, "stack": self._stack, "relu": self._relu, "relu6": self._relu6, "maxpool2d": self._pool,
             "avgpool2d": self._pool, "reshape": self._reshape, "strided_slice": self._strided_slice, "pad": self._pad,
         }  # fmt: skip
 
@@ -127,7 +131,10 @@ class XModelInterpreter:
         return np.asarray(self.feeds[op.name], dtype=np.float64).reshape([-1, *attrs["shape"][1:]])  # any batch
 
     def _const(self, op, attrs):
-        return np.frombuffer(attrs["data"], dtype="<f4").astype(np.float64).reshape(attrs["shape"])
+        kind = str(attrs.get("data_type", "float32")).lower()
+        if kind not in _CONST_TYPES:
+            raise KeyError(f"const op {op.name!r} holds {kind!r} data; this interpreter reads {sorted(_CONST_TYPES)}.")
+        return np.frombuffer(attrs["data"], dtype=_CONST_TYPES[kind]).astype(np.float64).reshape(attrs["shape"])
 
     def _fix(self, op, attrs):
         scale, half = 2.0 ** attrs["fix_point"], 2 ** (attrs["bit_width"] - 1)
@@ -164,6 +171,9 @@ class XModelInterpreter:
     def _concat(self, op, attrs):
         return np.concatenate([self.values[n] for n in op.args[0].ops], axis=attrs["axis"])
 
+    def _stack(self, op, attrs):
+        return np.stack([self.values[n] for n in op.args[0].ops], axis=attrs.get("axis", 0))
+
     def _relu(self, op, attrs):
         return np.maximum(self._in(op), 0.0)
 
@@ -197,7 +207,11 @@ class XModelInterpreter:
 
     def _reshape(self, op, attrs):
         x = self._in(op)
-        return x.reshape([x.shape[0], *attrs["shape"][1:]])
+        if any(a.name == "shape" for a in op.args):  # Vitis AI: the target shape is an input (a stack of consts)
+            shape = [int(v) for v in self._in(op, "shape").reshape(-1)]
+        else:
+            shape = list(attrs["shape"])
+        return x.reshape([x.shape[0], *shape[1:]])  # the batch dimension stays the input's: any batch runs
 
 
 def run_xmodel(path_or_graph: Any, *inputs: np.ndarray, nchw: bool = True) -> list[np.ndarray]:
