@@ -4,7 +4,8 @@ It runs ``data``, ``const``, ``fix``, ``conv2d``, ``depthwise-conv2d``, ``matmul
 ``concat``, ``stack``, ``relu``, ``relu6``, ``maxpool2d``, ``avgpool2d``, ``reshape`` (with its ``shape`` attribute
 or, as Vitis AI writes it, a ``shape`` input), ``strided_slice`` and ``pad`` in float64, NHWC; graphs written by
 Vitis AI's own quantizer run too (its reference ``LeNet_int.xmodel`` is tested against its ``LeNet_int.onnx``).
-Values on ``2**-fix_point`` grids make every sum exact, so the result does not depend on summation order. An ``avgpool2d`` followed by a ``mul`` with a constant is computed as ``window_sum * (c / n)``, the DPU's
+Values on ``2**-fix_point`` grids make every sum exact, so the result does not depend on summation order. An
+``avgpool2d`` followed by a ``mul`` with a constant is computed as ``window_sum * (c / n)``, the DPU's
 dyadic reciprocal, exactly as the fake-quant model and the DPU compiler's fused pool do.
 
 Example:
@@ -94,7 +95,8 @@ class XModelInterpreter:
             "data": self._data, "const": self._const, "fix": self._fix, "conv2d": self._conv,
             "depthwise-conv2d": self._conv, "matmul": self._matmul, "add": self._add, "mul": self._mul,
             "concat": self._concat, "stack": self._stack, "relu": self._relu, "relu6": self._relu6,
-            "maxpool2d": self._pool, "avgpool2d": self._pool, "reshape": self._reshape, "strided_slice": self._strided_slice, "pad": self._pad,
+            "maxpool2d": self._pool, "avgpool2d": self._pool, "reshape": self._reshape,
+            "strided_slice": self._strided_slice, "pad": self._pad,
         }  # fmt: skip
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
