@@ -1,4 +1,4 @@
-"""Run a recipe: ``python train.py recipe=resnet20_ptq_cifar10 [overrides]`` (see README, "Hydra app and recipes")."""
+"""Run a recipe: ``python train.py recipe=resnet20_ptq_cifar10 [overrides]`` (docs/app.md)."""
 
 import sys
 from pathlib import Path

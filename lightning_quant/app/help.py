@@ -67,8 +67,9 @@ def help_page(recipes_dir: Path) -> str:
         "",
         "Settings: quant.options.<switch>=true (replace_relu6, cross_layer_equalization, range_search,",
         "bias_correction, adaround, fast_finetune), quant.scheme.<weight|activation>_<field>=..., data.root=...,",
-        "model.weights_path=..., logger=csv|tensorboard|wandb|mlflow|none. `lightning-quant recipe=<name> --cfg job`",
-        "prints every key of a run; `--hydra-help` shows Hydra's own flags (multirun -m, sweeps).",
+        "model.model.weights_path=..., logger=csv|tensorboard|wandb|mlflow|none.",
+        "`lightning-quant recipe=<name> --cfg job` prints every key of a run; `--hydra-help` shows Hydra's own flags",
+        "(multirun -m, sweeps). Documentation: docs/app.md.",
         f"Your own recipes: LIGHTNING_QUANT_RECIPES=<folder holding recipe/*.yaml> (built-in: {recipes_dir}).",
     ]
     return "\n".join(lines)

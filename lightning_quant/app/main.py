@@ -104,6 +104,11 @@ def _check_config(cfg: DictConfig) -> None:
             f"export.formats has xmodel but quant={cfg.quant.target}: Vitis AI XModels hold the DPU scheme only; use "
             "quant=dpu (or a *_dpu recipe), or drop xmodel from export.formats."
         )
+    if cfg.get("ckpt_path") is not None and cfg.mode != "qat":
+        raise ValueError(
+            f"ckpt_path resumes QAT training; mode={cfg.mode} does not train. For a calibrated state use "
+            "mode=test state_file=<file>."
+        )
     if cfg.deploy and cfg.mode in ("calib", "float"):
         why = "it only writes the calibration state file" if cfg.mode == "calib" else "it has no quantized model"
         print(
@@ -396,17 +401,11 @@ def _resume_path(cfg: DictConfig, out: Path) -> Path | None:
     this recipe (``<output_dir>/../*/checkpoints/last.ckpt``).
 
     Raises:
-        ValueError: ``ckpt_path`` with another mode than ``qat``.
         FileNotFoundError: no such file, or no earlier run of this recipe left a ``last.ckpt``.
     """
     wanted = cfg.get("ckpt_path")
     if wanted is None:
         return None
-    if cfg.mode != "qat":
-        raise ValueError(
-            f"ckpt_path resumes QAT training; mode={cfg.mode} does not train. For a calibrated state use "
-            "mode=test state_file=<file>."
-        )
     if str(wanted) == "last":
         found = sorted(out.parent.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:

@@ -57,7 +57,7 @@ __all__ = [
     "zoo_table",
 ]
 
-#: The models the README's sweep table covers (one or two per torchvision family).
+#: The models of the torchvision sweep table in docs/model-coverage.md (one or two per torchvision family).
 ZOO_SWEEP_MODELS = (
     "resnet18",
     "resnet50",

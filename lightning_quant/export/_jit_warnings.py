@@ -7,7 +7,7 @@ import warnings
 
 def quiet_jit_deprecation() -> None:
     """Inside ``warnings.catch_warnings()``: hide torch's ``torch.jit.* is deprecated`` FutureWarnings. TorchScript
-    is a format the user asked for (README, Export); the notice would repeat on every export and load.
+    is a format the user asked for (docs/export.md); the notice would repeat on every export and load.
 
     Example:
         >>> with warnings.catch_warnings():

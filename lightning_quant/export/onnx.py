@@ -210,8 +210,8 @@ def explain_export_failure(error: BaseException) -> str:
     unrecognised failure is reported as it is, never with a guessed cause.
 
     Example:
-        >>> explain_export_failure(RuntimeError("Node referenced nonexistent target layer.weight"))[:58]
-        'torch.export could not capture the model for ONNX: the gr'
+        >>> explain_export_failure(RuntimeError("Node referenced nonexistent target layer.weight"))[51:80]
+        'the graph reads layer.weight, '
     """
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     cause = _cause(error)
