@@ -1,7 +1,7 @@
 """Latency and file size: our INT8 ONNX export vs onnxruntime's own ``quantize_static`` vs FP32, on CPU.
 
 Models: the pretrained offline Imagenette ResNet50 (128 px input) and MobileNetV2 (224 px), as their weights
-docs/benchmarks.md says. Both quantizers calibrate on the same images (``--calibration-size`` Imagenette train images, or
+the docs say. Both quantizers calibrate on the same images (``--calibration-size`` Imagenette train images, or
 seeded noise when the data is missing). onnxruntime's quantizer runs the documented recipe:
 ``quant_pre_process`` on the FP32 model, then ``quantize_static(QuantFormat.QDQ, per_channel=True,
 activation_type=QUInt8, weight_type=QInt8)``. The FP32 baseline is saved with weights inline and exporter

@@ -6,7 +6,7 @@ inputs, the ``x86`` target by default. Prints one line per model as it finishes,
 A failing model is reported in the table and the exit status is 1; the sweep itself never stops early.
 
 Usage:
-    PYTHONPATH=. python scripts/sweep_zoo.py                              # the torchvision table's models, ~5 min on 2 cores
+    PYTHONPATH=. python scripts/sweep_zoo.py                              # the torchvision table, ~5 min on 2 cores
     PYTHONPATH=. python scripts/sweep_zoo.py --models resnet18 vit_b_16 --target tensorrt
     PYTHONPATH=. python scripts/sweep_zoo.py --zoo timm --out scripts/results/sweep_timm.json   # one per timm family
 """
