@@ -5,7 +5,8 @@ seed, top-1 on the full evaluation split (CIFAR-10 test, Imagenette val) unless 
 (then the JSON marks the run as partial). Methods are ``<scheme>[+<algorithm>...]``:
 
 * schemes: ``int8_pc`` (x86_vnni: int8 per-channel weights, uint8 activations), ``int7_pc`` (x86, the recipes'
-  target: 7-bit per-channel weights), ``int8_pt`` (``int8_pc`` with per-tensor
+  target: 7-bit per-channel weights), ``trt`` (tensorrt: int8 symmetric activations),
+  ``int8_pt`` (``int8_pc`` with per-tensor
   weights), ``pow2`` (the Vitis AI DPU scheme), ``w4a8`` / ``w6a8`` (4/6-bit per-channel weights, 8-bit activations);
 * algorithms: ``relu`` (ReLU6 -> ReLU, so CLE pairs MobileNet layers), ``cle`` (cross-layer equalization), ``rs``
   (activation range search: the clipping percentile per group of activations, with ``pct``; with ``pow2``, the fix
@@ -78,13 +79,15 @@ def scheme_for(name: str, **overrides: Any) -> tuple[Any, str]:
         return scheme_for_target("x86_vnni", **overrides), "x86_vnni"
     if name == "int7_pc":
         return scheme_for_target("x86", **overrides), "x86"
+    if name == "trt":
+        return scheme_for_target("tensorrt", **overrides), "tensorrt"
     if name == "int8_pt":
         return scheme_for_target("x86_vnni", weight_granularity=Granularity.PER_TENSOR, **overrides), "x86_vnni"
     if name == "pow2":
         return scheme_for_target("dpu", **overrides), "dpu"
     if name in ("w4a8", "w6a8"):
         return scheme_for_target("x86_vnni", weight_bits=int(name[1]), **overrides), "x86_vnni"
-    raise ValueError(f"unknown scheme {name!r}; use int8_pc, int7_pc, int8_pt, pow2, w4a8 or w6a8.")
+    raise ValueError(f"unknown scheme {name!r}; use int8_pc, int7_pc, trt, int8_pt, pow2, w4a8 or w6a8.")
 
 
 def parse_method(method: str) -> tuple[str, dict[str, Any], QuantOptions]:
