@@ -7,6 +7,21 @@ Example:
 """
 
 from lightning_quant.evaluation.accuracy import top1_accuracy
-from lightning_quant.evaluation.zoo_sweep import ZOO_SWEEP_MODELS, ZooResult, check_zoo_model, zoo_table
+from lightning_quant.evaluation.zoo_sweep import (
+    TIMM_SWEEP_MODELS,
+    ZOO_SWEEP_MODELS,
+    ZooResult,
+    build_zoo_model,
+    check_zoo_model,
+    zoo_table,
+)
 
-__all__ = ["ZOO_SWEEP_MODELS", "ZooResult", "check_zoo_model", "top1_accuracy", "zoo_table"]
+__all__ = [
+    "TIMM_SWEEP_MODELS",
+    "ZOO_SWEEP_MODELS",
+    "ZooResult",
+    "build_zoo_model",
+    "check_zoo_model",
+    "top1_accuracy",
+    "zoo_table",
+]
