@@ -104,7 +104,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def load_quantized_checkpoint(module: nn.Module, path: str | Path) -> nn.Module:
+def load_quantized_checkpoint(module: nn.Module, path: str | Path, *, module_name: str | None = None) -> nn.Module:
     """Rebuild ``module``'s network as the checkpoint's quantization did, then load all weights and qparams.
 
     The config comes from the network's own saved record (also in ``save_weights_only=True`` checkpoints), or,
@@ -118,6 +118,8 @@ def load_quantized_checkpoint(module: nn.Module, path: str | Path) -> nn.Module:
     Args:
         module: a freshly constructed LightningModule (or any nn.Module holding the network), float weights.
         path: a checkpoint written with QuantCallback attached (or any Lightning checkpoint of a quantized network).
+        module_name: the attribute of ``module`` holding the network; by default the one the checkpoint names (its
+            config record's key, or the QuantCallback state), else the usual guess (``model``, ``net``, ...).
 
     Returns:
         ``module`` itself, in eval mode, with observers off and fake-quant on.
@@ -130,7 +132,7 @@ def load_quantized_checkpoint(module: nn.Module, path: str | Path) -> nn.Module:
     """
     checkpoint = read_checkpoint(path)
     state_dict = checkpoint["state_dict"]
-    name, config = saved_config(module, checkpoint)
+    name, config = saved_config(module, checkpoint, module_name=module_name)
     network = getattr(module, name).eval()
     options = QuantOptions.from_dict(config["options"])
     apply_network_transforms(network, options)
@@ -150,7 +152,9 @@ def load_quantized_checkpoint(module: nn.Module, path: str | Path) -> nn.Module:
     return module.eval()
 
 
-def saved_config(module: nn.Module, checkpoint: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def saved_config(
+    module: nn.Module, checkpoint: dict[str, Any], *, module_name: str | None = None
+) -> tuple[str, dict[str, Any]]:
     """The network's attribute in ``module`` and the config it was quantized with (mode, scheme, options, exclude,
     layer_weight_bits, refinements): the network's saved record, else (checkpoints of earlier releases) one rebuilt
     from the QuantCallback state and put into the checkpoint's state dict.
@@ -160,7 +164,10 @@ def saved_config(module: nn.Module, checkpoint: dict[str, Any]) -> tuple[str, di
     """
     callbacks = checkpoint.get("callbacks")
     state = callback_state(checkpoint) if callbacks else None
-    name = network_attribute(module, state.get("module_name") if state else None)
+    recorded = [k[: -len(RECORD_ATTR) - 1] for k in checkpoint["state_dict"] if k.endswith(f".{RECORD_ATTR}")]
+    if module_name is None and len(recorded) == 1 and isinstance(getattr(module, recorded[0], None), nn.Module):
+        module_name = recorded[0]  # the attribute the saved network sat under
+    name = network_attribute(module, module_name or (state.get("module_name") if state else None))
     key = f"{name}.{RECORD_ATTR}"
     if key in checkpoint["state_dict"]:
         record = decode_config(checkpoint["state_dict"][key])
@@ -205,7 +212,7 @@ def exclude_from_names(names: list[str], network: nn.Module) -> list[Any]:
     Raises:
         CheckpointMismatchError: a saved module type that ``network`` does not contain.
     """
-    classes = {exclude_names([type(m)])[0]: type(m) for m in network.modules()}
+    classes = {exclude_names([c])[0]: c for m in network.modules() for c in type(m).__mro__ if issubclass(c, nn.Module)}
     out: list[Any] = []
     for entry in names:
         if entry.startswith("type:"):

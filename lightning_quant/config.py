@@ -482,8 +482,8 @@ class QuantOptions:
 
 
 def resolve_scheme(target: Target | str | None, scheme: QuantScheme | None, mode: QuantMode | str) -> QuantScheme:
-    """The one scheme a call quantizes with: ``scheme`` if given (its ``target`` is the target), else the default
-    scheme of ``target`` (``x86`` when neither is given).
+    """The one scheme a call quantizes with: ``scheme`` if given (its ``target`` is the target; a hand-built scheme
+    without one takes ``target``), else the default scheme of ``target`` (``x86`` when neither is given).
 
     Example:
         >>> resolve_scheme(None, None, "ptq").target.value, resolve_scheme("dpu", None, "ptq").weight.observer
@@ -503,6 +503,8 @@ def resolve_scheme(target: Target | str | None, scheme: QuantScheme | None, mode
         raise TypeError(f"scheme must be a QuantScheme, got {type(scheme).__name__}; see scheme_for_target().")
     if target is not None:
         wanted = _coerce_enum(Target, target, "target")
+        if scheme.target is None:  # a hand-built scheme: the given target names it
+            return dataclasses.replace(scheme, target=wanted)
         if scheme.target is not wanted:
             have = None if scheme.target is None else scheme.target.value
             raise ValueError(

@@ -44,14 +44,21 @@ def apply_network_transforms(network: nn.Module, options: QuantOptions) -> list[
         >>> apply_network_transforms(net, QuantOptions(replace_relu6=True, cross_layer_equalization=True))
         ['1 ReLU6 modules replaced by ReLU', 'cross-layer equalization of 1 layer pairs']
 
+    The network runs the transforms in eval mode (BatchNorm statistics are folded) and comes back in its own mode.
+
     Raises:
-        ValueError: (``cross_layer_equalization``) a BatchNorm in training mode or a network torch.fx cannot trace.
+        ValueError: (``cross_layer_equalization``) a network torch.fx cannot trace.
     """
     done = []
-    if options.replace_relu6:
-        done.append(f"{len(relu6_to_relu(network))} ReLU6 modules replaced by ReLU")
-    if options.cross_layer_equalization:
-        done.append(f"cross-layer equalization of {len(equalize(network).pairs)} layer pairs")
+    was_training = network.training
+    network.eval()  # equalization folds BatchNorm statistics: a QAT network arrives in training mode
+    try:
+        if options.replace_relu6:
+            done.append(f"{len(relu6_to_relu(network))} ReLU6 modules replaced by ReLU")
+        if options.cross_layer_equalization:
+            done.append(f"cross-layer equalization of {len(equalize(network).pairs)} layer pairs")
+    finally:
+        network.train(was_training)
     return done
 
 

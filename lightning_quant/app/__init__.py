@@ -12,6 +12,14 @@ Example:
     'x86'
 """
 
-from lightning_quant.app.main import CONFIG_DIR, MODES, RECIPES_DIR, compose_config, main, summary_table, train
+try:
+    import hydra  # noqa: F401 - the app's one optional dependency group: fail with the install line, not a traceback
+except ModuleNotFoundError as err:  # pragma: no cover - the test environment has the [app] extra
+    raise ModuleNotFoundError(
+        "the lightning-quant app needs Hydra and the vision packages: pip install 'lightning-quant[app]' (the library "
+        "itself, QuantCallback / quantize / the exporters, works without them)."
+    ) from err
+
+from lightning_quant.app.main import CONFIG_DIR, MODES, RECIPES_DIR, compose_config, main, summary_table, train  # noqa: E402
 
 __all__ = ["CONFIG_DIR", "MODES", "RECIPES_DIR", "compose_config", "main", "summary_table", "train"]

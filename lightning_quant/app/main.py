@@ -451,6 +451,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return metrics
     report = None
     if callback is not None:
+        if callback.target is not None:  # mode=test: the state file's target, which may not be the recipe's
+            metrics["target"] = callback.target.value
         network = callback.network(model).cpu().eval()
         metrics["sizes"] = model_sizes(network)
         report = quantization_report(network, _first_val_inputs(dm))
@@ -495,8 +497,9 @@ def main() -> None:
     if any(a in ("--help", "-h") for a in args):
         print(help_page(RECIPES_DIR))
         return
-    if not any(a.startswith("-") for a in args):  # a plain run (no multirun sweep or Hydra flag): check it first
-        problem = _override_problem([a for a in args if not a.startswith("hydra.")])
+    plain = not any(a.startswith(("-", "hydra.", "+hydra.", "~hydra.")) for a in args)
+    if plain:  # no multirun sweep, Hydra flag or Hydra setting (Hydra checks those itself): check it first
+        problem = _override_problem(args)
         if problem:
             sys.exit(f"lightning-quant: {problem}")
     _hydra_main()

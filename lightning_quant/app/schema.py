@@ -283,16 +283,19 @@ def _parameters(target: str) -> set[str] | None:
         obj = get_object(target)
     except Exception:  # noqa: BLE001 - an unimportable target is reported by instantiate, with Hydra's message
         return None
-    callables = (
-        [k.__dict__["__init__"] for k in obj.__mro__ if "__init__" in k.__dict__] if isinstance(obj, type) else [obj]
-    )
+    if isinstance(obj, type):
+        callables = [(k.__dict__["__init__"], k.__module__) for k in obj.__mro__ if "__init__" in k.__dict__]
+    else:
+        callables = [(obj, getattr(obj, "__module__", ""))]
     names: set[str] = set()
-    for func in callables:
+    for func, module in callables:
         try:
-            params = inspect.signature(func).parameters.values()
+            params = list(inspect.signature(func).parameters.values())
         except (TypeError, ValueError):
             return None
         names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"}
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             return names
+        if not str(module).startswith("lightning_quant."):  # only this project's **kwargs are known to go up
+            return None
     return None

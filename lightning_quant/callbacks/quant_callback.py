@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -45,9 +46,10 @@ from lightning_quant.distributed import (
     shard_batches,
     sync_quantizers,
 )
-from lightning_quant.errors import NotCalibratedError
-from lightning_quant.quantizers.config_record import exclude_names, record_options
+from lightning_quant.errors import CheckpointMismatchError
+from lightning_quant.quantizers.config_record import RECORD_ATTR, config_record, exclude_names, record_options
 from lightning_quant.quantizers.prepare import (
+    exclude_entries,
     freeze_bn,
     iter_quantizers,
     prepare,
@@ -55,7 +57,7 @@ from lightning_quant.quantizers.prepare import (
     set_fake_quant,
     set_observers,
 )
-from lightning_quant.quantizers.state_checks import require_matching_config
+from lightning_quant.quantizers.state_checks import check_saved_config, require_matching_config
 from lightning_quant.report import QuantReport, quantization_report
 
 __all__ = ["DEFAULT_ATTRS", "QuantCallback", "network_attribute"]
@@ -125,9 +127,9 @@ class QuantCallback(Callback):
         report: print the quantization report and log its metrics.
         progress: show a calibration progress bar.
         calibrate_missing: after a saved state was loaded (``ckpt_path=``,
-            :func:`~lightning_quant.load_quantized_checkpoint`), calibrate the quantizers it left uncalibrated (and
-            only those, with a warning) instead of raising :class:`~lightning_quant.NotCalibratedError`. A loaded
-            state is never recalibrated otherwise.
+            :func:`~lightning_quant.load_quantized_checkpoint`), calibrate the quantizers it holds uncalibrated (and
+            only those, with a warning). Otherwise they stay as loaded (pass-through, as in the saved model), with a
+            warning: a loaded state is never recalibrated.
         **deprecated_options: the option switches as keyword arguments (``bias_correction=True``, ...), as older
             releases took them; they still work for one release, with a ``DeprecationWarning`` showing the
             ``options=QuantOptions(...)`` call.
@@ -151,7 +153,7 @@ class QuantCallback(Callback):
         calibration_source: str = "auto",
         transform_fn: Callable[[Any], Any] | None = None,
         qat_schedule: QATSchedule | None = None,
-        exclude: Iterable[str] = (),
+        exclude: str | type[nn.Module] | Iterable[str | type[nn.Module]] = (),
         layer_weight_bits: Mapping[str, int] | None = None,
         module_name: str | None = None,
         report: bool = True,
@@ -178,7 +180,7 @@ class QuantCallback(Callback):
         self.calibration_source = calibration_source
         self.transform_fn = transform_fn or default_transform
         self.qat_schedule = qat_schedule or QATSchedule()
-        self.exclude = tuple(exclude)
+        self.exclude = exclude_entries(exclude)
         self.layer_weight_bits = dict(layer_weight_bits or {})
         self.module_name = module_name
         self.report = report
@@ -188,6 +190,7 @@ class QuantCallback(Callback):
         self.last_report: QuantReport | None = None
         self.calibration_seconds: float | None = None  # wall time of the last calibration pass
         self._report_inputs: Any = None
+        self._legacy_pending = False  # an earlier release's checkpoint is loaded and not yet checked (see setup)
         self._applied: tuple[bool, bool] | None = None
 
     @property
@@ -298,11 +301,9 @@ class QuantCallback(Callback):
         """Calibrate a network that was not calibrated yet; returns whether a calibration ran.
 
         A network restored from a saved state keeps the values it loaded: calibration never reruns behind the user's
-        back. Quantizers the state left uncalibrated are an error, or (``calibrate_missing=True``) the only ones
-        calibrated, with a warning.
-
-        Raises:
-            NotCalibratedError: a restored network with uncalibrated quantizers and ``calibrate_missing=False``.
+        back. Quantizers the state holds uncalibrated (calibration never reached them, e.g. a branch its inputs did not
+        take) stay as loaded, pass-through like in the calibrated model, with a warning; ``calibrate_missing=True``
+        calibrates only them.
         """
         network = self.network(pl_module)
         quantizers = list(iter_quantizers(network))
@@ -314,12 +315,12 @@ class QuantCallback(Callback):
             return True
         shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
         if not self.calibrate_missing:
-            raise NotCalibratedError(
-                f"the loaded quantization state leaves {len(missing)} of {len(quantizers)} quantizers uncalibrated "
-                f"({shown}); lightning_quant does not recalibrate a loaded state behind your back. Load a state "
-                "saved after calibration, or pass QuantCallback(calibrate_missing=True) to calibrate only those "
-                "quantizers (the loaded ones keep their values)."
+            rank_zero_warn(
+                f"lightning_quant: the loaded quantization state holds {len(missing)} of {len(quantizers)} quantizers "
+                f"uncalibrated ({shown}); they stay as loaded (pass-through, as in the model that was saved) and "
+                "nothing is recalibrated. Pass QuantCallback(calibrate_missing=True) to calibrate only those."
             )
+            return False
         rank_zero_warn(
             f"lightning_quant: calibrating only the {len(missing)} quantizers the loaded state left uncalibrated "
             f"({shown}); the other {len(quantizers) - len(missing)} keep their loaded values, and no refinement runs."
@@ -329,6 +330,8 @@ class QuantCallback(Callback):
         for name, fq in quantizers:
             if name in kept:
                 fq.load_state_dict(kept[name])
+        if self.scheme.target is Target.DPU:  # the new positions must satisfy the DPU's shift constraints too
+            refine_calibrated(network, [], QuantOptions(), target=Target.DPU, progress=False)
         return True
 
     def _apply_schedule(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -359,7 +362,8 @@ class QuantCallback(Callback):
             )
         name = network_attribute(pl_module, self.module_name)
         network = getattr(pl_module, name)
-        if self._is_prepared(network):
+        if self._is_prepared(network):  # a second run, or a network load_quantized_checkpoint rebuilt
+            self._check_prepared_network(network)
             return
         for line in apply_network_transforms(network, self.options):
             rank_zero_info(f"lightning_quant: {line}")
@@ -373,11 +377,53 @@ class QuantCallback(Callback):
             set_fake_quant(prepared, True)
             set_observers(prepared, True)
         info = prepare_info(prepared)
+        pl_module.register_load_state_dict_pre_hook(functools.partial(self._note_legacy_state, name=name))
         rank_zero_info(
             f"lightning_quant: prepared {type(network).__name__} for {self.mode.value} ({self._target_name}): "
             f"{len(info.quantized_layers)} layers quantized, {len(info.folded_bn)} BatchNorms folded, "
             f"{len(info.float_layers) + len(info.untraced)} parts kept in float"
         )
+
+    def _check_prepared_network(self, network: nn.Module) -> None:
+        """A network that is already quantized must be quantized the way this callback would do it.
+
+        Raises:
+            CheckpointMismatchError: its mode, scheme, exclude list, mixed precision or network transforms differ.
+        """
+        own = config_record(network)
+        if own is None:
+            return
+        wanted = dict(own)
+        wanted.update(
+            mode=self.mode.value, scheme=self.scheme.to_dict(), exclude=exclude_names(self.exclude),
+            layer_weight_bits=dict(self.layer_weight_bits), network_transforms=list(self.options.network_transforms),
+        )  # fmt: skip
+        try:
+            check_saved_config(wanted, own)
+        except CheckpointMismatchError as err:
+            raise CheckpointMismatchError(
+                f"the network is already quantized, not as this QuantCallback would: {err}"
+            ) from None
+
+    def _note_legacy_state(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any, name: str) -> None:
+        """``load_state_dict`` pre-hook of the LightningModule: a checkpoint of an earlier release has no config record
+        beside its weights. Let the network take it for now; Lightning restores this callback's state right after
+        the model (:meth:`load_state_dict` compares it then), and a checkpoint without that state is refused when the
+        run starts (:meth:`_require_verified_state`)."""
+        quant_keys = any(k.startswith(f"{prefix}{name}.") and "fake_quant" in k for k in state_dict)
+        if quant_keys and f"{prefix}{name}.{RECORD_ATTR}" not in state_dict:
+            prepare_info(getattr(module, name)).legacy_state_checked = True
+            self._legacy_pending = True
+
+    def _require_verified_state(self) -> None:
+        """Raises CheckpointMismatchError: an earlier release's checkpoint without QuantCallback state was loaded."""
+        if self._legacy_pending:
+            self._legacy_pending = False
+            raise CheckpointMismatchError(
+                "the checkpoint holds quantized weights but no record of the scheme and options they were calibrated "
+                "with, and no QuantCallback state to check them against: it was written by an earlier release with "
+                "save_weights_only=True. Quantize the float model again, or load the full checkpoint of that run."
+            )
 
     def _ensure_calibrated(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._calibrate_if_needed(trainer, pl_module, stage):
@@ -387,6 +433,7 @@ class QuantCallback(Callback):
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._require_verified_state()
         if self.mode is QuantMode.PTQ:
             self._ensure_calibrated(trainer, pl_module, "validate")
         else:  # QAT: evaluation never updates ranges; the schedule restores observers afterwards
@@ -400,6 +447,7 @@ class QuantCallback(Callback):
 
     @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._require_verified_state()
         if self.mode is QuantMode.PTQ:
             self._ensure_calibrated(trainer, pl_module, "test")
         else:
@@ -407,6 +455,7 @@ class QuantCallback(Callback):
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._require_verified_state()
         if self.mode is QuantMode.PTQ:
             self._ensure_calibrated(trainer, pl_module, "predict")
         else:
@@ -414,6 +463,7 @@ class QuantCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._require_verified_state()
         if self.calibration_batches > 0 and self._calibrate_if_needed(trainer, pl_module, "fit"):
             pl_module.train()
         self._applied = None
@@ -459,3 +509,10 @@ class QuantCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         require_matching_config(self.state_dict(), state_dict)
+        if self._legacy_pending:  # an earlier release's checkpoint: its callback state matched, so its weights stand
+            self._legacy_pending = False
+            rank_zero_warn(
+                "lightning_quant: the checkpoint was written by an earlier release without a config record; its "
+                "QuantCallback state matches this callback. Save it again to record the config with the weights."
+            )
+

@@ -35,3 +35,20 @@ __all__ = [
     "cifar_resnet",
     "torchvision_model",
 ]
+
+
+def __getattr__(name: str):
+    """``top1_accuracy`` moved to :mod:`lightning_quant.evaluation` (kept importable from here for one release)."""
+    if name == "top1_accuracy":
+        import warnings
+
+        from lightning_quant.evaluation.accuracy import top1_accuracy
+
+        warnings.warn(
+            "lightning_quant.models.top1_accuracy moved to lightning_quant.evaluation.top1_accuracy; import it from "
+            "there (this alias goes in the next release).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return top1_accuracy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -32,7 +32,7 @@ from lightning_quant.capture.bn_fold import fold_batchnorm, foldable_pairs, set_
 from lightning_quant.capture.patterns import activation_quant_points, shared_quant_points
 from lightning_quant.capture.trace import capture, is_traceable_leaf
 from lightning_quant.config import QuantMode, QuantScheme, Target, _coerce_enum
-from lightning_quant.errors import NotCalibratedError, NothingToQuantizeError
+from lightning_quant.errors import CheckpointMismatchError, NotCalibratedError, NothingToQuantizeError
 from lightning_quant.quantizers.config_record import (
     RECORD_ATTR,
     attach_config_record,
@@ -53,7 +53,7 @@ from lightning_quant.quantizers.modules import (
     quantized_layer_from_float,
 )
 from lightning_quant.quantizers.observers import input_spec
-from lightning_quant.quantizers.state_checks import check_quant_state_keys
+from lightning_quant.quantizers.state_checks import check_quant_state_keys, check_saved_config
 
 __all__ = [
     "PrepareInfo",
@@ -93,6 +93,8 @@ class PrepareInfo:
     weight_bits: dict[str, int] = field(default_factory=dict)  # layers whose weights use other bits than the scheme
     range_search: Any = None  # the RangeSearchReport of search_activation_ranges, when it ran
     restored: bool = False  # a saved state was loaded into the network (load_state_dict, a checkpoint)
+    # a checkpoint of an earlier release (no config record) is checked against its QuantCallback state instead
+    legacy_state_checked: bool = False
 
     def layer_scheme(self, name: str) -> QuantScheme:
         """The scheme of layer ``name``: ``scheme`` with the weight bits of the first matching
@@ -433,16 +435,30 @@ def _warn_mostly_float(prepared: nn.Module, info: PrepareInfo) -> None:
 
 def _check_loaded_state(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     """``load_state_dict`` pre-hook of a prepared network: the saved state must belong to it (see
-    :mod:`~lightning_quant.quantizers.state_checks`). The saved record then replaces the network's own (its length
-    may differ), and the refinements that produced the loaded weights become this network's (exporters report them).
+    :mod:`~lightning_quant.quantizers.state_checks`). A saved record that matches then replaces the network's own (its
+    length may differ), and the refinements that produced the loaded weights become this network's (exporters report
+    them); a non-strict load of a record for another configuration keeps the network's own record.
     """
+    for key in [k for k in state_dict if k.startswith(f"{prefix}_lq_probe_")]:
+        del state_dict[key]  # device/dtype probes are not state (older torch kept them through a deepcopy)
+    info = module.__dict__.get(_INFO_ATTR)
+    strict = bool(args[1]) if len(args) > 1 else True
+    legacy = info is not None and info.legacy_state_checked
+    if legacy and f"{prefix}{RECORD_ATTR}" not in state_dict:
+        state_dict[f"{prefix}{RECORD_ATTR}"] = module._buffers[RECORD_ATTR].clone()  # checked by the callback
     check_quant_state_keys(module, state_dict, prefix, *args)
     saved = state_dict.get(f"{prefix}{RECORD_ATTR}")
-    if saved is None or config_record(module) is None:
+    own = config_record(module)
+    if saved is None or own is None:
         return
     config = decode_config(saved)
+    if not strict:
+        try:
+            check_saved_config(own, config)
+        except CheckpointMismatchError:
+            state_dict[f"{prefix}{RECORD_ATTR}"] = module._buffers[RECORD_ATTR].clone()
+            return
     write_config_record(module, config)
-    info = module.__dict__.get(_INFO_ATTR)
     if info is not None:
         info.refinements[:] = list(config.get("refinements", []))
         info.restored = True

@@ -57,7 +57,7 @@ def check_quant_state_keys(
     """
     if not strict:
         return
-    own_state = module.state_dict(prefix=prefix)
+    own_state = _own_state(module, prefix)
     own = {k: v for k, v in own_state.items() if is_quant_key(k)}
     saved = {k for k in state_dict if k.startswith(prefix) and is_quant_key(k)}
     if not saved:
@@ -68,7 +68,7 @@ def check_quant_state_keys(
         )
     _check_record(module, state_dict, prefix)
     _add_missing_biases(module, state_dict, prefix)
-    own_state = module.state_dict(prefix=prefix)
+    own_state = _own_state(module, prefix)
     all_own = set(own_state)
     all_saved = {k for k in state_dict if k.startswith(prefix)}
     stale = _legacy_pool_keys(module, prefix, all_saved - all_own)
@@ -110,6 +110,12 @@ def check_quant_state_keys(
         )
 
 
+def _own_state(module: nn.Module, prefix: str) -> dict[str, Any]:
+    """The network's state dict, less the device/dtype probe buffers (not state; older torch kept them through a
+    deepcopy)."""
+    return {k: v for k, v in module.state_dict(prefix=prefix).items() if "_lq_probe_" not in k}
+
+
 def _check_record(module: nn.Module, state_dict: dict, prefix: str) -> None:
     """The saved config (scheme, mode, exclude, mixed precision, network transforms) must be this network's."""
     own = config_record(module)
@@ -139,7 +145,8 @@ def check_saved_config(own: dict[str, Any], saved: dict[str, Any]) -> None:
             "the checkpoint's quantization config record is damaged or incomplete; use the file the run wrote."
         )
     for key in NETWORK_KEYS:
-        if saved[key] != own[key]:
+        same = sorted(saved[key]) == sorted(own[key]) if key == "exclude" else saved[key] == own[key]
+        if not same:
             raise CheckpointMismatchError(_mismatch_message(key, saved, own))
 
 

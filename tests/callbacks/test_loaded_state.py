@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_quant import CheckpointMismatchError, NotCalibratedError, QuantCallback, load_quantized_checkpoint
+from lightning_quant import CheckpointMismatchError, QuantCallback, load_quantized_checkpoint
 from lightning_quant.checkpoint import read_checkpoint
 from lightning_quant.quantizers.prepare import iter_quantizers
 from tests.helpers.models import quiet_trainer, random_images, seeded_lit
@@ -51,15 +51,25 @@ def _with_one_uncalibrated(saved: Path) -> tuple[Path, str]:
 
 
 def test_a_loaded_state_is_never_recalibrated_silently(saved):
+    """One quantizer with calibrated=0 used to make the callback recalibrate every quantizer."""
     path, name = _with_one_uncalibrated(saved)
-    expected = rf"leaves 1 of \d+ quantizers uncalibrated \({name}\).*calibrate_missing=True"
-    with pytest.raises(NotCalibratedError, match=expected):
-        quiet_trainer(saved, [_callback()]).validate(seeded_lit(1), dataloaders=VAL, ckpt_path=path, verbose=False)
+    loaded = {k: v for k, v in read_checkpoint(path)["state_dict"].items() if k.endswith(".scale")}
+    model = seeded_lit(1)
+    with pytest.warns(UserWarning, match=rf"holds 1 of \d+ quantizers uncalibrated \({name}\).*calibrate_missing=True"):
+        quiet_trainer(saved, [_callback()]).validate(model, dataloaders=VAL, ckpt_path=path, verbose=False)
+    for qname, fq in iter_quantizers(model.model):  # every value as loaded, the uncalibrated one included
+        assert torch.equal(fq.scale, loaded[f"model.{qname}.scale"])
+        assert bool(fq.calibrated.item()) == (qname != name)
 
 
 def test_calibrate_missing_calibrates_only_the_missing_quantizers(saved):
     path, name = _with_one_uncalibrated(saved)
-    loaded = {k: v for k, v in read_checkpoint(path)["state_dict"].items() if k.endswith(".scale")}
+    checkpoint = read_checkpoint(path)
+    checkpoint["state_dict"][f"model.{name}.scale"] = torch.full_like(
+        checkpoint["state_dict"][f"model.{name}.scale"], 7.0
+    )
+    torch.save(checkpoint, path)  # a sentinel scale: calibration must replace it
+    loaded = {k: v for k, v in checkpoint["state_dict"].items() if k.endswith(".scale")}
     model = seeded_lit(1)
     with pytest.warns(UserWarning, match="calibrating only the 1 quantizers"):
         quiet_trainer(saved, [_callback(calibrate_missing=True)]).validate(
@@ -67,7 +77,9 @@ def test_calibrate_missing_calibrates_only_the_missing_quantizers(saved):
         )
     for qname, fq in iter_quantizers(model.model):
         assert fq.calibrated.item()
-        if qname != name:  # the loaded ones keep their values
+        if qname == name:
+            assert not torch.equal(fq.scale, loaded[f"model.{qname}.scale"])  # calibrated, not the sentinel
+        else:  # the loaded ones keep their values
             assert torch.equal(fq.scale, loaded[f"model.{qname}.scale"])
 
 
@@ -91,3 +103,53 @@ def test_a_pickle_payload_in_a_checkpoint_never_executes(saved, tmp_path):
             seeded_lit(), dataloaders=VAL, ckpt_path=tmp_path / "evil.ckpt", weights_only=True, verbose=False
         )
     assert not marker.exists()
+
+
+def _as_release_0_1(saved: Path, name: str, *, keep_callback_state: bool) -> Path:
+    """The full checkpoint as 0.1 wrote it: no config record, the option switches at the top of the callback state."""
+    checkpoint = read_checkpoint(saved / "full.ckpt")
+    del checkpoint["state_dict"]["model.lightning_quant_config"]
+    if keep_callback_state:
+        state = checkpoint["callbacks"][next(iter(checkpoint["callbacks"]))]
+        options = state.pop("options")
+        state.update({k: options[k] for k in ("replace_relu6", "cross_layer_equalization", "bias_correction")})
+    else:
+        del checkpoint["callbacks"]
+    path = saved / name
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_release_0_1_checkpoints_load_through_the_trainer_and_the_loader(saved):
+    trainer = quiet_trainer(saved, [_callback()])
+    trainer.validate(seeded_lit(), dataloaders=VAL, verbose=False)
+    trainer.save_checkpoint(saved / "full.ckpt")
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    expected = load_quantized_checkpoint(seeded_lit(2), saved / "full.ckpt").model(x)
+    old = _as_release_0_1(saved, "old.ckpt", keep_callback_state=True)
+    model = seeded_lit(1)
+    with pytest.warns(UserWarning, match="written by an earlier release without a config record"):
+        quiet_trainer(saved, [_callback()]).validate(model, dataloaders=VAL, ckpt_path=old, verbose=False)
+    assert torch.equal(model.model.eval()(x), expected)
+    assert torch.equal(load_quantized_checkpoint(seeded_lit(3), old).model(x), expected)
+    with pytest.raises(CheckpointMismatchError, match="target"):  # its callback state still has to match
+        quiet_trainer(saved, [_callback(target="tensorrt")]).validate(
+            seeded_lit(1), dataloaders=VAL, ckpt_path=old, verbose=False
+        )
+    weights_only = _as_release_0_1(saved, "old_weights.ckpt", keep_callback_state=False)
+    with pytest.raises(CheckpointMismatchError, match="no record of the scheme and options"):
+        quiet_trainer(saved, [_callback()]).validate(
+            seeded_lit(1), dataloaders=VAL, ckpt_path=weights_only, verbose=False
+        )
+
+
+def test_an_already_quantized_network_must_match_the_callback(saved):
+    model = load_quantized_checkpoint(seeded_lit(), saved / "weights.ckpt")
+    with pytest.raises(CheckpointMismatchError, match="already quantized"):
+        quiet_trainer(saved, [_callback(target="tensorrt")]).validate(model, dataloaders=VAL, verbose=False)
+    quiet_trainer(saved, [_callback()]).validate(model, dataloaders=VAL, verbose=False)  # the same settings run
+
+
+def test_exclude_given_as_one_pattern_or_one_type(saved):
+    assert QuantCallback(exclude="model.fc").exclude == ("model.fc",)
+    assert QuantCallback(exclude=torch.nn.Linear).exclude == (torch.nn.Linear,)

@@ -101,11 +101,24 @@ def test_qat_fit_with_plain_dataloaders(pkg, tmp_path, dict_batches):
     assert _calibrated(model) and callback.calibration_batches_used == 2
 
 
-def test_qat_fit_with_train_and_val_dataloaders(pkg, tmp_path):
+def test_qat_fit_with_train_and_val_dataloaders(pkg, tmp_path, caplog):
     callback = QuantCallback(mode="qat", calibration_batches=2, progress=False, report=False)
     model = _module_class(pkg)()
     trainer = _trainer(pkg, tmp_path, callback, max_epochs=1)
-    trainer.fit(model, train_dataloaders=_loader(0), val_dataloaders=[_loader(1), _loader(2)])
+    with caplog.at_level(logging.INFO):
+        trainer.fit(model, train_dataloaders=_loader(0), val_dataloaders=[_loader(1), _loader(2)])
+    assert _calibrated(model)
+    assert "of the fit's train dataloader" in caplog.text  # the train loader, never the val loaders
+
+
+def test_qat_with_network_transforms_on_a_training_network(tmp_path):
+    """QAT networks arrive in training mode; equalization folds BatchNorm statistics in eval mode and hands back."""
+    pkg = importlib.import_module("lightning.pytorch")
+    options = QuantOptions(replace_relu6=True, cross_layer_equalization=True)
+    callback = QuantCallback(mode="qat", options=options, calibration_batches=1, progress=False, report=False)
+    model = _module_class(pkg)()
+    model.train()
+    _trainer(pkg, tmp_path, callback, max_epochs=1, limit_train_batches=2).fit(model, _loader(0))
     assert _calibrated(model)
 
 
