@@ -515,4 +515,3 @@ class QuantCallback(Callback):
                 "lightning_quant: the checkpoint was written by an earlier release without a config record; its "
                 "QuantCallback state matches this callback. Save it again to record the config with the weights."
             )
-
