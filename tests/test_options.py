@@ -183,8 +183,8 @@ def test_resolve_scheme_uses_the_scheme_and_refuses_a_contradicting_target():
     assert resolve_scheme("tensorrt", None, "qat") == scheme_for_target("tensorrt", "qat")
     with pytest.raises(ValueError, match=r"target='x86' contradicts scheme\.target='dpu'"):
         resolve_scheme("x86", dpu, "ptq")
-    with pytest.raises(ValueError, match=r"target='tensorrt' contradicts scheme\.target=None"):
-        resolve_scheme("tensorrt", QuantScheme(), "ptq")  # a hand-built scheme without a target
+    hand_built = resolve_scheme("tensorrt", QuantScheme(), "ptq")  # a hand-built scheme without a target takes it
+    assert hand_built.target is Target.TENSORRT and hand_built.weight == QuantScheme().weight
     with pytest.raises(ValueError, match=r"target='tpu' is not supported"):
         resolve_scheme("tpu", dpu, "ptq")
     with pytest.raises(TypeError, match="scheme must be a QuantScheme, got dict"):

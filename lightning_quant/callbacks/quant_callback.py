@@ -293,10 +293,6 @@ class QuantCallback(Callback):
         for logger in trainer.loggers:  # every logger the Trainer has (CSV, TensorBoard, W&B, MLflow, ...)
             logger.log_metrics(self.last_report.metrics(), step=trainer.global_step)
 
-    def _calibrated(self, pl_module: pl.LightningModule) -> bool:
-        quantizers = list(iter_quantizers(self.network(pl_module)))
-        return bool(quantizers) and all(fq.calibrated.item() for _, fq in quantizers)
-
     def _calibrate_if_needed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> bool:
         """Calibrate a network that was not calibrated yet; returns whether a calibration ran.
 

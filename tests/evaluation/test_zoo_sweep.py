@@ -113,7 +113,7 @@ def test_table_lists_partial_reasons():
         ZooResult("c", "failed: export", error="RuntimeError: boom"),
     ]
     table = zoo_table(rows)
-    assert "| a | 3/3 | 4 | 100% of 8 | 30.0 / 12.0 | quantized | - |" in table
+    assert "| a | 3/3 | 4 | 100% of 8 | 30.0 / 12.0 | - | quantized | - |" in table
     assert "12x MultiheadAttention has no INT8 kernel" in table and "75% of 8 (1 near-tie)" in table
     assert "failed: export (RuntimeError: boom)" in table
 
