@@ -310,15 +310,12 @@ def export_onnx(
     with atomic_path(path) as tmp:
         onnx.save(proto, str(tmp))
         if verify:
-            from lightning_quant.export.verify import ExportVerificationError, gate_inputs, verify_onnx
+            from lightning_quant.export.verify import gate_export
 
-            batches, transform = gate_inputs(example_input, verification_data, transform_fn, max_verify_batches)
-            try:
-                verify_onnx(
-                    qmodel, tmp, batches, transform_fn=transform, min_top1_agreement=min_top1_agreement, latency_runs=0
-                )
-            except ExportVerificationError as err:
-                raise err.at(tmp, path) from None
+            gate_export(
+                qmodel, tmp, path, example_input, verification_data=verification_data, transform_fn=transform_fn,
+                max_batches=max_verify_batches, min_top1_agreement=min_top1_agreement,
+            )  # fmt: skip
     return path
 
 

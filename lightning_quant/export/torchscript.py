@@ -30,7 +30,7 @@ from torch import nn
 from lightning_quant.export._atomic import atomic_path, check_output_path
 from lightning_quant.export._jit_warnings import quiet_jit_deprecation
 from lightning_quant.export.deploy import deploy_model
-from lightning_quant.export.verify import ExportVerificationError, gate_inputs, verify_export
+from lightning_quant.export.verify import gate_export
 
 __all__ = ["export_torchscript"]
 
@@ -79,11 +79,8 @@ def export_torchscript(
             quiet_jit_deprecation()
             torch.jit.save(traced, str(tmp))
         if verify:
-            batches, transform = gate_inputs(example_input, verification_data, transform_fn, max_verify_batches)
-            try:
-                verify_export(
-                    qmodel, tmp, batches, transform_fn=transform, min_top1_agreement=min_top1_agreement, latency_runs=0
-                )
-            except ExportVerificationError as err:
-                raise err.at(tmp, path) from None
+            gate_export(
+                qmodel, tmp, path, example_input, verification_data=verification_data, transform_fn=transform_fn,
+                max_batches=max_verify_batches, min_top1_agreement=min_top1_agreement,
+            )  # fmt: skip
     return path

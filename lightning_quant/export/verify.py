@@ -41,6 +41,7 @@ from lightning_quant.calibration import call_model, default_transform
 from lightning_quant.export._jit_warnings import quiet_jit_deprecation
 
 __all__ = [
+    "gate_export",
     "gate_inputs",
     "ExportVerificationError",
     "VerificationReport",
@@ -421,6 +422,33 @@ def gate_inputs(
     if not batches:
         raise ValueError("verification_data yielded no batch; pass a few held-out batches (or leave it None).")
     return batches, transform_fn or default_transform
+
+
+def gate_export(
+    qmodel: nn.Module,
+    written: str | Path,
+    final: str | Path,
+    example_input: Any,
+    *,
+    verification_data: Iterable[Any] | None,
+    transform_fn: Callable[[Any], Any] | None,
+    max_batches: int,
+    min_top1_agreement: float,
+) -> VerificationReport:
+    """An exporter's verification gate: :func:`verify_export` of the file just ``written`` (the exporter's temporary
+    file) on :func:`gate_inputs`; a failure names the ``final`` path the user asked for.
+
+    Raises:
+        ExportVerificationError: the file disagrees with the model (nothing is written at ``final``).
+        ValueError: see :func:`gate_inputs`.
+    """
+    batches, transform = gate_inputs(example_input, verification_data, transform_fn, max_batches)
+    try:
+        return verify_export(
+            qmodel, written, batches, transform_fn=transform, min_top1_agreement=min_top1_agreement, latency_runs=0
+        )
+    except ExportVerificationError as err:
+        raise err.at(written, final) from None
 
 
 def verify_onnx(qmodel: nn.Module, path: str | Path, data: Iterable[Any], **kwargs: Any) -> VerificationReport:
