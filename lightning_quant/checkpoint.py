@@ -190,7 +190,6 @@ def saved_config(
         "scheme": state["scheme"],
         "exclude": exclude_names(state.get("exclude") or ()),
         "layer_weight_bits": dict(state.get("layer_weight_bits") or {}),
-        "network_transforms": list(options.network_transforms),
         "options": options.to_dict(),
         "refinements": [step for step in REFINEMENT_STEPS if saved_options.get(step)],
     }

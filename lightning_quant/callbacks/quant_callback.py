@@ -392,7 +392,7 @@ class QuantCallback(Callback):
         wanted = dict(own)
         wanted.update(
             mode=self.mode.value, scheme=self.scheme.to_dict(), exclude=exclude_names(self.exclude),
-            layer_weight_bits=dict(self.layer_weight_bits), network_transforms=list(self.options.network_transforms),
+            layer_weight_bits=dict(self.layer_weight_bits), options=self.options.to_dict(),
         )  # fmt: skip
         try:
             check_saved_config(wanted, own)

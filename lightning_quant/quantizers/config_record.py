@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_quant.config import QuantMode, QuantOptions, QuantScheme
+from lightning_quant.config import NETWORK_TRANSFORMS, QuantMode, QuantOptions, QuantScheme
 from lightning_quant.errors import CheckpointMismatchError
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "decode_config",
     "encode_config",
     "exclude_names",
+    "network_view",
     "record_options",
     "record_refinement_steps",
     "write_config_record",
@@ -47,6 +48,7 @@ __all__ = [
 RECORD_ATTR = "lightning_quant_config"
 RECORD_VERSION = 1
 # the entries that decide the network's structure and qparams: a checkpoint loads only where all of them match
+# (``network_transforms`` is not stored: :func:`network_view` derives it from the options)
 NETWORK_KEYS = ("mode", "scheme", "exclude", "layer_weight_bits", "network_transforms")
 
 
@@ -78,6 +80,18 @@ def decode_config(tensor: Any) -> dict[str, Any]:
     return config
 
 
+def network_view(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with ``network_transforms``: the options' float-network transforms that ran (ReLU6 to ReLU,
+    cross-layer equalization), in order.
+
+    Example:
+        >>> network_view({"options": {"replace_relu6": True, "cross_layer_equalization": False}})["network_transforms"]
+        ['replace_relu6']
+    """
+    options = config.get("options") or {}
+    return {**config, "network_transforms": [name for name in NETWORK_TRANSFORMS if options.get(name)]}
+
+
 def exclude_names(exclude: Iterable[Any]) -> list[str]:
     """``exclude=`` entries as strings: glob patterns as they are, module types as ``type:<qualified name>``.
 
@@ -102,7 +116,6 @@ def attach_config_record(
         "scheme": scheme.to_dict(),
         "exclude": exclude_names(exclude),
         "layer_weight_bits": dict(layer_weight_bits),
-        "network_transforms": [],
         "options": QuantOptions().to_dict(),
         "refinements": [],
     }
@@ -125,7 +138,7 @@ def record_options(prepared: nn.Module, options: QuantOptions) -> None:
     """Note the options ``prepared`` is (being) quantized with; a network without a record is left as it is."""
     config = config_record(prepared)
     if config is not None:
-        config.update(options=options.to_dict(), network_transforms=list(options.network_transforms))
+        config["options"] = options.to_dict()
         write_config_record(prepared, config)
 
 

@@ -18,7 +18,13 @@ from torch import nn
 from lightning_quant.capture.patterns import shared_quantizer_calls
 from lightning_quant.config import NETWORK_TRANSFORMS, QuantScheme
 from lightning_quant.errors import CheckpointMismatchError
-from lightning_quant.quantizers.config_record import NETWORK_KEYS, RECORD_ATTR, config_record, decode_config
+from lightning_quant.quantizers.config_record import (
+    NETWORK_KEYS,
+    RECORD_ATTR,
+    config_record,
+    decode_config,
+    network_view,
+)
 from lightning_quant.quantizers.fake_quant import FakeQuantize
 
 __all__ = ["check_quant_state_keys", "check_saved_config", "is_quant_key", "require_matching_config"]
@@ -140,10 +146,11 @@ def check_saved_config(own: dict[str, Any], saved: dict[str, Any]) -> None:
             the network transforms (``replace_relu6``, ``cross_layer_equalization``) differ; the message names the
             value to pass.
     """
-    if any(k not in saved for k in NETWORK_KEYS):
+    if any(k not in saved for k in (*NETWORK_KEYS[:-1], "options")):
         raise CheckpointMismatchError(
             "the checkpoint's quantization config record is damaged or incomplete; use the file the run wrote."
         )
+    own, saved = network_view(own), network_view(saved)
     for key in NETWORK_KEYS:
         same = sorted(saved[key]) == sorted(own[key]) if key == "exclude" else saved[key] == own[key]
         if not same:
