@@ -46,8 +46,7 @@ from lightning_quant.algorithms.layerwise import (
     require_any_calibrated,
     weight_layers,
 )
-from lightning_quant.quantizers.fake_quant import FakeQuantize
-from lightning_quant.quantizers.modules import QuantLinear
+from lightning_quant.quantizers.modules import QuantLinear, add_zero_bias
 from lightning_quant.quantizers.prepare import prepare_info, set_observers
 
 __all__ = ["BiasCorrectionReport", "channel_error_mean", "correct_bias"]
@@ -128,14 +127,12 @@ def _apply(model: nn.Module, name: str, layer: nn.Module, delta: torch.Tensor, r
     record_float_parameters(model, name, layer, ("bias",))
     deployed = torch.zeros_like(delta) if layer.bias is None else quantized_bias(layer).detach().clone()
     if layer.bias is None:
-        layer.bias = nn.Parameter(torch.zeros_like(delta))
-        report.created_bias.append(name)
         try:
             scheme = prepare_info(model).scheme
         except ValueError:  # prepared info lost (e.g. a deep copy of a GraphModule): the bias stays float
             scheme = None
-        if scheme is not None and scheme.bias is not None:  # the target quantizes biases: give it a quantizer
-            layer.bias_fake_quant = FakeQuantize(scheme.bias, name=f"{name}.bias").to(delta.device)
+        add_zero_bias(layer, name, None if scheme is None else scheme.bias)  # quantized where the target says so
+        report.created_bias.append(name)
     layer.bias.data.copy_(deployed - delta)
     fq = layer.bias_fake_quant
     if fq is not None:  # the bias moved: its range must be observed again (the weight scale is not touched)

@@ -23,6 +23,7 @@ from lightning_quant.config import QuantScheme, QuantSpec
 from lightning_quant.quantizers.fake_quant import FakeQuantize
 
 __all__ = [
+    "add_zero_bias",
     "QUANTIZABLE_LAYERS",
     "QuantConv1d",
     "QuantConv2d",
@@ -97,6 +98,23 @@ _QUANT_CLASS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: QuantLinear,
 }
 QUANTIZABLE_LAYERS: tuple[type[nn.Module], ...] = tuple(_QUANT_CLASS)
+
+
+def add_zero_bias(layer: nn.Module, name: str, bias_spec: QuantSpec | None) -> None:
+    """Give a bias-less quantized layer a zero bias (bias correction does, and a checkpoint of such a layer needs one
+    to load into), with a bias quantizer where the scheme quantizes biases (``bias_spec``: the DPU's).
+
+    Example:
+        >>> from lightning_quant.config import scheme_for_target
+        >>> layer = quantized_layer_from_float(nn.Linear(3, 2, bias=False), scheme_for_target("dpu"), "fc")
+        >>> add_zero_bias(layer, "fc", scheme_for_target("dpu").bias)
+        >>> layer.bias.tolist(), layer.bias_fake_quant is not None
+        ([0.0, 0.0], True)
+    """
+    weight = layer.weight
+    layer.bias = nn.Parameter(torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype))
+    if bias_spec is not None:
+        layer.bias_fake_quant = FakeQuantize(bias_spec, name=f"{name}.bias").to(weight.device)
 
 
 def _constructor_kwargs(layer: nn.Module) -> dict:

@@ -25,7 +25,7 @@ from lightning_quant.quantizers.config_record import (
     decode_config,
     network_view,
 )
-from lightning_quant.quantizers.fake_quant import FakeQuantize
+from lightning_quant.quantizers.modules import add_zero_bias
 
 __all__ = ["check_quant_state_keys", "check_saved_config", "is_quant_key", "require_matching_config"]
 
@@ -209,9 +209,8 @@ def _add_missing_biases(module: nn.Module, state_dict: dict, prefix: str) -> Non
             continue
         if saved.shape[0] != weight.shape[0]:
             continue
-        layer.bias = nn.Parameter(torch.zeros_like(saved, device=weight.device, dtype=weight.dtype))
-        if bias_spec is not None and f"{head}bias_fake_quant.scale" in state_dict and hasattr(layer, "bias_fake_quant"):
-            layer.bias_fake_quant = FakeQuantize(bias_spec, name=f"{name}.bias").to(weight.device)
+        quantized = f"{head}bias_fake_quant.scale" in state_dict and hasattr(layer, "bias_fake_quant")
+        add_zero_bias(layer, name, bias_spec if quantized else None)
 
 
 def _valid_scale(value: Any) -> bool:
