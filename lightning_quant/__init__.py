@@ -26,10 +26,12 @@ from lightning_quant.errors import (
     RankFailedError,
 )
 from lightning_quant.export import (
+    DPUInspection,
     ExportVerificationError,
     export_onnx,
     export_torchscript,
     export_xmodel,
+    inspect_dpu,
     verify_export,
 )
 from lightning_quant.quantizers import convert, prepare, quantize_dynamic
@@ -39,6 +41,7 @@ __all__ = [
     "__version__",
     "AccuracyControlReport",
     "CheckpointMismatchError",
+    "DPUInspection",
     "ExportVerificationError",
     "NotCalibratedError",
     "NothingToQuantizeError",
@@ -55,6 +58,7 @@ __all__ = [
     "export_onnx",
     "export_torchscript",
     "export_xmodel",
+    "inspect_dpu",
     "load_quantized_checkpoint",
     "prepare",
     "quantization_report",

@@ -28,8 +28,10 @@ def export_artefacts(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir
     Each artefact is written under a staging name and gets its final name (``model_int8.onnx`` ...) only once it
     passed the check on the validation batches; one that fails is kept as ``rejected_<name>`` for inspection, so
     a file under the deployable name has always been verified. An XModel moves together with its quant_info file
-    (``model_int8.xmodel`` + ``model_int8.quant_info.json``).
+    (``model_int8.xmodel`` + ``model_int8.quant_info.json``). With ``deploy_check=true`` the XModel must also
+    reproduce the fake-quant model layer by layer on the first example input (:mod:`.deploy_check_step`).
     """
+    from lightning_quant.app.deploy_check_step import run_deploy_check
     from lightning_quant.export import (
         ExportVerificationError,
         export_onnx,
@@ -38,6 +40,7 @@ def export_artefacts(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir
         verify_export,
     )
     from lightning_quant.export._atomic import replace_together
+    from lightning_quant.export.deploy_check import DeployCheckError
     from lightning_quant.export.xmodel import quant_info_path_for
 
     def move(src: Path, dst: Path) -> None:  # an XModel and its quant_info file move as one
@@ -84,6 +87,14 @@ def export_artefacts(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir
                 model_top1=_pct(report.model_accuracy),
                 verify_images=report.num_samples,
             )
+        if fmt == "xmodel" and cfg.get("deploy_check", False):
+            try:
+                entry["deploy_check"] = run_deploy_check(network, staged, example, out_dir)
+            except DeployCheckError as error:
+                rejected = final.with_name(f"rejected_{final.name}")
+                move(staged, rejected)
+                message = f"{error} Nothing was written as {final.name}; the rejected file is {rejected}."
+                raise DeployCheckError(message) from error
         move(staged, final)
         artefacts[fmt] = entry
     return artefacts

@@ -21,6 +21,7 @@ _MODES = {
     "float": "evaluate the float model only",
     "calib": "calibrate and write the state file (state_file=...)",
     "test": "load state_file, evaluate (+ export with deploy=true)",
+    "inspect": "list which ops the Vitis AI DPU runs and which fall back to the CPU (no calibration)",
 }
 _TARGETS = {
     "x86": "onnxruntime on any x86-64 CPU: uint8 activations, 7-bit per-channel weights (the default)",
@@ -62,6 +63,8 @@ def help_page(recipes_dir: Path) -> str:
         "Examples:",
         "  lightning-quant recipe=resnet20_ptq_cifar10                       # first run: PTQ of ResNet-20 on CIFAR-10",
         "  lightning-quant recipe=mobilenetv2_ptq_imagenette deploy=true     # + ONNX/TorchScript, verified",
+        "  lightning-quant recipe=resnet20_ptq_cifar10_dpu deploy=true deploy_check=true  # + XModel vs fake-quant,"
+        " layer by layer",
         "  lightning-quant recipe=resnet20_qat_cifar10 trainer.max_epochs=3 logger=tensorboard",
         "  lightning-quant recipe=resnet20_qat_cifar10 ckpt_path=last        # resume an interrupted QAT run",
         "",

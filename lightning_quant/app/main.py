@@ -7,6 +7,8 @@ Modes (``mode=``, Vitis AI's ``--quant_mode`` plus the two combined flows):
 - ``float``: evaluate the float model only.  ``calib``: calibrate and save the state file (``state_file``).
 - ``test``: load ``state_file``, evaluate, export when ``deploy=true``.
 - ``qat``: fine-tune with fake-quant in the loop (``trainer.max_epochs``), test, save, export when ``deploy=true``.
+- ``inspect``: list which ops the Vitis AI DPU runs and which fall back to the CPU, with the reasons and the number
+  of DPU subgraphs; writes ``dpu_inspection.json``, calibrates nothing.
 
 Example:
     >>> cfg = compose_config(["recipe=resnet20_ptq_cifar10", "data.calibration_size=16"])
@@ -39,6 +41,7 @@ from torch.utils.data import DataLoader
 from lightning_quant.app.accuracy_control_step import accuracy_control_enabled, choose_float_layers, report_metrics
 from lightning_quant.app.export_step import export_artefacts
 from lightning_quant.app.help import help_page
+from lightning_quant.app.inspect_step import inspect_model
 from lightning_quant.app.overrides import app_unavailable_error
 from lightning_quant.app.report_step import model_sizes, summary_table, write_run_report
 from lightning_quant.app.schema import MODES, config_keys, explain_override_error, register_schema, validate_config
@@ -109,8 +112,10 @@ def _check_config(cfg: DictConfig) -> None:
             f"ckpt_path resumes QAT training; mode={cfg.mode} does not train. For a calibrated state use "
             "mode=test state_file=<file>."
         )
-    if cfg.deploy and cfg.mode in ("calib", "float"):
-        why = "it only writes the calibration state file" if cfg.mode == "calib" else "it has no quantized model"
+    if cfg.deploy and cfg.mode in ("calib", "float", "inspect"):
+        why = {"calib": "it only writes the calibration state file", "float": "it has no quantized model"}.get(
+            cfg.mode, "it only lists which ops the DPU runs"
+        )
         print(
             f"lightning-quant: deploy=true has no effect with mode={cfg.mode}: nothing is exported ({why}). Export "
             "with mode=ptq or mode=qat, or mode=test state_file=<the calibration state> deploy=true."
@@ -424,7 +429,8 @@ _RUNS = {"ptq": _run_ptq, "qat": _run_qat, "float": _run_float, "calib": _run_ca
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one recipe in its ``mode`` and return its metrics (also written to ``<output_dir>/metrics.json``).
+    """Run one recipe in its ``mode`` and return its metrics (also written to ``<output_dir>/metrics.json``;
+    ``mode=inspect`` writes ``<output_dir>/dpu_inspection.json`` instead).
 
     Example:
         >>> cfg = compose_config(["recipe=resnet20_ptq_cifar10", "paths.output_dir=/tmp/run"])
@@ -443,6 +449,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model = _build_model(cfg)  # before the data: online-only weights fail fast here
     dm = _build_datamodule(cfg)
+    if cfg.mode == "inspect":  # no Trainer, no calibration: the DPU's verdict on every op of the graph
+        return inspect_model(cfg, model, dm, out)
     metrics: dict[str, Any] = {"name": cfg.name, "mode": cfg.mode, "target": cfg.quant.target, "seed": cfg.seed}
     start = time.perf_counter()
     run_metrics, callback = _RUNS[cfg.mode](cfg, model, dm, out)

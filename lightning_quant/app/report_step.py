@@ -183,6 +183,11 @@ def report_markdown(metrics: dict[str, Any], report: QuantReport | None, plot_na
             f"fake-quant model {_fmt(art.get('top1_agreement'), '.2%')}, top-1 {_fmt(art.get('top1'))} % on "
             f"{art.get('verify_images', '-')} val images (fake-quant model on them: {_fmt(art.get('model_top1'))} %)."
         )
+        if art.get("deploy_check"):
+            lines.append(
+                f"Deploy check: the {fmt} file reproduces the fake-quant model op by op on the first example input "
+                f"({art['deploy_check']['ops']} quantized ops; `deploy_check/report.txt`)."
+            )
     if report is not None:
         lines += [
             "",

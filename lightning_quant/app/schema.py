@@ -40,7 +40,7 @@ __all__ = [
     "validate_config",
 ]
 
-MODES = ("ptq", "qat", "float", "calib", "test")
+MODES = ("ptq", "qat", "float", "calib", "test", "inspect")
 EXPORT_FORMATS = ("onnx", "torchscript", "xmodel")
 _PROGRESS_BARS = ("rich", "tqdm")
 _PLAIN = {"bool": bool, "int": int, "float": float, "str": str}
@@ -115,6 +115,7 @@ class TrainSchema:
     name: str = "default"
     mode: str = "ptq"
     deploy: bool = False
+    deploy_check: bool = False  # after the XModel export: per-layer dump of both sides, fail on a difference
     seed: int = 0
     progress_bar: str = "rich"
     state_file: str = "${paths.state_dir}/${name}.ckpt"
@@ -151,6 +152,7 @@ def validate_config(cfg: DictConfig) -> None:
     unknown = [f for f in cfg.export.formats if f not in EXPORT_FORMATS]
     if unknown:
         raise ValueError(f"export.formats has {unknown}; use a list of {', '.join(EXPORT_FORMATS)}.")
+    _check_deploy_check(cfg)
     overrides = {k: v for k, v in (cfg.quant.get("scheme") or {}).items() if v is not None}
     try:
         scheme_for_target(cfg.quant.target, "qat" if cfg.mode == "qat" else "ptq", **overrides)
@@ -243,6 +245,28 @@ def _check_name(name: Any) -> None:
             "folder, so it cannot point outside them. Use e.g. name=resnet20_ptq_v2; to write elsewhere set "
             "paths.state_dir=/some/folder or state_file=/path/to/state.ckpt."
         )
+
+
+def _check_deploy_check(cfg: DictConfig) -> None:
+    """``deploy_check=true`` compares the exported XModel with the fake-quant model: the run must export one."""
+    if not cfg.get("deploy_check", False):
+        return
+    formats = list(cfg.export.formats)
+    if cfg.mode not in ("ptq", "qat", "test"):
+        why = f"mode={cfg.mode} exports nothing"
+    elif not cfg.deploy:
+        why = "deploy=false: nothing is exported"
+    elif "xmodel" not in formats:
+        why = f"export.formats={formats} has no xmodel"
+    elif cfg.quant.target != "dpu":
+        why = f"quant.target={cfg.quant.target}: XModels hold the DPU scheme only"
+    else:
+        return
+    raise ValueError(
+        f"deploy_check=true compares the exported XModel with the fake-quant model layer by layer, but this run "
+        f"writes no XModel ({why}). Add deploy=true with xmodel in export.formats and target=dpu (quant=dpu, or a "
+        "*_dpu recipe, e.g. recipe=resnet20_ptq_cifar10_dpu deploy=true deploy_check=true), or drop deploy_check."
+    )
 
 
 def _one_of(key: str, value: Any, allowed: typing.Sequence[str], extra: str = "") -> None:

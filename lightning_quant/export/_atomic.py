@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_paths", "check_output_path", "replace_together"]
+__all__ = ["atomic_dir", "atomic_path", "atomic_paths", "check_output_path", "replace_together"]
 
 
 def check_output_path(path: str | os.PathLike, suffixes: tuple[str, ...]) -> Path:
@@ -63,6 +63,46 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """:func:`atomic_path` for a folder: yield a new empty folder beside ``path``; once the block has filled it, it
+    replaces ``path`` (and everything in it) whole. On any error ``path`` is left as it was.
+
+    The folder is made by ``mkdir`` (the umask's permissions) inside a private hidden folder in the same directory;
+    an earlier ``path`` is moved aside first and back if the replacement fails.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> target = pathlib.Path(tempfile.mkdtemp()) / "dump"
+        >>> with atomic_dir(target) as tmp:
+        ...     _ = (tmp / "a.txt").write_text("done")
+        >>> [p.name for p in target.iterdir()], [p.name for p in target.parent.iterdir()]
+        (['a.txt'], ['dump'])
+
+    Raises:
+        OSError: the folder does not accept new files (read-only, full); ``path`` is then left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    holder = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    tmp = holder / path.name
+    tmp.mkdir()
+    try:
+        yield tmp
+        if not path.exists():
+            os.replace(tmp, path)
+            return
+        earlier = holder / f"{path.name}.earlier"
+        os.replace(path, earlier)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(earlier, path)
+            raise
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
 
 
 @contextlib.contextmanager

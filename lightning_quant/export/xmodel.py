@@ -55,6 +55,7 @@ __all__ = [
     "quant_info",
     "quant_info_path_for",
     "read_quant_info",
+    "untraced_parts",
 ]
 
 XMODEL_LABEL = "uncompiled XIR graph; compile with vai_c_xir for your DPU arch"
@@ -117,12 +118,21 @@ def _check_dpu_model(qmodel: nn.Module) -> None:
                 f"scale); the model was quantized for {getattr(info.scheme.target, 'value', 'a custom scheme')!s}. "
                 "Quantize with quantize(model, data, target='dpu')."
             )
-    if info.untraced or not isinstance(qmodel, fx.GraphModule):
-        parts = ", ".join(f"{k}: {v}" for k, v in info.untraced.items()) or "the model is not one traced graph"
+    untraced = untraced_parts(qmodel)
+    if untraced:
         raise ValueError(
-            f"export_xmodel needs a model torch.fx traced whole; these parts were not ({parts}). Make the forward "
+            f"export_xmodel needs a model torch.fx traced whole; these parts were not ({untraced}). Make the forward "
             "traceable (no data-dependent Python control flow) or export the traceable submodule."
         )
+
+
+def untraced_parts(qmodel: nn.Module) -> str | None:
+    """The parts of a prepared model that torch.fx did not trace, with the reasons, or None when it is one graph
+    (what the XModel export and the DPU inspector need)."""
+    info = prepare_info(qmodel)
+    if info.untraced or not isinstance(qmodel, fx.GraphModule):
+        return ", ".join(f"{k}: {v}" for k, v in info.untraced.items()) or "the model is not one traced graph"
+    return None
 
 
 def _example_tuple(example_input: Any) -> tuple:

@@ -99,8 +99,21 @@ class XModelInterpreter:
             "strided_slice": self._strided_slice, "pad": self._pad,
         }  # fmt: skip
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], *, keep_all: bool = False) -> dict[str, np.ndarray]:
         """Execute with ``feeds`` (data op name -> NHWC array); returns every graph output (NHWC), by op name.
+
+        With ``keep_all`` no value is dropped and every op's output is returned, by op name in graph order (the
+        per-layer dump of :mod:`lightning_quant.export.deploy_check`; it holds every activation in float64).
+
+        Example:
+            >>> import numpy as np
+            >>> from lightning_quant.export.xir_builder import XIRBuilder
+            >>> b = XIRBuilder("Net")
+            >>> x = b.add("x", "data", [1, 2], {"shape": [1, 2], "data_type": "FLOAT32"})
+            >>> y = b.add("y", "relu", [1, 2], {}, [("input", [b.fix(x, fix_point=1)])])
+            >>> values = XModelInterpreter(b.graph).run({x: np.array([[-1.0, 0.3]])}, keep_all=True)
+            >>> {name: v.tolist() for name, v in values.items()}
+            {'Net__x': [[-1.0, 0.3]], 'Net__x_fix': [[-1.0, 0.5]], 'Net__y': [[0.0, 0.5]]}
 
         Raises:
             KeyError: a data op without a feed, or an op type this interpreter does not know (named).
@@ -119,9 +132,11 @@ class XModelInterpreter:
             self.values[op.name] = handler(op, {k: attr_value(v) for k, v in op.attr.items()})
             for name in (name for arg in op.args for name in arg.ops):
                 pending[name] -= 1
-                if pending[name] == 0 and name not in outputs:
+                if pending[name] == 0 and name not in outputs and not keep_all:
                     self.values.pop(name, None)
                     self.sums.pop(name, None)
+        if keep_all:
+            return dict(self.values)  # insertion order: the graph's
         return {name: self.values[name] for name in self.outputs}
 
     def _in(self, op: Any, arg: str = "input", i: int = 0) -> np.ndarray:
