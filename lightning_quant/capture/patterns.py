@@ -27,6 +27,7 @@ from torch import fx, nn
 
 __all__ = [
     "activation_quant_points",
+    "consumers_through_passthrough",
     "is_quantized_op",
     "is_shape_value",
     "shared_quantizer_calls",
@@ -171,6 +172,36 @@ def source_through_passthrough(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     while _is_passthrough(gm, node) and node.args and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node
+
+
+def consumers_through_passthrough(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+    """The nodes that read ``node``'s values, looking through shape-only ops (flatten, view, dropout, ...), in
+    graph order and without duplicates. Reads of its size only (``x.shape``) do not count; the graph's ``output``
+    node does.
+
+    Example:
+        >>> import torch
+        >>> from torch import fx, nn
+        >>> class Net(nn.Module):
+        ...     def forward(self, x):
+        ...         return torch.cat([x.flatten(1), x.view(x.shape[0], -1)], 1), x
+        >>> gm = fx.symbolic_trace(Net())
+        >>> [n.name for n in consumers_through_passthrough(gm, next(iter(gm.graph.nodes)))]
+        ['cat', 'output']
+    """
+    found: dict[fx.Node, None] = {}
+    values = [node]
+    while values:
+        value = values.pop()
+        for user in value.users:
+            if is_shape_value(user):
+                continue
+            if _is_passthrough(gm, user) and user.args and user.args[0] is value:
+                values.append(user)
+            else:
+                found[user] = None
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(found, key=order.__getitem__)
 
 
 def _reuses_input_quantizer(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -1,4 +1,5 @@
-"""Evaluation harness: top-1 accuracy of a classifier, and the torchvision zoo sweep (quantize -> ONNX -> parity).
+"""Evaluation harness: top-1 accuracy of a classifier, and the torchvision zoo sweeps (quantize -> ONNX -> parity;
+the DPU target: inspect_dpu -> XModel -> interpreter vs fake-quant).
 
 Example:
     >>> from lightning_quant.evaluation import ZOO_SWEEP_MODELS, top1_accuracy
@@ -7,6 +8,7 @@ Example:
 """
 
 from lightning_quant.evaluation.accuracy import top1_accuracy
+from lightning_quant.evaluation.dpu_zoo_sweep import DPUZooResult, check_dpu_zoo_model, dpu_zoo_table
 from lightning_quant.evaluation.zoo_sweep import (
     TIMM_SWEEP_MODELS,
     ZOO_SWEEP_MODELS,
@@ -17,11 +19,14 @@ from lightning_quant.evaluation.zoo_sweep import (
 )
 
 __all__ = [
+    "DPUZooResult",
     "TIMM_SWEEP_MODELS",
     "ZOO_SWEEP_MODELS",
     "ZooResult",
     "build_zoo_model",
+    "check_dpu_zoo_model",
     "check_zoo_model",
+    "dpu_zoo_table",
     "top1_accuracy",
     "zoo_table",
 ]

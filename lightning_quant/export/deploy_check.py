@@ -68,6 +68,7 @@ from lightning_quant.export.xir_builder import XIRBuilder
 from lightning_quant.export.xmodel import _check_dpu_model, _example_tuple
 from lightning_quant.export.xmodel_interpreter import XModelInterpreter, attr_value, load_xmodel
 from lightning_quant.export.xmodel_lowering import Value, lower_graph
+from lightning_quant.quantizers.dpu_activations import DPUHardswish, dpu_hardswish_factor
 from lightning_quant.quantizers.fake_quant import FakeQuantize
 from lightning_quant.quantizers.prepare import convert
 
@@ -172,21 +173,22 @@ class _Recorder(ShapeProp):
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        if n.op == "call_module" and isinstance(self.module.get_submodule(n.target), FakeQuantize):
+        module = self.module.get_submodule(n.target) if n.op == "call_module" else None
+        if isinstance(module, FakeQuantize):
             self.recorded[n.name] = out.detach().clone()
+        elif isinstance(module, DPUHardswish):  # its 8-bit factor is a fix op of the XModel (lower_graph's values)
+            self.recorded[f"{n.name}.hsigmoid"] = dpu_hardswish_factor(self.fetch_args_kwargs_from_env(n)[0][0])
         return out
 
 
 def _xir_layout(tensor: torch.Tensor, value: Value) -> np.ndarray:
-    """A PyTorch activation in the layout of the XIR op holding it: NCHW -> NHWC; a flattened (C, H, W) row as the
-    XModel's reshape of the NHWC tensor lays it out, (H, W, C)."""
+    """A PyTorch activation in the layout of the XIR op holding it: NCHW -> NHWC; a flattened (C, H, W) row (or a
+    concat of such rows) as the XModel lays it out, (H, W, C) part by part."""
     x = tensor.detach().double().numpy()
     if x.ndim == 4:
         return x.transpose(0, 2, 3, 1)
-    if x.ndim == 2 and value.chw is not None:
-        c, h, w = value.chw
-        return x.reshape(x.shape[0], c, h, w).transpose(0, 2, 3, 1).reshape(x.shape[0], -1)
-    return x
+    columns = value.nhwc_columns() if x.ndim == 2 else None
+    return x if columns is None else x[:, columns]
 
 
 def _const_data(op: Any) -> np.ndarray:

@@ -13,19 +13,19 @@ starts a new subgraph, also when it reads an earlier DPU op, as the add after a 
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Hardswish(), nn.Conv2d(8, 4, 1))
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.SiLU(), nn.Conv2d(8, 4, 1))
     >>> report = inspect_dpu(net.eval(), torch.randn(1, 3, 16, 16))
     >>> report.partitions, [op.node for op in report.cpu_ops]
     (2, ['_3'])
     >>> print(report)  # doctest: +NORMALIZE_WHITESPACE
     DPU inspection for DPUCZDX8G_ISA1_B4096, input 1x3x16x16: 5 ops, 4 on the DPU, 1 on the CPU; 2 DPU subgraphs
-    node  op         target  reason
-    _0    conv2d     DPU
-    _1    relu       DPU
-    _2    conv2d     DPU
-    _3    Hardswish  CPU     activation Hardswish (the DPU fuses it into a conv, but export_xmodel lowers relu and
-                             relu6 only)
-    _4    conv2d     DPU
+    node  op      target  reason
+    _0    conv2d  DPU
+    _1    relu    DPU
+    _2    conv2d  DPU
+    _3    SiLU    CPU     activation SiLU (export_xmodel lowers ReLU, ReLU6, and Hard-Sigmoid/Hard-Swish right after
+                          a conv or linear layer)
+    _4    conv2d  DPU
 """
 
 from __future__ import annotations

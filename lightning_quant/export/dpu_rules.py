@@ -2,12 +2,14 @@
 :func:`~lightning_quant.export.xmodel.export_xmodel`'s lowering and :func:`~lightning_quant.inspect_dpu` share.
 
 :func:`dpu_verdict` names what an fx node is (its XIR op, e.g. ``conv2d``, ``depthwise-conv2d``, ``matmul``) and,
-when the DPU graph cannot hold it, the reason: an op with no DPU lowering here (sigmoid, hardswish, gelu, a
-transposed or 1-D conv, ...), a layer outside the DPU's limits (kernel, stride, padding, dilation, depthwise channel
+when the DPU graph cannot hold it, the reason: an op with no DPU lowering here (sigmoid, gelu, a transposed or 1-D
+conv, ...), a layer outside the DPU's limits (kernel, stride, padding, dilation, depthwise channel
 multiplier), a tensor of the wrong rank, or a layer left in float. The lowering raises
 :class:`~lightning_quant.export.xmodel_lowering.UnsupportedOpError` with that reason; the inspector lists it.
 The graph is the one ``prepare(model, scheme_for_target("dpu"))`` builds (BatchNorm folded, average pools as
-:class:`~lightning_quant.quantizers.dpu_pool.DPUAvgPool2d`), with shapes from ``ShapeProp``.
+:class:`~lightning_quant.quantizers.dpu_pool.DPUAvgPool2d`, Hard-Sigmoid and Hard-Swish as
+:class:`~lightning_quant.quantizers.dpu_activations.DPUHardsigmoid` /
+:class:`~lightning_quant.quantizers.dpu_activations.DPUHardswish`), with shapes from ``ShapeProp``.
 
 Limits: the DPUCZDX8G (Zynq UltraScale+ MPSoC DPU, ``DPUCZDX8G_ISA1_B4096`` on ZCU102/ZCU104: channel_parallel 16,
 bank_depth 2048, bank_num 8), from the Vitis AI User Guide (UG1414), table "Currently Supported Operators":
@@ -20,8 +22,17 @@ bank_depth 2048, bank_num 8), from the Vitis AI User Guide (UG1414), table "Curr
   and sizes as conv2d.
 * max and average pooling: kernel w, h in [1, 256] with ``ceil(kernel_h / bank_num) * kernel_w <= bank_depth``;
   stride in [1, 8] (a global pool is one window: no stride); padding per side in [0, kernel - 1].
-* activations: the DPU also fuses LeakyReLU, Hard-Swish and Hard-Sigmoid into a conv, but this exporter lowers
-  ReLU and ReLU6 only, so the others are reported as CPU ops (the reason says so).
+* activations: ReLU and ReLU6 anywhere; Hard-Sigmoid and Hard-Swish fused into the conv2d, depthwise-conv2d or
+  linear layer right before them (UG1414 lists them among DPUCZDX8G_ISA1_B4096's conv activations; a standalone one
+  needs the ALU engine of newer DPUs: vai_q_pytorch's ``pytorch_nndct/hardware/dpu_op_filter.py``). LeakyReLU is a
+  DPU activation too, but this exporter does not lower it.
+* element-wise multiply (``a * b``): two tensors of one shape, or an NCHW tensor times a per-channel ``[N, C, 1, 1]``
+  one (squeeze-and-excitation), at most ``256 * channel_parallel`` channels.
+* resize (``F.interpolate``, ``nn.Upsample``): nearest with integer scale factors; bilinear with
+  ``align_corners=False`` and the same scale 2 or 4 on both sides (what vai_q_pytorch's ``dpu_op_filter.py`` lets
+  the compiler turn into a depthwise transposed conv); the input quantized, at most ``256 * channel_parallel``
+  channels.
+* transposed convs stay on the CPU: lightning_quant does not quantize ``nn.ConvTranspose2d`` (it stays float).
 
 Other DPU architectures (DPUCAHX8H, DPUCVDX8G, ...) have other limits; the vai_c_xir compiler has the last word.
 
@@ -30,17 +41,20 @@ Example:
     >>> from torch import nn
     >>> from torch.fx.passes.shape_prop import ShapeProp
     >>> from lightning_quant import prepare, scheme_for_target
-    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 17, padding=8), nn.Sigmoid()).eval()
+    >>> net = nn.Sequential(
+    ...     nn.Conv2d(3, 4, 3), nn.Hardswish(), nn.Conv2d(4, 4, 17, padding=8), nn.Sigmoid(), nn.Hardswish()
+    ... ).eval()
     >>> gm = prepare(net, scheme_for_target("dpu"))
     >>> _ = ShapeProp(gm).propagate(torch.randn(1, 3, 20, 20))
     >>> for node in gm.graph.nodes:
     ...     verdict = dpu_verdict(gm, node)
     ...     if verdict.op not in ("data", "fix", "output"):
-    ...         print(node.name, verdict.op, verdict.reason)
-    _0 conv2d None
-    _1 relu None
-    _2 conv2d a conv2d with kernel 17x17 (DPUCZDX8G: kernel sides 1..16)
-    _3 Sigmoid activation Sigmoid (export_xmodel lowers relu and relu6 only)
+    ...         print(node.name, verdict.op, "|", verdict.reason)  # doctest: +ELLIPSIS
+    _0 conv2d | None
+    _1 hard-swish | None
+    _2 conv2d | a conv2d with kernel 17x17 (DPUCZDX8G: kernel sides 1..16)
+    _3 Sigmoid | activation Sigmoid (export_xmodel lowers ReLU, ReLU6, and Hard-Sigmoid/Hard-Swish right after a ...
+    _4 hard-swish | a standalone hard-swish after the Sigmoid (DPUCZDX8G runs it fused into the conv2d, ...
 """
 
 from __future__ import annotations
@@ -54,6 +68,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lightning_quant.capture.patterns import is_fused_activation, is_shape_value
+from lightning_quant.quantizers.dpu_activations import DPUHardsigmoid, DPUHardswish
 from lightning_quant.quantizers.dpu_pool import DPUAvgPool2d
 from lightning_quant.quantizers.fake_quant import FakeQuantize
 from lightning_quant.quantizers.modules import QuantConv2d, QuantConvBn, QuantLinear
@@ -69,6 +84,7 @@ __all__ = [
     "maxpool_of",
     "node_shape",
     "pad_arguments",
+    "resize_arguments",
 ]
 
 DPU_ARCH = "DPUCZDX8G_ISA1_B4096"
@@ -84,11 +100,16 @@ POOL_STRIDE = 8
 
 SUPPORTED_SUMMARY = (
     f"conv2d (kernel 1..{CONV_KERNEL}, stride 1..{CONV_STRIDE}), depthwise conv2d (channel multiplier 1), linear, "
-    "add, cat, relu/relu6, max/avg pooling, flatten, slicing, zero padding, dropout"
+    "add, element-wise mul, cat, relu/relu6, hardsigmoid/hardswish after a conv or linear, max/avg pooling, "
+    "nearest/bilinear upsampling by integer scales, flatten, slicing, zero padding, dropout"
 )
+ELTWISE_CHANNELS = 256 * CHANNEL_PARALLEL  # element-wise, resize and pad engines: input_channel <= 256 * cp
+BILINEAR_SCALES = (2, 4)  # align_corners=False (half-pixel centers): vai_q_pytorch's dpu_op_filter.py
 
 _PASSTHROUGH_MODULES = (nn.Dropout, nn.Dropout2d, nn.Identity)
 _PASSTHROUGH_CALLS = {F.dropout, "contiguous"}
+_MUL_CALLS = {operator.mul, torch.mul, "mul"}
+_RESIZE_CALLS = {F.interpolate, F.upsample}
 _RELU_CALLS = {F.relu, torch.relu, torch.relu_, "relu", "relu_"}
 _ADD_CALLS = {operator.add, torch.add, "add"}
 _CAT_CALLS = {torch.cat, torch.concat}
@@ -102,7 +123,9 @@ _ACTIVATION_CALLS = {
     F.elu, F.selu, F.celu, F.leaky_relu, F.prelu, F.softmax, torch.softmax, F.log_softmax, F.softplus,
     "sigmoid", "tanh", "softmax", "log_softmax",
 }  # fmt: skip
-_DPU_FUSABLE = {"hardswish", "hardsigmoid", "leaky_relu", "leakyrelu"}  # the DPU has them; this exporter does not
+_DPU_FUSABLE = {"leaky_relu", "leakyrelu"}  # the DPU has it; this exporter does not
+_DPU_SWAPPED = {"hardswish", "hardsigmoid"}  # prepare(target="dpu") replaces them by the DPU's own computation
+_FUSING_OPS = ("conv2d", "depthwise-conv2d", "matmul")  # what Hard-Sigmoid/Hard-Swish fuse into
 
 
 @dataclass(frozen=True)
@@ -168,11 +191,51 @@ def maxpool_of(gm: fx.GraphModule, node: fx.Node) -> nn.MaxPool2d:
 
 def _activation(name: str) -> DPUVerdict:
     lower = name.lower()
+    lowered = "export_xmodel lowers ReLU, ReLU6, and Hard-Sigmoid/Hard-Swish right after a conv or linear layer"
     if lower in _DPU_FUSABLE:
-        why = "the DPU fuses it into a conv, but export_xmodel lowers relu and relu6 only"
+        why = f"the DPU fuses it into a conv, but {lowered}"
+    elif lower in _DPU_SWAPPED:
+        why = (
+            "left as PyTorch's float op: prepare(target='dpu') of this version swaps in the DPU's computation; "
+            "quantize the float model again"
+        )
     else:
-        why = "export_xmodel lowers relu and relu6 only"
+        why = lowered
     return DPUVerdict(name, f"activation {name} ({why})")
+
+
+def _through_fix(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node | None, bool]:
+    """The op whose value ``node``'s input is (looking through quantizers and no-ops), and whether every node on the way
+    has that one reader (so the op can fuse with ``node``)."""
+    current, single = node, True
+    while current.args and isinstance(current.args[0], fx.Node):
+        source = current.args[0]
+        single = single and len(source.users) == 1
+        if dpu_verdict(gm, source).op not in ("fix", "identity"):
+            return source, single
+        current = source
+    return None, single
+
+
+def _hard_activation(gm: fx.GraphModule, node: fx.Node, op: str) -> DPUVerdict:
+    """Hard-Sigmoid / Hard-Swish: fused into the conv2d, depthwise-conv2d or matmul right before them."""
+    source, single = _through_fix(gm, node)
+    verdict = dpu_verdict(gm, source) if source is not None else None
+    if verdict is None or not verdict.on_dpu or verdict.op not in _FUSING_OPS or not single:
+        after = "" if verdict is None else f" after the {verdict.op}"
+        why = "" if single or verdict is None else " that also feeds other ops"
+        return DPUVerdict(
+            op,
+            f"a standalone {op}{after}{why} (DPUCZDX8G runs it fused into the conv2d, depthwise-conv2d or linear "
+            "layer it directly follows; a standalone one needs the ALU engine of newer DPUs)",
+        )
+    if op == "hard-sigmoid" and not all(dpu_verdict(gm, user).op == "fix" for user in node.users):
+        return DPUVerdict(
+            op,
+            "a hard-sigmoid whose output is not quantized (the DPU writes it as int8: feed it to a quantized op, "
+            "such as the multiply of a squeeze-and-excitation block)",
+        )
+    return DPUVerdict(op)
 
 
 def _range_problem(what: str, values: tuple[int, int], low: int, high: int) -> str | None:
@@ -327,6 +390,89 @@ def _add(node: fx.Node) -> DPUVerdict:
     return DPUVerdict("add")
 
 
+def _mul(gm: fx.GraphModule, node: fx.Node) -> DPUVerdict:
+    """``a * b`` of two tensors: one shape, or NCHW times a per-channel ``[N, C, 1, 1]`` (squeeze-and-excitation)."""
+    args = [a for a in node.args if isinstance(a, fx.Node)]
+    if len(args) != 2 or len(node.args) != 2 or node.kwargs:
+        return DPUVerdict(
+            "mul",
+            "a multiply by a constant (the DPU's element-wise multiply takes two int8 tensors; fold the constant into "
+            "the layer before)",
+        )
+    a, b = (node_shape(arg) for arg in args)
+    if a is None or b is None:
+        return DPUVerdict("mul", "a multiply of something that is not one tensor")
+    if any(is_flattened(gm, arg) for arg in args):
+        return DPUVerdict("mul", "a multiply of a flattened tensor (the XModel holds it in NHWC order)")
+    small, big = sorted((a, b), key=lambda shape: math.prod(shape))
+    per_channel = len(big) == 4 and small == [big[0], big[1], 1, 1]
+    if a != b and not per_channel:
+        return DPUVerdict(
+            "mul", f"a multiply of shapes {a} and {b} (the DPU takes one shape, or [N, C, H, W] times [N, C, 1, 1])"
+        )
+    if len(big) == 4 and big[1] > ELTWISE_CHANNELS:
+        return DPUVerdict("mul", f"a multiply of {big[1]} channels (DPUCZDX8G: at most {ELTWISE_CHANNELS})")
+    return DPUVerdict("mul")
+
+
+def resize_arguments(gm: fx.GraphModule, node: fx.Node) -> dict:
+    """An upsampling node's ``mode``, ``align_corners``, ``scale_factor`` (or None), ``recompute_scale_factor`` and
+    ``antialias``, from the ``nn.Upsample`` module or the ``F.interpolate`` call.
+
+    Example:
+        >>> gm = fx.symbolic_trace(nn.Upsample(scale_factor=2, mode="bilinear"))
+        >>> args = resize_arguments(gm, list(gm.graph.nodes)[1])
+        >>> args["mode"], args["scale_factor"], args["align_corners"]
+        ('bilinear', 2.0, None)
+    """
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        names = ["mode", "align_corners", "scale_factor", "recompute_scale_factor"]
+        kwargs = {k: getattr(module, k, None) for k in names}
+    else:
+        names = ["size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias"]
+        kwargs = dict(zip(names, node.args[1:], strict=False)) | dict(node.kwargs)
+    return {"mode": "nearest", "align_corners": None, "scale_factor": None, "recompute_scale_factor": None,
+            "antialias": False} | {k: v for k, v in kwargs.items() if k != "size" and v is not None}  # fmt: skip
+
+
+def _resize(gm: fx.GraphModule, node: fx.Node) -> DPUVerdict:
+    """Nearest upsampling by integer factors; bilinear (``align_corners=False``) by 2 or 4 on both sides."""
+    src, out = _input_shape(node), node_shape(node)
+    if src is None or out is None or len(src) != 4 or len(out) != 4:
+        return DPUVerdict("resize", "a resize of a tensor that is not 4-D NCHW")
+    args = resize_arguments(gm, node)
+    mode = args["mode"]
+    if mode not in ("nearest", "bilinear") or args["antialias"]:
+        return DPUVerdict("resize", f"a resize with mode={mode!r} (the DPU resizes 'nearest' and 'bilinear' only)")
+    if args["align_corners"]:
+        return DPUVerdict("resize", "a resize with align_corners=True (the DPU takes align_corners=False)")
+    if out[2] % src[2] or out[3] % src[3]:
+        return DPUVerdict(
+            "resize", f"a resize from {src[2]}x{src[3]} to {out[2]}x{out[3]} (the DPU upsamples by integer factors)"
+        )
+    scale = (out[2] // src[2], out[3] // src[3])
+    factor = args["scale_factor"]
+    if factor is not None and not args["recompute_scale_factor"]:  # PyTorch then indexes with 1 / scale_factor
+        factors = (factor, factor) if isinstance(factor, (int, float)) else tuple(factor)
+        if tuple(float(f) for f in factors) != tuple(float(s) for s in scale):
+            return DPUVerdict("resize", f"a resize with scale_factor={factor} (the DPU upsamples by integer factors)")
+    if mode == "bilinear" and (scale[0] != scale[1] or scale[0] not in BILINEAR_SCALES):
+        return DPUVerdict(
+            "resize",
+            f"a bilinear resize by {scale[0]}x{scale[1]} (DPUCZDX8G: the same scale, 2 or 4, on both sides, which the "
+            "compiler turns into a depthwise transposed conv)",
+        )
+    if src[1] > ELTWISE_CHANNELS:
+        return DPUVerdict("resize", f"a resize of {src[1]} channels (DPUCZDX8G: at most {ELTWISE_CHANNELS})")
+    source = node.args[0]
+    if not isinstance(source, fx.Node) or dpu_verdict(gm, source).op != "fix":
+        return DPUVerdict(
+            "resize", "a resize of a tensor that is not quantized (the DPU reads int8: quantize its input first)"
+        )
+    return DPUVerdict("resize")
+
+
 def _module(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> DPUVerdict:
     if isinstance(module, FakeQuantize):
         return DPUVerdict("fix")
@@ -344,6 +490,10 @@ def _module(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> DPUVerdict:
         return _maxpool(node, module)
     if isinstance(module, DPUAvgPool2d):
         return _avgpool(node, module)
+    if isinstance(module, (DPUHardsigmoid, DPUHardswish)):
+        return _hard_activation(gm, node, "hard-sigmoid" if isinstance(module, DPUHardsigmoid) else "hard-swish")
+    if isinstance(module, nn.Upsample):
+        return _resize(gm, node)
     if isinstance(module, nn.Flatten):
         return _flatten(gm, node)
     if isinstance(module, _PASSTHROUGH_MODULES):
@@ -355,7 +505,13 @@ def _module(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> DPUVerdict:
         return DPUVerdict(kind, f"a float {kind} (kept in float: excluded from quantization; the DPU runs int8 only)")
     if isinstance(module, QuantConvBn):
         return DPUVerdict(kind, "a QAT conv+BatchNorm (call convert() first: export folds the BatchNorm)")
-    if isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        return DPUVerdict(
+            kind,
+            f"a float {kind} (lightning_quant does not quantize transposed convs yet, so it stays float; the DPU's "
+            "transposed-conv2d needs int8 weights)",
+        )
+    if isinstance(module, (nn.Conv1d, nn.Conv3d)):
         return DPUVerdict(kind, f"module {kind} (no DPU lowering here: conv2d on 4-D NCHW tensors only)")
     return DPUVerdict(kind, f"module {kind} (export_xmodel has no DPU lowering for it)")
 
@@ -370,6 +526,12 @@ def _call(gm: fx.GraphModule, node: fx.Node) -> DPUVerdict:
         return DPUVerdict("relu6")
     if target in _ADD_CALLS:
         return _add(node)
+    if target in _MUL_CALLS:
+        return _mul(gm, node)
+    if target in _RESIZE_CALLS:
+        return _resize(gm, node)
+    if _name(target) == "stochastic_depth" and (node.args[3:4] == (False,) or node.kwargs.get("training") is False):
+        return DPUVerdict("identity")  # torchvision.ops.stochastic_depth outside training returns its input
     if target in _CAT_CALLS:
         return DPUVerdict("concat")
     if target in _FLATTEN_CALLS:

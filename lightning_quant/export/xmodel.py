@@ -42,6 +42,7 @@ from lightning_quant.export._atomic import atomic_path, atomic_paths, check_outp
 from lightning_quant.export.xir_builder import XIRBuilder, sanitize
 from lightning_quant.export.xmodel_lowering import UnsupportedOpError, lower_graph
 from lightning_quant.quantizers.dpu import fix_pos_from_scale
+from lightning_quant.quantizers.dpu_concat import align_concat_positions
 from lightning_quant.quantizers.dpu_shifts import enforce_dpu_shifts
 from lightning_quant.quantizers.fake_quant import FakeQuantize
 from lightning_quant.quantizers.modules import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
@@ -156,11 +157,13 @@ def build_xir_graph(qmodel: nn.Module, example_input: Any, graph_name: str | Non
     _check_dpu_model(qmodel)
     inputs = _example_tuple(example_input)
     frozen = convert(qmodel).cpu()
-    moved = enforce_dpu_shifts(frozen)
+    moved = [*align_concat_positions(frozen), *enforce_dpu_shifts(frozen)]  # concat rule first, then the shifts
     if moved:
         warnings.warn(
-            f"export_xmodel moved {len(moved)} fix position(s) to meet the DPU's shift constraints, so the file "
-            "differs from qmodel; call lightning_quant.quantizers.dpu_shifts.enforce_dpu_shifts(qmodel) first.",
+            f"export_xmodel moved {len(moved)} fix position(s) to align concat inputs and meet the DPU's shift "
+            "constraints, so the file differs from qmodel; call align_concat_positions(qmodel) (in "
+            "lightning_quant.quantizers.dpu_concat), then lightning_quant.quantizers.dpu_shifts.enforce_dpu_shifts("
+            "qmodel) first.",
             stacklevel=3,
         )
     with torch.no_grad():

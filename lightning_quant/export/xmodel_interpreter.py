@@ -1,12 +1,14 @@
 """A small numpy interpreter for uncompiled XIR graphs as written by :func:`~lightning_quant.export.export_xmodel`.
 
-It runs ``data``, ``const``, ``fix``, ``conv2d``, ``depthwise-conv2d``, ``matmul``, ``add``, ``mul``,
-``concat``, ``stack``, ``relu``, ``relu6``, ``maxpool2d``, ``avgpool2d``, ``reshape`` (with its ``shape`` attribute
-or, as Vitis AI writes it, a ``shape`` input), ``strided_slice`` and ``pad`` in float64, NHWC; graphs written by
-Vitis AI's own quantizer run too (its reference ``LeNet_int.xmodel`` is tested against its ``LeNet_int.onnx``).
-Values on ``2**-fix_point`` grids make every sum exact, so the result does not depend on summation order. An
-``avgpool2d`` followed by a ``mul`` with a constant is computed as ``window_sum * (c / n)``, the DPU's
-dyadic reciprocal, exactly as the fake-quant model and the DPU compiler's fused pool do.
+It runs ``data``, ``const``, ``fix``, ``conv2d``, ``depthwise-conv2d``, ``matmul``, ``add``, ``mul`` (with
+broadcasting), ``concat``, ``stack``, ``relu``, ``relu6``, ``hard-sigmoid``, ``hard-swish``, ``maxpool2d``,
+``avgpool2d``, ``resize`` (``NEAREST``/``BILINEAR`` by its ``scale`` attribute), ``reshape`` (with its ``shape``
+attribute or, as Vitis AI writes it, a ``shape`` input), ``strided_slice`` and ``pad`` in float64, NHWC, by XIR's op
+definitions; graphs written by Vitis AI's own quantizer run too (its reference ``LeNet_int.xmodel`` is tested
+against its ``LeNet_int.onnx``). Values on ``2**-fix_point`` grids make every sum exact, so the result does not
+depend on summation order. An ``avgpool2d`` or ``hard-sigmoid`` followed by a ``mul`` with a constant is computed as
+``window_sum * (c / n)`` (``relu6(x + 3) * (c / 6)``), the DPU's dyadic reciprocal (``c / 6 = 2731 / 2**14``),
+exactly as the fake-quant model and the DPU compiler's fused op do.
 
 Example:
     >>> import tempfile, pathlib, torch
@@ -96,7 +98,8 @@ class XModelInterpreter:
             "depthwise-conv2d": self._conv, "matmul": self._matmul, "add": self._add, "mul": self._mul,
             "concat": self._concat, "stack": self._stack, "relu": self._relu, "relu6": self._relu6,
             "maxpool2d": self._pool, "avgpool2d": self._pool, "reshape": self._reshape,
-            "strided_slice": self._strided_slice, "pad": self._pad,
+            "strided_slice": self._strided_slice, "pad": self._pad, "hard-sigmoid": self._hard_sigmoid,
+            "hard-swish": self._hard_swish, "resize": self._resize,
         }  # fmt: skip
 
     def run(self, feeds: dict[str, np.ndarray], *, keep_all: bool = False) -> dict[str, np.ndarray]:
@@ -197,13 +200,37 @@ class XModelInterpreter:
     def _relu6(self, op, attrs):
         return np.clip(self._in(op), 0.0, 6.0)
 
+    def _hard_sigmoid(self, op, attrs):
+        total = np.clip(self._in(op) + 3.0, 0.0, 6.0)
+        self.sums[op.name] = (total, 6)  # a following mul by c computes total * (c / 6): the DPU's 2731 / 2**14
+        return total / 6.0
+
+    def _hard_swish(self, op, attrs):
+        x = self._in(op)
+        return x * np.clip(x + 3.0, 0.0, 6.0) / 6.0
+
+    def _resize(self, op, attrs):
+        """XIR ``resize`` by its ``scale`` attribute (``[w, h]``, out / in), modes ``NEAREST`` and ``BILINEAR``."""
+        if any(a.name == "size" for a in op.args) or not attrs.get("scale"):
+            raise KeyError(f"resize op {op.name!r} gives a size input; this interpreter runs the scale attribute only.")
+        x, mode = self._in(op), attrs["mode"]
+        align, half = bool(attrs.get("align_corners")), bool(attrs.get("half_pixel_centers"))
+        if mode not in ("NEAREST", "BILINEAR"):
+            raise KeyError(f"resize op {op.name!r} has mode {mode!r}; this interpreter runs NEAREST and BILINEAR.")
+        for axis, factor in ((2, attrs["scale"][0]), (1, attrs["scale"][1])):
+            x = _resize_axis(x, axis, int(round(x.shape[axis] * factor)), mode, align, half)
+        return x
+
     def _pool(self, op, attrs):
         x, is_max = self._in(op), op.type == "maxpool2d"
         kernel = [x.shape[2], x.shape[1]] if attrs.get("global") else attrs["kernel"]
         stride = kernel if attrs.get("global") else attrs["stride"]
         out = None
         fill = -np.inf if is_max else 0.0
-        for _, _, view in _windows(x, kernel, stride, [1, 1], attrs.get("pad", [0, 0, 0, 0]), fill):
+        pad = list(attrs.get("pad", [0, 0, 0, 0]))
+        if attrs.get("pad_mode") == "CEIL" and not attrs.get("global"):
+            pad = _ceil_pad(x.shape[1:3], kernel, stride, pad)
+        for _, _, view in _windows(x, kernel, stride, [1, 1], pad, fill):
             out = view if out is None else (np.maximum(out, view) if is_max else out + view)
         if is_max:
             return out
@@ -229,6 +256,39 @@ class XModelInterpreter:
         else:
             shape = list(attrs["shape"])
         return x.reshape([x.shape[0], *shape[1:]])  # the batch dimension stays the input's: any batch runs
+
+
+def _ceil_pad(size, kernel, stride, pad) -> list[int]:
+    """``pad`` (left, right, top, bottom) grown on the right and bottom for ``pad_mode`` ``CEIL``: XIR's
+    ``ceil((in + pad - kernel) / stride) + 1`` outputs, less a last window that would start in the padding only
+    (PyTorch's ``ceil_mode`` rule, which the lowering writes as ``CEIL``)."""
+    pad = list(pad)
+    for (lo, hi), n, k, s in zip(((2, 3), (0, 1)), size, (kernel[1], kernel[0]), (stride[1], stride[0]), strict=True):
+        out = -(-(n + pad[lo] + pad[hi] - k) // s) + 1
+        if (out - 1) * s >= n + pad[lo]:
+            out -= 1
+        pad[hi] += max(0, (out - 1) * s + k - (n + pad[lo] + pad[hi]))
+    return pad
+
+
+def _resize_axis(x: np.ndarray, axis: int, out: int, mode: str, align: bool, half: bool) -> np.ndarray:
+    """One axis of XIR ``resize`` (its op definition: ``scale = in / out``, or ``(in - 1) / (out - 1)`` with
+    ``align_corners``; source ``(o + 0.5) * scale - 0.5`` with ``half_pixel_centers``, else ``o * scale``)."""
+    size = x.shape[axis]
+    scale = (size - 1) / (out - 1) if align and out > 1 else size / out
+    o = np.arange(out, dtype=np.float64)
+    source = (o + 0.5) * scale - 0.5 if half else o * scale
+    if mode == "NEAREST":
+        index = np.round(source) if align else np.floor(source)
+        return np.take(x, np.minimum(index, size - 1).astype(np.int64), axis=axis)
+    low = np.floor(source)
+    lerp = source - low  # a source left of the first pixel reads it twice: the weights then add up to that pixel
+    top = np.clip(low, 0, size - 1).astype(np.int64)
+    bottom = np.clip(low + 1, 0, size - 1).astype(np.int64)
+    shape = [1] * x.ndim
+    shape[axis] = out
+    lerp = lerp.reshape(shape)
+    return np.take(x, top, axis=axis) * (1.0 - lerp) + np.take(x, bottom, axis=axis) * lerp
 
 
 def run_xmodel(path_or_graph: Any, *inputs: np.ndarray, nchw: bool = True) -> list[np.ndarray]:

@@ -21,15 +21,18 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from lightning_quant.config import RoundingMode
 from lightning_quant.export.dpu_rules import (
     SUPPORTED_SUMMARY,
     dpu_verdict,
     is_depthwise,
     maxpool_of,
     pad_arguments,
+    resize_arguments,
 )
 from lightning_quant.export.xir_builder import XIRBuilder
 from lightning_quant.quantizers.dpu import fix_pos_from_scale
+from lightning_quant.quantizers.dpu_activations import HSIGMOID_FACTOR, HSIGMOID_SHIFT, HSWISH_FIX_POINT
 from lightning_quant.quantizers.dpu_pool import avgpool_scale
 from lightning_quant.quantizers.functional import fake_quantize
 from lightning_quant.quantizers.modules import QuantConv2d, QuantLinear
@@ -43,11 +46,41 @@ class UnsupportedOpError(ValueError):
 
 @dataclass
 class Value:
-    """What an fx node produced: the XIR op holding it, its PyTorch shape, and its (C, H, W) if flattened."""
+    """What an fx node produced: the XIR op holding it, its PyTorch shape, its (C, H, W) if flattened, and for a
+    concat of flattened tensors each part's ``(features, (C, H, W) or None)``: the XModel flattens NHWC tensors, so
+    the columns of such a row are in (H, W, C) order part by part, and a following matmul must permute its weight the
+    same way."""
 
     op: str
     shape: list[int]
     chw: tuple[int, int, int] | None = None
+    segments: tuple[tuple[int, tuple[int, int, int] | None], ...] | None = None
+
+    def moved_to(self, op: str) -> Value:
+        """The same tensor (shape and column layout) held by another op."""
+        return Value(op, self.shape, self.chw, self.segments)
+
+    def nhwc_columns(self) -> np.ndarray | None:
+        """For a 2-D value: the PyTorch column each XModel column holds (``xmodel[:, i] == torch[:, cols[i]]``), or
+        None when the order is the same.
+
+        Example:
+            >>> Value("x", [1, 8], chw=(2, 2, 2)).nhwc_columns().tolist()
+            [0, 4, 1, 5, 2, 6, 3, 7]
+            >>> Value("x", [1, 5], segments=((4, (2, 2, 1)), (1, None))).nhwc_columns().tolist()
+            [0, 2, 1, 3, 4]
+        """
+        parts = self.segments or (((int(np.prod(self.chw)), self.chw),) if self.chw is not None else ())
+        if not any(chw is not None and chw[1] * chw[2] > 1 for _, chw in parts):
+            return None
+        columns, start = [], 0
+        for width, chw in parts:
+            block = np.arange(start, start + width)
+            if chw is not None:
+                block = block.reshape(chw).transpose(1, 2, 0).reshape(-1)
+            columns.append(block)
+            start += width
+        return np.concatenate(columns)
 
 
 def _nhwc(shape: list[int]) -> list[int]:
@@ -76,6 +109,7 @@ class Lowering:
         self.gm = gm
         self.b = builder
         self.env: dict[fx.Node, Value] = {}
+        self.inner: dict[str, Value] = {}  # quantized values inside one node's ops, as "<node>.<part>"
         self.outputs: list[str] = []
 
     def arg(self, node: fx.Node, i: int = 0) -> Value:
@@ -111,7 +145,7 @@ class Lowering:
         module = self.gm.get_submodule(node.target)
         src = self.arg(node)
         fix = self.b.fix(src.op, fix_pos_from_scale(module.scale), module.spec.rounding, module.spec.bits)
-        return Value(fix, src.shape, src.chw)
+        return src.moved_to(fix)
 
     def identity(self, node: fx.Node) -> Value:
         return self.arg(node)
@@ -125,11 +159,48 @@ class Lowering:
     # -- element-wise and shape ops -----------------------------------------------------------------------
     def unary(self, node: fx.Node, op_type: str) -> Value:
         src = self.arg(node)
-        return Value(self.b.add(node.name, op_type, _nhwc(src.shape), {}, [("input", [src.op])]), src.shape, src.chw)
+        return src.moved_to(self.b.add(node.name, op_type, _nhwc(src.shape), {}, [("input", [src.op])]))
 
     def add(self, node: fx.Node) -> Value:
         a, b = self.env[node.args[0]], self.env[node.args[1]]
         return Value(self.b.add(node.name, "add", _nhwc(a.shape), {}, [("input", [a.op, b.op])]), a.shape)
+
+    def mul(self, node: fx.Node) -> Value:
+        """``a * b`` as XIR ``mul`` (broadcasting: a per-channel ``[N, C, 1, 1]`` operand is ``[N, 1, 1, C]``)."""
+        a, b, shape = self.env[node.args[0]], self.env[node.args[1]], _shape(node)
+        return Value(self.b.add(node.name, "mul", _nhwc(shape), {}, [("input", [a.op, b.op])]), shape)
+
+    def hard_sigmoid_ops(self, name: str, src: Value) -> str:
+        """XIR ``hard-sigmoid`` (``relu6(x + 3) / 6``) times the constant ``6 * 2731 / 2**14``: the DPU's
+        ``relu6(x + 3) * 2731 / 2**14``, written as vai_q_pytorch's ``xop_creator.hsigmoid`` does."""
+        shape = _nhwc(src.shape)
+        op = self.b.add(name, "hard-sigmoid", shape, {}, [("input", [src.op])])
+        const = self.b.const(f"{name}_dpu_scale", np.array([6 * HSIGMOID_FACTOR / 2**HSIGMOID_SHIFT], np.float32))
+        return self.b.add(f"{name}_mul", "mul", shape, {}, [("input", [op, const])])
+
+    def hard_sigmoid(self, node: fx.Node) -> Value:
+        src = self.arg(node)
+        return src.moved_to(self.hard_sigmoid_ops(node.name, src))
+
+    def hard_swish(self, node: fx.Node) -> Value:
+        """``x * fix(hard_sigmoid(x), 7)`` as vai_q_pytorch's ``xop_creator.hswish`` writes it: the DPU's Hard-Sigmoid,
+        a ``fix`` at position 7 (DPU rounding), and a ``mul`` with the input."""
+        src = self.arg(node)
+        factor = self.hard_sigmoid_ops(f"{node.name}_hsigmoid", src)
+        factor = self.b.fix(factor, HSWISH_FIX_POINT, RoundingMode.HALF_UP, 8)
+        self.inner[f"{node.name}.hsigmoid"] = src.moved_to(factor)
+        op = self.b.add(node.name, "mul", _nhwc(src.shape), {}, [("input", [factor, src.op])])
+        return src.moved_to(op)
+
+    def resize(self, node: fx.Node) -> Value:
+        """Nearest or bilinear upsampling as XIR ``resize`` with a ``scale`` (out / in, ``[w, h]``): PyTorch's
+        ``align_corners=False`` is ``half_pixel_centers`` for bilinear and plain ``floor(out / scale)`` for nearest."""
+        src, shape = self.arg(node), _shape(node)
+        mode = resize_arguments(self.gm, node)["mode"]
+        scale = [float(shape[3] // src.shape[3]), float(shape[2] // src.shape[2])]
+        attrs = {"mode": mode.upper(), "align_corners": False, "half_pixel_centers": mode == "bilinear"}
+        attrs["scale"] = scale
+        return Value(self.b.add(node.name, "resize", _nhwc(shape), attrs, [("input", [src.op])]), shape)
 
     def concat(self, node: fx.Node) -> Value:
         tensors = [self.env[t] for t in node.args[0]]
@@ -138,7 +209,10 @@ class Lowering:
         dim = dim % len(shape)
         axis = {0: 0, 1: 3, 2: 1, 3: 2}[dim] if len(shape) == 4 else dim
         op = self.b.add(node.name, "concat", _nhwc(shape), {"axis": axis}, [("input", [t.op for t in tensors])])
-        return Value(op, shape)
+        if len(shape) != 2 or dim != 1:
+            return Value(op, shape)
+        parts = [part for t in tensors for part in (t.segments or ((t.shape[1], t.chw),))]
+        return Value(op, shape, segments=tuple(parts))  # flattened feature maps keep their (H, W, C) column order
 
     def reshape(self, node: fx.Node) -> Value:
         """A flatten to [batch, features] (``nn.Flatten``, ``torch.flatten``, a view/reshape) as XIR ``reshape``."""
@@ -147,7 +221,7 @@ class Lowering:
         out = [src.shape[0], int(np.prod(src.shape[1:]))]
         chw = tuple(src.shape[1:]) if rank == 4 else src.chw
         op = self.b.add(node.name, "reshape", out, {"shape": out}, [("input", [src.op])])
-        return Value(op, out, chw)  # type: ignore[arg-type]
+        return Value(op, out, chw, None if rank == 4 else src.segments)  # type: ignore[arg-type]
 
     def strided_slice(self, node: fx.Node) -> Value:
         """``x[:, a:b:s, ...]`` (slices only, the batch dim whole) as XIR ``strided_slice`` in NHWC order."""
@@ -235,8 +309,9 @@ class Lowering:
         fc: QuantLinear = self.gm.get_submodule(node.target)
         src, shape, name = self.arg(node), _shape(node), str(node.target)
         w = _quantized_weight(fc)
-        if src.chw is not None and src.chw[1] * src.chw[2] > 1:  # NHWC flatten order: columns (C,H,W) -> (H,W,C)
-            w = w.reshape(w.shape[0], *src.chw).permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+        columns = src.nhwc_columns()
+        if columns is not None:  # NHWC flatten order: the input's columns are (H, W, C), part by part
+            w = w[:, torch.from_numpy(columns)]
         params = self.params(name, fc, w.contiguous().numpy())
         args = [("input", [src.op, params[0][1][0]])] + params[1:]
         attrs = {"transpose_a": False, "transpose_b": True}
@@ -251,6 +326,10 @@ _HANDLERS = {
     "relu": "relu",
     "relu6": "relu6",
     "add": "add",
+    "mul": "mul",
+    "hard-sigmoid": "hard_sigmoid",
+    "hard-swish": "hard_swish",
+    "resize": "resize",
     "concat": "concat",
     "reshape": "reshape",
     "strided_slice": "strided_slice",
@@ -278,6 +357,8 @@ def lower_graph(gm: fx.GraphModule, builder: XIRBuilder, *, values: dict[str, Va
 
     ``values``, when given, is filled with each lowered fx node's name -> its :class:`Value` (the XIR op holding the
     node's output, e.g. the ``fix`` op of a FakeQuantize node): how the per-layer dump names tensors after the XModel.
+    Quantized values inside one node's ops are there too, as ``"<node>.<part>"`` (a Hard-Swish's 8-bit factor:
+    ``"<node>.hsigmoid"``).
 
     Raises:
         UnsupportedOpError: a node with no lowering; the message names it and lists what is supported.
@@ -286,4 +367,5 @@ def lower_graph(gm: fx.GraphModule, builder: XIRBuilder, *, values: dict[str, Va
     outputs = lowering.run()
     if values is not None:
         values.update({node.name: value for node, value in lowering.env.items()})
+        values.update(lowering.inner)
     return outputs

@@ -5,7 +5,9 @@ accumulator right by ``shift_cut = fp_w + fp_in - fp_out`` (must lie in ``[0, 16
 ``shift_bias = fp_w + fp_in - fp_b`` (must lie in ``[min(0, -(24 - (8 + shift_cut))), 16]``).
 :func:`enforce_dpu_shifts` moves positions until both hold, always in the direction that cannot overflow
 where there is one: a too-large ``shift_cut`` lowers ``fp_w``, a negative one lowers ``fp_out``; a too-small
-``shift_bias`` lowers ``fp_b``; only a too-large ``shift_bias`` must raise ``fp_b`` (the bias may then clip).
+``shift_bias`` lowers ``fp_b``; only a too-large ``shift_bias`` must raise ``fp_b`` (the bias may then clip). An
+output that shares a concat's position (:mod:`~lightning_quant.quantizers.dpu_concat`) moves with its whole group,
+as vai_q_pytorch moves the concat's shared entry, so the concat stays aligned.
 
 Example:
     >>> import torch
@@ -27,6 +29,7 @@ from torch import fx, nn
 
 from lightning_quant.capture.patterns import is_fused_activation, source_through_passthrough
 from lightning_quant.quantizers.dpu import fix_pos_from_scale
+from lightning_quant.quantizers.dpu_concat import concat_groups
 from lightning_quant.quantizers.fake_quant import FakeQuantize
 from lightning_quant.quantizers.modules import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
 
@@ -112,28 +115,44 @@ def check_dpu_shifts(model: nn.Module) -> list[str]:
     return [v for name, entry in layer_fix_positions(model).items() for v in _violations(name, entry)]
 
 
-def _set(entry: dict, key: str, pos: int, layer: str, reason: str, log: list[ShiftAdjustment]) -> None:
+_Linked = dict[int, list[tuple[str, FakeQuantize]]]
+
+
+def _concat_links(model: nn.Module) -> _Linked:
+    """``id(quantizer)`` -> every quantizer of its concat group (leader first), for the quantizers in one."""
+    links: _Linked = {}
+    for group in concat_groups(model):
+        members = [(name, model.get_submodule(name)) for name in (group.leader, *group.members)]
+        links.update({id(fq): members for _, fq in members})
+    return links
+
+
+def _set(entry: dict, key: str, pos: int, layer: str, reason: str, log: list[ShiftAdjustment], links: _Linked) -> None:
     qname, fq = entry[key]
-    log.append(ShiftAdjustment(layer, qname, fix_pos_from_scale(fq.scale), pos, reason))
-    fq.scale.fill_(2.0**-pos)
+    for name, moved in links.get(id(fq), [(qname, fq)]):
+        why = reason if moved is fq else f"{reason}, shared through a concat with {qname}"
+        log.append(ShiftAdjustment(layer, name, fix_pos_from_scale(moved.scale), pos, why))
+        moved.scale.fill_(2.0**-pos)
 
 
-def _enforce_layer(name: str, entry: dict, log: list[ShiftAdjustment]) -> bool:
+def _enforce_layer(name: str, entry: dict, log: list[ShiftAdjustment], links: _Linked) -> bool:
     fi, fw, fo = _pos(entry, "input"), _pos(entry, "weight"), _pos(entry, "output")
     if fw + fi - fo > SHIFT_MAX:
-        _set(entry, "weight", fo + SHIFT_MAX - fi, name, "shift_cut > 16: coarser weights", log)
+        _set(entry, "weight", fo + SHIFT_MAX - fi, name, "shift_cut > 16: coarser weights", log, links)
         return True
     if fw + fi - fo < 0:
-        _set(entry, "output", fw + fi, name, "shift_cut < 0: coarser output", log)
+        _set(entry, "output", fw + fi, name, "shift_cut < 0: coarser output", log, links)
         return True
     if "bias" not in entry:
         return False
     fb, cut = _pos(entry, "bias"), fw + fi - fo
     if fw + fi - fb > SHIFT_MAX:
-        _set(entry, "bias", fw + fi - SHIFT_MAX, name, "shift_bias > 16: finer bias (large values may clip)", log)
+        _set(
+            entry, "bias", fw + fi - SHIFT_MAX, name, "shift_bias > 16: finer bias (large values may clip)", log, links
+        )
         return True
     if fw + fi - fb < min(0, cut - 16):
-        _set(entry, "bias", fw + fi - min(0, cut - 16), name, "shift_bias too small: coarser bias", log)
+        _set(entry, "bias", fw + fi - min(0, cut - 16), name, "shift_bias too small: coarser bias", log, links)
         return True
     return False
 
@@ -141,7 +160,10 @@ def _enforce_layer(name: str, entry: dict, log: list[ShiftAdjustment]) -> bool:
 def enforce_dpu_shifts(model: nn.Module, max_rounds: int = 32) -> list[ShiftAdjustment]:
     """Move fix positions of a calibrated DPU model in place until every layer's shift constraints hold.
 
-    An output position is shared with the next layer's input, so layers are revisited until nothing moves.
+    An output position is shared with the next layer's input, so layers are revisited until nothing moves. An
+    output that shares a concat's fix position moves with its whole group (every quantizer of the group gets the
+    new position), so an aligned concat stays aligned: align first
+    (:func:`~lightning_quant.quantizers.dpu_concat.align_concat_positions`), then enforce.
 
     Returns:
         The adjustments made, in order (empty when the model already complied).
@@ -151,8 +173,9 @@ def enforce_dpu_shifts(model: nn.Module, max_rounds: int = 32) -> list[ShiftAdju
     """
     log: list[ShiftAdjustment] = []
     layers = layer_fix_positions(model)
+    links = _concat_links(model) if layers else {}
     for _ in range(max_rounds):
-        changed = [_enforce_layer(name, entry, log) for name, entry in layers.items()]
+        changed = [_enforce_layer(name, entry, log, links) for name, entry in layers.items()]
         if not any(changed):
             return log
     raise RuntimeError(

@@ -85,10 +85,16 @@ class FakeQuantize(nn.Module):
         """
         if observe and self.observer_enabled.item():
             self._observe(x)
+        leader = self.leader
+        if leader is not None:  # see follow: mirror the leader's scale (it may have been set directly since)
+            self._copy_qparams(leader)
+            if leader.observer_enabled.item():
+                return x  # the leader, which fixes these values downstream, is estimating: show it their whole range
         if self._stale and self.fake_quant_enabled.item():
             self.refresh_qparams()
         if self.fake_quant_enabled.item() and self.calibrated.item():
-            return fake_quantize(x, self.scale, self.zero_point, self.spec, grad_scale=self._lsq_grad_scale(x))
+            scale = self.scale if leader is None else self.scale.clone()  # the leader may update ours in place
+            return fake_quantize(x, scale, self.zero_point, self.spec, grad_scale=self._lsq_grad_scale(x))
         return x
 
     def _observe(self, x: torch.Tensor) -> None:
@@ -116,6 +122,12 @@ class FakeQuantize(nn.Module):
         (``calibrate()`` does), or at the next forward with fake-quant on.
         """
         self._stale = False
+        leader = self.leader
+        if leader is not None:  # a follower (see follow) takes the leader's, estimated first if that is due
+            if leader._stale:
+                leader.refresh_qparams()
+            self._copy_qparams(leader)
+            return
         if not self.observer.initialized:
             return
         scale, zero_point = self.observer.calculate_qparams()
@@ -123,6 +135,86 @@ class FakeQuantize(nn.Module):
             self.scale.copy_(scale.to(self.scale.device))
             self.zero_point.copy_(zero_point.to(self.zero_point.device))
         self.calibrated.fill_(1)
+        for follower in self.__dict__.get("_followers", ()):
+            follower._copy_qparams(self)
+
+    # -- a scale taken from a quantizer downstream -----------------------------------------------------------
+    @property
+    def leader(self) -> FakeQuantize | None:
+        """The quantizer whose scale this one takes (:meth:`follow`), or None."""
+        return self.__dict__.get("_leader")
+
+    def follow(self, leader: FakeQuantize | None) -> None:
+        """Take ``leader``'s scale and zero point from now on; ``leader`` must fix these values again downstream, on
+        the same grid (``None``: this quantizer's own scale again).
+
+        For a concat on the DPU target (:mod:`~lightning_quant.quantizers.dpu_concat`): an input that only the concat
+        reads takes the concat output's fix position. Fixing the input at that position and then the concat output
+        again gives the same values as fixing the output alone (rounding to a grid twice is rounding once; a ReLU
+        between them commutes with it), which is how vai_q_pytorch quantizes such inputs: through the concat's entry.
+        So while ``leader``'s observer is on (calibration, QAT before the observers freeze), this quantizer passes its
+        input through unchanged, and ``leader`` sees the inputs' whole range (fixed here first, they would be clipped to
+        its current range, and its position could never grow); otherwise it fake-quantizes as usual, with the
+        leader's scale, as the exported ``fix`` op of this input does.
+
+        The scale, zero point and ``calibrated`` flag are copied at once (when ``leader`` is calibrated), whenever
+        ``leader`` re-estimates them, and at every forward of this quantizer (so a scale set on ``leader`` directly
+        reaches it too). This quantizer's observer still records its own range, for reports. The link is not state
+        (``state_dict`` holds the copied values); it survives ``copy.deepcopy`` of the model.
+
+        Example:
+            >>> from lightning_quant.config import scheme_for_target
+            >>> spec = scheme_for_target("dpu").activation
+            >>> a, b = FakeQuantize(spec, name="a"), FakeQuantize(spec, name="b")
+            >>> _ = a(torch.tensor([3.0])), b(torch.tensor([0.1]))
+            >>> b.follow(a); b.scale.item() == a.scale.item(), b.leader is a
+            (True, True)
+            >>> x = torch.tensor([0.1]); b(x) is x  # a is still observing: passed through
+            True
+            >>> a.disable_observer(); b(torch.tensor([0.1])).item()  # on a's grid (2**-5)
+            0.09375
+
+        Raises:
+            ValueError: ``leader`` is this quantizer or follows another one, others follow this quantizer, either
+                scale is learnable, or the two quantize differently (bits, signedness, symmetry, per-tensor or
+                per-channel, narrow range, scale type, rounding).
+        """
+        if leader is not None:
+            self._check_leader(leader)
+        old = self.leader
+        if old is not None:
+            old.__dict__["_followers"] = [f for f in old.__dict__.get("_followers", ()) if f is not self]
+        self.__dict__.pop("_leader", None)
+        if leader is None:
+            return
+        object.__setattr__(self, "_leader", leader)  # a plain reference, not a submodule
+        leader.__dict__["_followers"] = [*leader.__dict__.get("_followers", ()), self]
+        self._copy_qparams(leader)
+
+    def _check_leader(self, leader: FakeQuantize) -> None:
+        problem = None
+        if leader is self:
+            problem = "it is this quantizer"
+        elif leader.leader is not None or self.__dict__.get("_followers"):
+            problem = "chains are not supported: follow the last quantizer of the chain"
+        elif self.spec.learnable or leader.spec.learnable:
+            problem = "a learnable (LSQ) scale cannot be shared"
+        else:
+            grid = ("bits", "symmetric", "signed", "granularity", "narrow_range", "scale_type", "rounding")
+            differ = [f for f in grid if getattr(self.spec, f) != getattr(leader.spec, f)]
+            if differ or self.scale.shape != leader.scale.shape:
+                problem = f"the specs differ in {', '.join(differ) or 'the scale shape'}"
+        if problem is not None:
+            raise ValueError(
+                f"quantizer {self.name or '<unnamed>'!r} cannot follow {leader.name or '<unnamed>'!r}: {problem}."
+            )
+
+    def _copy_qparams(self, leader: FakeQuantize) -> None:
+        if leader.calibrated.item():
+            with torch.no_grad():
+                self.scale.copy_(leader.scale)
+                self.zero_point.copy_(leader.zero_point)
+            self.calibrated.fill_(1)
 
     def _lsq_grad_scale(self, x: torch.Tensor) -> float | None:
         if not self.spec.learnable:

@@ -40,6 +40,8 @@ from lightning_quant.quantizers.config_record import (
     decode_config,
     write_config_record,
 )
+from lightning_quant.quantizers.dpu_activations import use_dpu_activations
+from lightning_quant.quantizers.dpu_concat import align_concat_positions
 from lightning_quant.quantizers.dpu_pool import use_dpu_avgpool
 from lightning_quant.quantizers.fake_quant import FakeQuantize
 from lightning_quant.quantizers.modules import (
@@ -265,6 +267,8 @@ def _prepare_graph(gm: fx.GraphModule, path: str, scheme, mode, exclude, info) -
     _insert_activation_quantizers(gm, path, scheme)
     if scheme.target is Target.DPU:
         use_dpu_avgpool(gm)  # the DPU averages with a dyadic reciprocal: model it in the fake-quant graph
+        align_concat_positions(gm)  # Vitis AI: inputs read by a concat alone share its output's fix position
+        use_dpu_activations(gm)  # the DPU's Hard-Sigmoid/Hard-Swish divide by 6 as * 2731 / 2**14
     _record_float_ops(gm, path, info)
     gm.delete_all_unused_submodules()
     gm.recompile()

@@ -34,16 +34,16 @@ class Middle(nn.Module):
 
 class SigmoidGate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(x)  # SiLU written out: sigmoid and mul both leave the DPU graph
+        return x * torch.sigmoid(x)  # SiLU written out: the sigmoid leaves the DPU graph, the multiply comes back
 
 
 MIDDLES = {
-    "hardswish": (nn.Hardswish, "activation Hardswish", 1),
+    "hardswish": (nn.Hardswish, "a standalone hard-swish after the relu", 1),  # fused only right after a conv/linear
     "kernel17": (lambda: nn.Conv2d(8, 8, 17, padding=8), "conv2d with kernel 17x17 (DPUCZDX8G: kernel sides 1..16)", 1),
     "stride9": (lambda: nn.Conv2d(8, 8, 3, stride=9, padding=1), "a conv2d with stride 9x9", 1),
     "padding": (lambda: nn.Conv2d(8, 8, 1, padding=1), "a conv2d with padding 1x1", 1),
     "multiplier": (lambda: nn.Conv2d(8, 16, 3, padding=1, groups=8), "channel multiplier 2", 1),
-    "sigmoid": (SigmoidGate, "activation sigmoid", 2),
+    "sigmoid": (SigmoidGate, "activation sigmoid", 1),
 }  # fmt: skip
 
 
