@@ -124,6 +124,7 @@ def quantize(
     """
     options = options_from_keywords(options, deprecated_options, "quantize")
     scheme = resolve_scheme(target, scheme, QuantMode.PTQ)
+    options = options.resolved(QuantMode.PTQ, scheme.target)
     options.check_scheme(scheme)
     _check_model(model)
     model = float_model_for_quantization(model, options)

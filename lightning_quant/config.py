@@ -259,14 +259,15 @@ def scheme_for_target(target: Target | str, mode: QuantMode | str = QuantMode.PT
         (-128, 127)
         >>> scheme_for_target("dpu").weight.observer, scheme_for_target("dpu").bias.rounding.value
         ('dpu_pot', 'half_away')
-        >>> scheme_for_target("x86", mode="qat").activation.observer
-        'moving_average'
+        >>> scheme_for_target("x86").activation.observer, scheme_for_target("x86", mode="qat").activation.observer
+        ('mean_minmax', 'moving_average')
         >>> scheme_for_target("x86", weight_bits=4).weight.bits
         4
 
     Args:
         target: ``x86``, ``tensorrt`` or ``dpu``.
-        mode: ``ptq`` uses min/max activation ranges; ``qat`` moving-average ranges.
+        mode: ``ptq`` uses ``mean_minmax`` activation ranges (the mean of each image's min and max; ``dpu``: Vitis
+            AI's fix-position search); ``qat`` moving-average ranges.
         **overrides: ``weight_<field>`` / ``activation_<field>`` keyword overrides of any :class:`QuantSpec` field.
 
     Raises:
@@ -274,7 +275,10 @@ def scheme_for_target(target: Target | str, mode: QuantMode | str = QuantMode.PT
     """
     target = _coerce_enum(Target, target, "target")  # type: ignore[assignment]
     mode = _coerce_enum(QuantMode, mode, "mode")  # type: ignore[assignment]
-    act_observer = "moving_average" if mode is QuantMode.QAT else "minmax"
+    # PTQ: the mean over images of each image's min and max (NNCF's default too); plain min/max let one outlier image
+    # set the range of heavy-tailed residual outputs (ResNet50: 42 % instead of 72 %; docs/benchmarks.md, "Choosing
+    # the default activation estimator")
+    act_observer = "moving_average" if mode is QuantMode.QAT else "mean_minmax"
     if target in (Target.X86, Target.X86_VNNI):
         # uint8 x int8 kernels without VNNI add pairs of products in int16 (vpmaddubsw) and saturate unless the
         # weights use 7 bits (255 * 63 * 2 < 32767): onnxruntime's own `reduce_range`. VNNI CPUs need no such cut.
@@ -388,7 +392,10 @@ class QuantOptions:
             (:func:`lightning_quant.algorithms.search_activation_ranges`); needs the ``percentile`` activation
             estimator, or power-of-two scales (``target="dpu"``: it shifts each group's fix positions instead).
         bias_correction: (PTQ) correct each layer's bias for the mean quantization error
-            (:func:`lightning_quant.algorithms.correct_bias`); for ``dpu`` before the shift constraints.
+            (:func:`lightning_quant.algorithms.correct_bias`); for ``dpu`` before the shift constraints. ``None`` (the
+            default) decides per run (:meth:`resolved`): on for PTQ on ``x86``, ``x86_vnni`` and ``tensorrt`` (it
+            streams one batch at a time: a few seconds, no memory to speak of), off for QAT and ``dpu`` (Vitis AI
+            leaves it to the user). ``False`` switches it off.
         adaround: (PTQ) learn each weight's rounding direction layer by layer
             (:func:`lightning_quant.algorithms.adaround`, Nagel et al. 2020); worth it at 4-6 bit weights.
         adaround_per_sample: (with ``adaround``) weigh every calibration image's layer output error the same instead
@@ -406,7 +413,7 @@ class QuantOptions:
     replace_relu6: bool = False
     cross_layer_equalization: bool = False
     range_search: bool = False
-    bias_correction: bool = False
+    bias_correction: bool | None = None
     adaround: bool = False
     adaround_per_sample: bool = False
     fast_finetune: bool = False
@@ -417,6 +424,8 @@ class QuantOptions:
             value = getattr(self, f.name)
             if f.type in ("bool", bool) and not isinstance(value, bool):
                 raise ValueError(f"QuantOptions.{f.name}={value!r} must be True or False.")
+            if f.type in ("bool | None", bool | None) and value is not None and not isinstance(value, bool):
+                raise ValueError(f"QuantOptions.{f.name}={value!r} must be True, False or None (the default).")
         batches = self.refinement_batches
         if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
             raise ValueError(f"QuantOptions.refinement_batches={batches!r} must be an integer >= 1 (4 is typical).")
@@ -428,8 +437,30 @@ class QuantOptions:
 
     @property
     def refinements(self) -> tuple[str, ...]:
-        """The post-calibration steps switched on, in the order they run."""
+        """The post-calibration steps switched on, in the order they run (a ``None`` switch is not on until
+        :meth:`resolved` decides it)."""
         return tuple(step for step in REFINEMENT_STEPS if getattr(self, step))
+
+    def resolved(self, mode: QuantMode | str, target: Target | str | None) -> QuantOptions:
+        """These options with every per-run default (``None``) decided for ``mode`` and ``target``.
+
+        ``quantize()``, :class:`~lightning_quant.QuantCallback` and the app call it, so what runs, what the checkpoint
+        records and what the report shows are the decided values.
+
+        Example:
+            >>> auto = QuantOptions()
+            >>> auto.resolved("ptq", "x86").refinements, auto.resolved("qat", "x86").refinements
+            (('bias_correction',), ())
+            >>> off = QuantOptions(bias_correction=False)  # an explicit choice is kept
+            >>> auto.resolved("ptq", "dpu").refinements, off.resolved("ptq", "x86") == off
+            ((), True)
+        """
+        if self.bias_correction is not None:
+            return self
+        mode = _coerce_enum(QuantMode, mode, "mode")
+        target = None if target is None else _coerce_enum(Target, target, "target")
+        on = mode is QuantMode.PTQ and target is not Target.DPU
+        return dataclasses.replace(self, bias_correction=on)
 
     @property
     def network_transforms(self) -> tuple[str, ...]:

@@ -9,8 +9,9 @@ Example:
     >>> import torch
     >>> from torch import nn
     >>> from lightning_quant import quantize
+    >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
-    >>> qmodel = quantize(model, [torch.randn(4, 3, 12, 12)], progress=False)
+    >>> qmodel = quantize(model, [torch.randn(8, 3, 12, 12) for _ in range(4)], progress=False)
     >>> report = quantization_report(qmodel, torch.randn(2, 3, 12, 12))
     >>> [row.name for row in report.rows], report.output_sqnr_db > 20
     (['0', '2'], True)

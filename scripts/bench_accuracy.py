@@ -1,5 +1,10 @@
 """Accuracy of our PTQ methods under one protocol: INT8 per-channel / per-tensor / power-of-two, W4A8, W6A8.
 
+``default_<target>`` (``default_x86``, ``default_x86_vnni``, ``default_tensorrt``) is the library's default call,
+``quantize(model, data, target=<target>)`` with nothing else: the scheme and options a user gets without choosing.
+Every other method states its settings in full: activations use min/max ranges unless an estimator token names
+another, and bias correction runs only with ``bc`` (the defaults' choices are not applied behind a method's name).
+
 Protocol (the same for every method): ``--calibration-size`` (512) images drawn from the *train* split with a fixed
 seed, top-1 on the full evaluation split (CIFAR-10 test, Imagenette val) unless ``--limit-batches`` is given
 (then the JSON marks the run as partial). Methods are ``<scheme>[+<algorithm>...]``:
@@ -41,7 +46,7 @@ from lightning_quant.config import Granularity
 from lightning_quant.evaluation import top1_accuracy
 from lightning_quant.quantizers.prepare import prepare_info
 
-CIFAR_MODELS = ("resnet20", "resnet56")
+CIFAR_MODELS = ("resnet20", "resnet32", "resnet44", "resnet56")  # 32 and 44: no recipe of ours covers them
 MODELS = (*CIFAR_MODELS, "mobilenet_v2", "resnet50")
 DEFAULT_METHODS = ("int8_pc", "int8_pt", "pow2", "w6a8", "w4a8", "w4a8+adaround")
 ALGORITHMS = {
@@ -90,13 +95,19 @@ def scheme_for(name: str, **overrides: Any) -> tuple[Any, str]:
     raise ValueError(f"unknown scheme {name!r}; use int8_pc, int7_pc, trt, int8_pt, pow2, w4a8 or w6a8.")
 
 
+DEFAULT_CALLS = {"default_x86": "x86", "default_x86_vnni": "x86_vnni", "default_tensorrt": "tensorrt"}
+
+
 def parse_method(method: str) -> tuple[str, dict[str, Any], QuantOptions]:
-    """``(scheme name, scheme overrides, quantize() options)`` of ``<scheme>[+<token>...]``.
+    """``(scheme name, scheme overrides, quantize() options)`` of ``<scheme>[+<token>...]``; a ``default_<target>``
+    method has neither overrides nor options (:data:`DEFAULT_CALLS`).
 
     Raises:
         ValueError: an unknown token, two activation estimators, or options that cannot go together (``ps``
             without ``adaround``), before anything is measured.
     """
+    if method in DEFAULT_CALLS:
+        return method, {}, QuantOptions()
     scheme, *tokens = method.split("+")
     overrides: dict[str, Any] = {}
     for token in (t for t in tokens if t not in ALGORITHMS and t not in MIXED_PRECISION):
@@ -110,8 +121,11 @@ def parse_method(method: str) -> tuple[str, dict[str, Any], QuantOptions]:
         overrides["activation_observer"] = ESTIMATORS[name]
         if value is not None:
             overrides["activation_percentile"] = float(value)
+    if not overrides and scheme != "pow2":  # stated in full: min/max unless a token names another estimator
+        overrides["activation_observer"] = "minmax"
     scheme_for(scheme, **overrides)  # QuantSpec validates the percentile
-    return scheme, overrides, QuantOptions(**{ALGORITHMS[t]: True for t in tokens if t in ALGORITHMS})
+    switches = {ALGORITHMS[t]: True for t in tokens if t in ALGORITHMS}
+    return scheme, overrides, QuantOptions(**{"bias_correction": False, **switches})
 
 
 def load(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
@@ -132,6 +146,15 @@ def load(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
 
 def run_method(model: torch.nn.Module, dm: Any, method: str, args: argparse.Namespace) -> dict[str, Any]:
     scheme_name, overrides, options = parse_method(method)
+    if scheme_name in DEFAULT_CALLS:  # the call a user makes without choosing anything
+        start = time.perf_counter()
+        qmodel = quantize(model, dm.calibration_dataloader(), target=DEFAULT_CALLS[scheme_name], progress=False)
+        seconds = time.perf_counter() - start
+        top1 = top1_accuracy(qmodel, dm.val_dataloader(), num_batches=args.limit_batches, progress=False)
+        info = prepare_info(qmodel)
+        notes = f"{info.scheme.activation.observer}, {', '.join(info.refinements) or 'no refinement'}"
+        row = {"method": method, "target": DEFAULT_CALLS[scheme_name], "top1": top1["top1"], "images": top1["images"]}
+        return row | {"ptq_s": seconds, "default": notes}
     scheme, target = scheme_for(scheme_name, **overrides)
     eight_bit = [
         name for token in method.split("+") if token in MIXED_PRECISION for name in MIXED_PRECISION[token](model)

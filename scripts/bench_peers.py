@@ -11,12 +11,11 @@ Protocol (the same for every method, not tuned per tool):
 - images are decoded once into uint8 arrays and normalized on the fly with exactly the ops of ToTensor + Normalize,
   so every method sees bit-identical inputs (checked at start-up against the datasets' own transform).
 
-Methods: ``ours`` (the model's best default recipe, its scheme and ``quant.options`` read from the recipe file as
-the app reads them (:func:`recipe_settings`): ``x86`` target, 7-bit per-channel weights, uint8 activations, min/max
-ranges; MobileNetV2 MSE activation ranges and bias correction, as ``recipes/recipe/mobilenetv2_ptq_imagenette.yaml``;
-ResNet50 ``mean_minmax`` activation ranges (the mean of every image's min and max), as
-``recipes/recipe/resnet50_ptq_imagenette.yaml``; these model settings (the recipe's activation settings and options)
-hold in every variant but ``ours_dpu``),
+Methods: ``ours`` (our default call, ``quantize(model, data, target="x86")`` with nothing else: what a user gets
+without choosing; ``ours_tensorrt`` the same call with ``target="tensorrt"``), ``ours_recipe`` (the model's recipe,
+its scheme and ``quant.options`` read from the recipe file as the app reads them (:func:`recipe_settings`), e.g.
+``recipes/recipe/mobilenetv2_ptq_imagenette.yaml``; the recipe's activation settings and options hold in every
+variant below but ``ours_dpu``),
 ``ours_per_tensor`` (same with per-tensor weights), ``ours_pow2`` (power-of-two scales, symmetric int8 activations),
 ``ours_per_tensor_cle`` (8-bit per-tensor weights with the data-free recipe: ReLU6 -> ReLU, cross-layer
 equalization, bias correction; ``recipes/recipe/mobilenetv2_ptq_imagenette_per_tensor.yaml``), ``ours_dpu`` (the Vitis
@@ -93,7 +92,8 @@ MODELS: dict[str, dict[str, Any]] = {
     "resnet20": {"data": "cifar10", "recipe": "resnet20_ptq_cifar10"},
     "resnet56": {"data": "cifar10", "recipe": "resnet20_ptq_cifar10", "note": "settings (no resnet56 recipe)"},
 }
-METHODS = ("ours", "ours_per_tensor", "ours_pow2", "ours_per_tensor_cle", "ours_dpu", "ours_best")
+METHODS = ("ours", "ours_tensorrt", "ours_recipe")  # our default call (x86, tensorrt), then the model's recipe
+METHODS += ("ours_per_tensor", "ours_pow2", "ours_per_tensor_cle", "ours_dpu", "ours_best")
 METHODS += ("nncf", "pt2e", "mct", "ort", "nncf_per_tensor", "ort_per_tensor")
 # the data-free recipe of the ours_per_tensor_cle and ours_dpu variants
 DATA_FREE = {"replace_relu6": True, "cross_layer_equalization": True, "bias_correction": True}
@@ -393,11 +393,14 @@ def activation_overrides(scheme: Any) -> dict[str, Any]:
     return {f"activation_{k}": v for k, v in scheme.activation.to_dict().items() if default[k] != v}
 
 
+DEFAULT_CALLS = {"ours": "x86", "ours_tensorrt": "tensorrt"}  # quantize(model, data, target=...) and nothing else
+
+
 def ours_scheme(name: str, variant: str) -> Any:
     from lightning_quant import scheme_for_target
 
     recipe, _ = recipe_settings(name)
-    if variant == "ours":
+    if variant == "ours_recipe":
         return recipe
     if variant == "ours_dpu":
         return scheme_for_target("dpu")
@@ -433,13 +436,15 @@ def option_notes(options: Any) -> list[str]:
     return [NOTES[k] for k in on]
 
 
-def run_ours(name: str, data: Data, opts: dict[str, Any], variant: str = "ours") -> dict[str, Any]:
+def run_ours(name: str, data: Data, opts: dict[str, Any], variant: str = "ours_recipe") -> dict[str, Any]:
     from lightning_quant import export_onnx, quantize
 
+    if variant in DEFAULT_CALLS:
+        return run_default_call(name, data, opts, variant)
     model, scheme, options = build_model(name), ours_scheme(name, variant), ours_options(name, variant)
     entry = MODELS[name]
     recipe = f"recipe {entry['recipe']}" + (f" {entry['note']}" if "note" in entry else "")
-    result: dict[str, Any] = {"notes": [recipe if variant == "ours" else variant]}
+    result: dict[str, Any] = {"notes": [recipe if variant == "ours_recipe" else variant]}
     w, a = scheme.weight, scheme.activation
     result["notes"].append(
         f"w {w.bits}-bit {w.granularity.value} {w.scale_type.value}, a {'u' if not a.signed else ''}int8 "
@@ -452,6 +457,28 @@ def run_ours(name: str, data: Data, opts: dict[str, Any], variant: str = "ours")
         qmodel = quantize(model, calib, scheme=scheme, options=options, progress=False)
     if option_notes(options):
         result["notes"].append(", ".join(option_notes(options)))
+    result |= evaluate(qmodel, data)
+    path = Path(opts["workdir"]) / f"{name}_{variant}.onnx"
+    attempt(result, "export_onnx", lambda: onnx_cost(export_onnx(qmodel, path, data.example(8)), data, opts))
+    return result
+
+
+def run_default_call(name: str, data: Data, opts: dict[str, Any], variant: str) -> dict[str, Any]:
+    """``quantize(model, data, target=...)`` with nothing else, in batches of 32 as the peers calibrate."""
+    from lightning_quant import export_onnx, quantize
+    from lightning_quant.quantizers.prepare import prepare_info
+
+    target = DEFAULT_CALLS[variant]
+    model = build_model(name)
+    result: dict[str, Any] = {"notes": [f'default call: quantize(model, data, target="{target}")']}
+    with calibration_cost(result):
+        qmodel = quantize(model, data.calib, target=target, progress=False)
+    info = prepare_info(qmodel)
+    w, a = info.scheme.weight, info.scheme.activation
+    result["notes"].append(
+        f"w {w.bits}-bit {w.granularity.value}, a {'u' if not a.signed else ''}int8 {a.observer}; "
+        + (", ".join(NOTES.get(s, s) for s in info.refinements) or "no refinement")
+    )
     result |= evaluate(qmodel, data)
     path = Path(opts["workdir"]) / f"{name}_{variant}.onnx"
     attempt(result, "export_onnx", lambda: onnx_cost(export_onnx(qmodel, path, data.example(8)), data, opts))
@@ -564,7 +591,9 @@ def run_ort(name: str, data: Data, opts: dict[str, Any], per_channel: bool = Tru
 
 RUNNERS: dict[str, Callable[[str, Data, dict[str, Any]], dict[str, Any]]] = {
     "float": run_float,
-    "ours": run_ours,
+    "ours": functools.partial(run_ours, variant="ours"),
+    "ours_tensorrt": functools.partial(run_ours, variant="ours_tensorrt"),
+    "ours_recipe": run_ours,
     "ours_per_tensor": functools.partial(run_ours, variant="ours_per_tensor"),
     "ours_pow2": functools.partial(run_ours, variant="ours_pow2"),
     "ours_per_tensor_cle": functools.partial(run_ours, variant="ours_per_tensor_cle"),
@@ -647,18 +676,19 @@ LOSS_CHECKS = (  # (key, label, unit), all costs: lower is better; lost when a p
 
 
 def annotate_losses(rows: list[dict[str, Any]]) -> None:
-    """Add "LOSS" notes to each ``ours`` / ``ours_best`` row: peers with a higher top-1 (any margin) or a cost lower
-    by > 5 %."""
-    for row in (r for r in rows if r["method"] in ("ours", "ours_best") and r["status"] == "ok"):
+    """Add "LOSS" notes to each ``ours`` / ``ours_tensorrt`` / ``ours_recipe`` / ``ours_best`` row: peers with a
+    higher top-1 (any margin) or a cost lower by > 5 %."""
+    ours = ("ours", "ours_tensorrt", "ours_recipe", "ours_best")
+    for row in (r for r in rows if r["method"] in ours and r["status"] == "ok"):
         row["notes"] = [n for n in row["notes"] if not n.startswith("LOSS:")]  # idempotent: re-rendered rows
         peers = [r for r in rows if r["model"] == row["model"] and r["method"] in PEERS and r["status"] == "ok"]
         for peer in peers:
             if peer["top1"] > row["top1"]:
                 row["notes"].append(f"LOSS: {peer['method']} top-1 +{peer['top1'] - row['top1']:.2f}")
             for key, label, unit in LOSS_CHECKS:
-                ours, theirs = row.get(key), peer.get(key)
-                if ours is not None and theirs is not None and theirs < 0.95 * ours:
-                    row["notes"].append(f"LOSS: {peer['method']} {label} {theirs:.2f} vs {ours:.2f} {unit}")
+                mine, theirs = row.get(key), peer.get(key)
+                if mine is not None and theirs is not None and theirs < 0.95 * mine:
+                    row["notes"].append(f"LOSS: {peer['method']} {label} {theirs:.2f} vs {mine:.2f} {unit}")
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -683,7 +713,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 ONNX_FILES = {"float": "fp32", "ours": "ours", "ours_per_tensor": "ours_per_tensor", "ours_pow2": "ours_pow2",
               "ours_per_tensor_cle": "ours_per_tensor_cle", "ours_dpu": "ours_dpu"}  # fmt: skip
-ONNX_FILES["ours_best"] = "ours_best"
+ONNX_FILES |= {"ours_best": "ours_best", "ours_tensorrt": "ours_tensorrt", "ours_recipe": "ours_recipe"}
 ONNX_FILES |= {"nncf": "nncf", "mct": "mct", "ort": "ort_int8", "nncf_per_tensor": "nncf_per_tensor"}
 ONNX_FILES |= {"ort_per_tensor": "ort_per_tensor_int8"}  # <workdir>/<model>_<this>.onnx, as the runners write
 

@@ -19,18 +19,25 @@ bench_calibration = pytest.importorskip("bench_calibration")
 
 
 def test_methods_parse_into_scheme_overrides_and_quantize_options():
+    """Every method states its settings in full (min/max, no bias correction unless named); default_<target> is the
+    library's default call."""
+    off = QuantOptions(bias_correction=False)
     scheme, overrides, options = bench_accuracy.parse_method("pow2+relu+cle+bc")
     assert (scheme, overrides) == ("pow2", {})
     assert options == QuantOptions(replace_relu6=True, cross_layer_equalization=True, bias_correction=True)
     scheme, overrides, options = bench_accuracy.parse_method("int8_pc+pct99.9+ff")
     assert overrides == {"activation_observer": "percentile", "activation_percentile": 99.9}
-    assert options == QuantOptions(fast_finetune=True)
-    assert bench_accuracy.parse_method("w4a8+mse+dw8")[1:] == ({"activation_observer": "mse"}, QuantOptions())
+    assert options == QuantOptions(fast_finetune=True, bias_correction=False)
+    assert bench_accuracy.parse_method("w4a8+mse+dw8")[1:] == ({"activation_observer": "mse"}, off)
+    assert bench_accuracy.parse_method("int7_pc")[1:] == ({"activation_observer": "minmax"}, off)
     assert bench_accuracy.parse_method("int8_pc+meanmm+bc")[1:] == (
         {"activation_observer": "mean_minmax"},
         QuantOptions(bias_correction=True),
     )
-    assert bench_accuracy.parse_method("w4a8+adaround+ps")[2] == QuantOptions(adaround=True, adaround_per_sample=True)
+    assert bench_accuracy.parse_method("w4a8+adaround+ps")[2] == QuantOptions(
+        adaround=True, adaround_per_sample=True, bias_correction=False
+    )
+    assert bench_accuracy.parse_method("default_tensorrt") == ("default_tensorrt", {}, QuantOptions())
 
 
 @pytest.mark.parametrize(
@@ -69,7 +76,10 @@ def test_fl8_names_the_stem_and_the_classifier():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8, 10))
     assert bench_accuracy.end_layers(model) == ["0", "3"]
     assert bench_accuracy.end_layers(nn.Sequential(nn.Linear(4, 2))) == ["0"]  # one layer is both ends
-    assert bench_accuracy.parse_method("w4a8+fl8+dw8+adaround")[1:] == ({}, QuantOptions(adaround=True))
+    assert bench_accuracy.parse_method("w4a8+fl8+dw8+adaround")[1:] == (
+        {"activation_observer": "minmax"},
+        QuantOptions(adaround=True, bias_correction=False),
+    )
 
 
 def test_resume_keeps_rows_and_replace_measures_named_methods_again(tmp_path, monkeypatch):
@@ -97,9 +107,10 @@ def test_resume_keeps_rows_and_replace_measures_named_methods_again(tmp_path, mo
 
 
 @pytest.mark.parametrize("model", ["mobilenet_v2", "resnet50", "resnet20", "resnet56"])
-def test_peer_benchmark_ours_row_runs_the_models_recipe(model):
-    """bench_peers' ``ours`` row claims to be the model's default recipe: its scheme and options must be what the app
-    builds from the recipe file, so that a recipe change cannot leave the peer table measuring something else."""
+def test_peer_benchmark_ours_recipe_row_runs_the_models_recipe(model):
+    """bench_peers' ``ours_recipe`` row claims to be the model's recipe: its scheme and options must be what the app
+    builds from the recipe file, so that a recipe change cannot leave the peer table measuring something else. The
+    ``ours`` and ``ours_tensorrt`` rows are the default call with only the target given."""
     from omegaconf import OmegaConf
 
     from lightning_quant.app import compose_config
@@ -110,8 +121,9 @@ def test_peer_benchmark_ours_row_runs_the_models_recipe(model):
     cfg = compose_config([f"recipe={entry['recipe']}"])
     assert cfg.quant.target == "x86"  # the module docstring's claim for the ours row
     scheme, options = quant_scheme(cfg, "ptq"), quant_options(cfg, "ptq")
-    assert bench_peers.ours_scheme(model, "ours") == scheme
-    assert bench_peers.ours_options(model, "ours") == options
+    assert bench_peers.ours_scheme(model, "ours_recipe") == scheme
+    assert bench_peers.ours_options(model, "ours_recipe") == options
+    assert bench_peers.DEFAULT_CALLS == {"ours": "x86", "ours_tensorrt": "tensorrt"}
     for variant in ("ours_per_tensor", "ours_pow2", "ours_per_tensor_cle", "ours_best"):  # the model's settings hold
         assert bench_peers.ours_scheme(model, variant).activation.observer == scheme.activation.observer, variant
         switched_on = bench_peers.ours_options(model, variant)
@@ -143,3 +155,17 @@ def test_peer_summary_bolds_the_best_default_and_tells_failures_from_missing_run
     ]
     line = bench_peers.summary([{"rows": rows}]).splitlines()[-1]
     assert line == "| m (80.00) | 80.50 (+0.50) | - | fails | - | **80.70 (+0.70)** |"
+
+
+def test_peer_table_names_each_loss_of_every_ours_row():
+    """Every ``ours*`` row lists the peers that beat it: on top-1 at any margin, on a cost by more than 5 %."""
+    bench_peers = pytest.importorskip("bench_peers")
+
+    def row(method, top1, seconds):
+        return {"model": "m", "method": method, "status": "ok", "top1": top1, "calibration_s": seconds, "notes": []}
+
+    rows = [row("ours", 98.0, 20.0), row("ours_tensorrt", 99.0, 10.0), row("pt2e", 98.5, 18.0)]
+    bench_peers.annotate_losses(rows)
+    bench_peers.annotate_losses(rows)  # idempotent: re-rendering a table does not repeat its notes
+    assert rows[0]["notes"] == ["LOSS: pt2e top-1 +0.50", "LOSS: pt2e calibration 18.00 vs 20.00 s"]
+    assert rows[1]["notes"] == [] and rows[2]["notes"] == []

@@ -127,7 +127,7 @@ def test_x86_scheme():
     assert (a.signed, a.symmetric, a.quant_range(), a.granularity) == (False, False, (0, 255), Granularity.PER_TENSOR)
     assert (w.signed, w.symmetric, w.narrow_range, w.granularity) == (True, True, True, Granularity.PER_CHANNEL)
     assert w.quant_range() == (-63, 63) and w.ch_axis == 0  # 7-bit: no u8s8 saturation on CPUs without VNNI
-    assert a.observer == "minmax" and a.scale_type is ScaleType.FLOAT
+    assert a.observer == "mean_minmax" and a.scale_type is ScaleType.FLOAT  # the PTQ default: per-image extremes
     vnni = scheme_for_target("x86_vnni")
     assert vnni.weight.quant_range() == (-127, 127) and vnni.activation == a
 
@@ -154,7 +154,8 @@ def test_qat_mode_uses_moving_average_activations(target):
     # the DPU picks fix positions with Vitis AI's search (lightning_quant.quantizers.dpu), weights always
     default = "dpu_pot" if target == "dpu" else "minmax"
     assert scheme_for_target(target, mode=QuantMode.QAT).weight.observer == default
-    assert scheme_for_target(target).activation.observer == default
+    ptq_activations = "dpu_pot" if target == "dpu" else "mean_minmax"
+    assert scheme_for_target(target).activation.observer == ptq_activations
 
 
 def test_overrides():

@@ -36,8 +36,30 @@ def _assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
 @pytest.mark.parametrize("switch", SWITCHES)
 @pytest.mark.parametrize("value", [1, 0, "true", None])
 def test_a_switch_that_is_not_a_bool_is_refused(switch, value):
+    if switch == "bias_correction":  # None is its per-run default (QuantOptions.resolved)
+        if value is None:
+            assert QuantOptions(bias_correction=None).bias_correction is None
+            return
+        with pytest.raises(ValueError, match=rf"QuantOptions\.{switch}={value!r} must be True, False or None"):
+            QuantOptions(**{switch: value})
+        return
     with pytest.raises(ValueError, match=rf"QuantOptions\.{switch}={value!r} must be True or False"):
         QuantOptions(**{switch: value})
+
+
+def test_bias_correction_defaults_per_run_and_an_explicit_choice_is_kept():
+    """quantize(model, data) corrects biases (PTQ on x86/tensorrt); QAT and the DPU do not; True/False stay."""
+    auto = QuantOptions()
+    assert auto.bias_correction is None and auto.refinements == ()
+    assert auto.resolved("ptq", "x86").bias_correction is True
+    assert auto.resolved("ptq", "tensorrt").refinements == ("bias_correction",)
+    assert auto.resolved("ptq", "dpu").bias_correction is False
+    assert auto.resolved("qat", "x86").bias_correction is False
+    assert QuantOptions(bias_correction=False).resolved("ptq", "x86").bias_correction is False
+    assert QuantOptions(bias_correction=True).resolved("ptq", "dpu").bias_correction is True
+    assert QuantCallback(mode="qat").options.bias_correction is False  # no error: the default is decided per mode
+    assert QuantCallback().options.bias_correction is True
+    assert QuantCallback(target="dpu").options.bias_correction is False
 
 
 @pytest.mark.parametrize("value", [0, -1, 2.5, True, "4", None])
@@ -62,7 +84,7 @@ def test_from_dict_refuses_an_unknown_key_and_lists_the_known_ones():
         QuantOptions.from_dict({"bias_corection": True})
     with pytest.raises(ValueError, match=r"unknown QuantOptions key\(s\) a, b; known: .*refinement_batches"):
         QuantOptions.from_dict({"b": True, "a": False, "adaround": True})
-    with pytest.raises(ValueError, match=r"QuantOptions\.bias_correction='yes' must be True or False"):
+    with pytest.raises(ValueError, match=r"QuantOptions\.bias_correction='yes' must be True, False or None"):
         QuantOptions.from_dict({"bias_correction": "yes"})  # known key, invalid value: the constructor refuses it
 
 
@@ -78,7 +100,7 @@ def test_check_mode_refuses_refinements_for_qat():
 
 def test_check_scheme_refuses_range_search_without_percentile_or_power_of_two():
     search = QuantOptions(range_search=True)
-    with pytest.raises(ValueError, match=r"range_search tunes .* activations use 'minmax' with float scales"):
+    with pytest.raises(ValueError, match=r"range_search tunes .* activations use 'mean_minmax' with float scales"):
         search.check_scheme(scheme_for_target("x86"))
     with pytest.raises(ValueError, match=r"activations use 'mse' with float scales"):
         search.check_scheme(scheme_for_target("tensorrt", activation_observer="mse"))
@@ -131,7 +153,7 @@ def test_quantize_deprecated_keyword_warns_and_gives_the_same_model_bit_for_bit(
     assert caught[0].filename == __file__  # the warning points at the caller's line
     new = quantize(_model(), _data(), target="tensorrt", options=QuantOptions(bias_correction=True), progress=False)
     _assert_bit_identical(old.state_dict(), new.state_dict())
-    plain = quantize(_model(), _data(), target="tensorrt", progress=False)
+    plain = quantize(_model(), _data(), target="tensorrt", options=QuantOptions(bias_correction=False), progress=False)
     assert any(not torch.equal(v, plain.state_dict()[k]) for k, v in new.state_dict().items())  # it did correct
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_quant import QuantReport, quantization_report, quantize
 from lightning_quant.calibration import calibrate
-from lightning_quant.config import scheme_for_target
+from lightning_quant.config import QuantOptions, scheme_for_target
 from lightning_quant.quantizers import iter_quantizers, prepare, prepare_info
 from lightning_quant.quantizers.functional import sqnr_db
 from lightning_quant.quantizers.modules import quantized_layer_from_float
@@ -193,7 +193,10 @@ def test_sqnr_reference_is_the_float_model_after_weight_refinements():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
     data = _images(3, seed=1)
-    qmodel = quantize(model, data, scheme=scheme_for_target("x86", weight_bits=4), progress=False)
+    calibrated_only = QuantOptions(bias_correction=False)
+    qmodel = quantize(
+        model, data, scheme=scheme_for_target("x86", weight_bits=4), options=calibrated_only, progress=False
+    )
     correct_bias(qmodel, data, progress=False)
     fast_finetune(qmodel, data, steps=30, progress=False)
     prepare_info(qmodel).refinements += ["bias_correction", "fast_finetune"]  # as refine_calibrated notes them

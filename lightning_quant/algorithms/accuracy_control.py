@@ -143,11 +143,13 @@ def _quantizers_removed(base: nn.Module, qmodel: nn.Module, scheme: QuantScheme,
 
 
 @contextlib.contextmanager
-def _switched_off(qmodel: nn.Module, off: set[str]) -> Iterator[None]:
-    """Inside the block, fake-quant is on for every quantizer but those named in ``off`` (observers off); every
-    switch is restored on exit."""
+def _switched_off(qmodel: nn.Module, off: set[str], float_layers: Iterable[str] = ()) -> Iterator[None]:
+    """Inside the block, fake-quant is on for every quantizer but those named in ``off`` (observers off), and the
+    layers ``float_layers`` run with their float weights and biases: a layer kept in float is re-quantized without
+    the bias correction (or AdaRound, fast finetune) that compensated its own quantization error. Every switch
+    and parameter is restored on exit."""
     quantizers = dict(iter_quantizers(qmodel))
-    with restored_switches(list(quantizers.values())):
+    with restored_switches(list(quantizers.values())), float_parameters_swapped_in(qmodel, float_layers):
         for name, fq in quantizers.items():
             fq.enable_fake_quant(name not in off)
         yield
@@ -174,9 +176,13 @@ def _rank(
 
 @contextlib.contextmanager
 def _weights_at(qmodel: nn.Module, names: Iterable[str], bits: int) -> Iterator[None]:
-    """Inside the block, layers ``names`` quantize their weights with ``bits`` (quantizers restored on exit)."""
+    """Inside the block, layers ``names`` quantize their float weights with ``bits`` and run their float biases
+    (a refinement compensated the narrower weights' error, not these); quantizers and parameters restored on exit."""
+    names = list(names)
     saved = {}
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(float_parameters_swapped_in(qmodel, names))
+        stack.callback(_put_weight_quantizers_back, qmodel, saved)
         for name in names:
             layer = qmodel.get_submodule(name)
             old = saved[name] = layer.weight_fake_quant
@@ -185,9 +191,11 @@ def _weights_at(qmodel: nn.Module, names: Iterable[str], bits: int) -> Iterator[
             fresh.disable_observer()
             layer.weight_fake_quant = fresh
         yield
-    finally:
-        for name, old in saved.items():
-            qmodel.get_submodule(name).weight_fake_quant = old
+
+
+def _put_weight_quantizers_back(qmodel: nn.Module, saved: dict[str, nn.Module]) -> None:
+    for name, old in saved.items():
+        qmodel.get_submodule(name).weight_fake_quant = old
 
 
 def _check_fallback_bits(bits: Any, scheme: QuantScheme) -> None:
@@ -202,9 +210,12 @@ def _check_fallback_bits(bits: Any, scheme: QuantScheme) -> None:
         )
 
 
-def _metric_without(qmodel: nn.Module, off: set[str], metric_fn: Callable[[nn.Module], float]) -> float:
-    """The metric with the quantizers named in ``off`` switched off (restored afterwards)."""
-    with _switched_off(qmodel, off):
+def _metric_without(
+    qmodel: nn.Module, off: set[str], metric_fn: Callable[[nn.Module], float], float_layers: Iterable[str] = ()
+) -> float:
+    """The metric with the quantizers named in ``off`` switched off and ``float_layers`` back to their float
+    parameters (both restored afterwards)."""
+    with _switched_off(qmodel, off, float_layers):
         return _metric(metric_fn, qmodel)
 
 
@@ -314,11 +325,14 @@ def quantize_with_accuracy_control(
     base = float_model_for_quantization(model, options)
     layers = prepare_info(qmodel).quantized_layers
     groups = {layer: _quantizers_removed(base, qmodel, scheme, (*exclude, layer)) for layer in layers}
-    report.ranking = _rank(qmodel, groups, lambda layer: _switched_off(qmodel, groups[layer]), inputs, progress)
+    report.ranking = _rank(
+        qmodel, groups, lambda layer: _switched_off(qmodel, groups[layer], (layer,)), inputs, progress
+    )
     order = [layer for layer, _ in report.ranking]
 
     def metric_of(k: int) -> float:  # exactly what re-quantizing with the first k layers excluded removes
-        return _metric_without(qmodel, _quantizers_removed(base, qmodel, scheme, (*exclude, *order[:k])), metric_fn)
+        off = _quantizers_removed(base, qmodel, scheme, (*exclude, *order[:k]))
+        return _metric_without(qmodel, off, metric_fn, order[:k])
 
     largest = len(order) - 1  # at least one layer stays quantized
     with tqdm(total=1 + math.ceil(math.log2(max(largest, 1))), desc="Accuracy control", disable=not progress,

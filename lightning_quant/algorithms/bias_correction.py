@@ -1,11 +1,12 @@
 """Empirical bias correction (Nagel et al. 2019, sec. 4.2; Vitis AI's ``bias_corr``) of a calibrated PTQ model.
 
 Weight quantization shifts each output channel's mean: ``E[W_q x] != E[W x]``. For every conv/linear layer, in
-execution order, the per-output-channel mean of ``y_q - y_f`` is measured on calibration data, where ``x`` is the
-layer's actual input in the quantized model (earlier layers already corrected), ``y_q`` the layer's fake-quant
-output and ``y_f = W x + b`` the same input through the float weight; the mean is then subtracted from the bias
-the layer ran with (its quantized value on targets that quantize biases; a zero bias is created where the layer had
-none). Only the bias changes: weight scales stay as calibrated.
+execution order, the per-output-channel mean of ``(W_q - W) x`` is measured on calibration data, where ``x`` is the
+layer's actual input in the quantized model (earlier layers already corrected), and the layer's bias becomes its
+float bias minus that mean (quantized where the target quantizes biases; a zero bias is created where the layer had
+none). Only the bias changes: weight scales stay as calibrated. The correction streams one batch at a time
+(:func:`correct_bias`): the memory of one batch, about the cost of one fake-quant forward pass per batch, which is
+what lets ``quantize()`` run it by default.
 The original float biases are remembered on the model, so a later :func:`~lightning_quant.algorithms.fast_finetune`
 still tunes towards the float model.
 ``num_batches=1`` is the fast variant.
@@ -26,30 +27,29 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from lightning_quant.algorithms.float_reference import float_bias, record_float_parameters
 from lightning_quant.algorithms.layerwise import (
-    StopForward,
-    bounded_inputs,
     check_positive,
-    execution_order,
     feed,
-    layer_forward,
     quantized_bias,
     require_any_calibrated,
+    stream_inputs,
     weight_layers,
 )
 from lightning_quant.quantizers.modules import QuantLinear, add_zero_bias
 from lightning_quant.quantizers.prepare import prepare_info, set_observers
 
-__all__ = ["BiasCorrectionReport", "channel_error_mean", "correct_bias"]
+__all__ = ["BiasCorrectionReport", "correct_bias", "weight_error_sum"]
 
 
 @dataclass
@@ -71,117 +71,107 @@ class BiasCorrectionReport:
         return list(self.corrections)
 
 
-def _channel_dim(layer: nn.Module, y: torch.Tensor) -> int:
-    return y.dim() - 1 if isinstance(layer, QuantLinear) else 1
+def _channel_shape(layer: nn.Module, out: torch.Tensor) -> tuple[int, ...]:
+    """The shape that broadcasts a per-output-channel vector over ``out``."""
+    if isinstance(layer, QuantLinear):
+        return (out.shape[-1],)
+    channel = 0 if out.dim() == layer.weight.dim() - 1 else 1  # an unbatched conv output is (C, H, W)
+    return (out.shape[channel],) + (1,) * (out.dim() - channel - 1)
 
 
 @torch.no_grad()
-def channel_error_mean(
-    layer: nn.Module, x: torch.Tensor, y_q: torch.Tensor, bias: torch.Tensor | None
-) -> tuple[torch.Tensor, int]:
-    """Per-output-channel sum of ``y_q - (W x + bias)`` over all other dims, and how many values each sum holds.
+def weight_error_sum(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Per-output-channel sum, over every output position of the batch, of ``(W_q - W) x_q``: the part of the
+    layer's output error its weight quantization causes (``x_q``: the input after the layer's own input fake-quant,
+    if any), and the number of positions each sum holds.
 
-    ``bias`` is the float model's bias (the layer's own may already be corrected).
+    The layer is linear in its input, so the batch is summed first and the weight difference runs once on that one
+    summed sample: the cost of one image instead of a batch.
 
     Example:
         >>> from lightning_quant.config import scheme_for_target
         >>> from lightning_quant.quantizers.modules import quantized_layer_from_float
-        >>> q = quantized_layer_from_float(nn.Linear(3, 2), scheme_for_target("x86"), "fc")
+        >>> q = quantized_layer_from_float(nn.Linear(3, 2), scheme_for_target("x86", weight_bits=2), "fc")
+        >>> _ = q.weight_fake_quant(q.weight)  # calibrate the weight quantizer
+        >>> q.weight_fake_quant.disable_observer()
         >>> x = torch.randn(5, 3)
-        >>> total, count = channel_error_mean(q, x, (q.weight @ x.T + q.bias[:, None]).T + 1.0, q.bias)
-        >>> count, [round(v, 4) for v in (total / count).tolist()]
-        (5, [1.0, 1.0])
+        >>> total, count = weight_error_sum(q, x)
+        >>> reference = (x @ (q.weight_fake_quant(q.weight) - q.weight).T).sum(0)
+        >>> count, torch.allclose(total.float(), reference, atol=1e-5)
+        (5, True)
     """
-    y_f = layer_forward(layer, x, layer.weight, bias)
-    diff = (y_q - y_f).double().movedim(_channel_dim(layer, y_q), -1)
-    diff = diff.reshape(-1, diff.shape[-1])
-    return diff.sum(0), diff.shape[0]
+    x = layer._maybe_quantize_input(x)
+    delta = layer.weight_fake_quant(layer.weight) - layer.weight
+    if isinstance(layer, QuantLinear):
+        rows = x.reshape(-1, x.shape[-1])
+        return F.linear(rows.sum(0, keepdim=True), delta).double().reshape(-1), rows.shape[0]
+    if x.dim() == delta.dim() - 1:  # an unbatched input (a conv takes (C, H, W) too): one sample
+        x = x.unsqueeze(0)
+    y = layer._conv_forward(x.sum(0, keepdim=True), delta, None)
+    positions = x.shape[0] * y[0, 0].numel()
+    return y.double().movedim(1, -1).reshape(-1, y.shape[1]).sum(0), positions
 
 
-def _measure(model: nn.Module, name: str, layer: nn.Module, inputs: list[Any]) -> torch.Tensor:
-    """Mean per-channel error of ``layer`` over ``inputs``; each forward pass stops right after the layer."""
-    totals: list[tuple[torch.Tensor, int]] = []
-    bias = float_bias(model, name, layer)
+class _Corrector:
+    """Running state of one bias correction: per layer, the summed weight error and its count, and the float bias.
 
-    def hook(_m: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        totals.append(channel_error_mean(layer, args[0], out, bias))
-        raise StopForward
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        for index, batch in enumerate(inputs):
-            feed(model, batch, index)
-    finally:
-        handle.remove()
-    return sum(t for t, _ in totals) / sum(n for _, n in totals)
-
-
-def _apply(model: nn.Module, name: str, layer: nn.Module, delta: torch.Tensor, report: BiasCorrectionReport) -> None:
-    """Set the bias to the one the layer ran with minus the measured mean error ``delta``, and re-quantize it.
-
-    The measured error holds the bias's own rounding (``y_q`` ran with the deployed bias, the reference with the
-    float one), so the correction starts from the deployed bias: starting from the float bias would subtract that
-    rounding once and then round again, moving a quantized (DPU, 8-bit) bias further off instead of closer.
+    A layer's corrected bias is ``float bias - mean weight error`` over every position seen so far; it is
+    quantized the way the layer deploys it (the DPU's 8-bit bias), so a deployed bias the weights do not shift
+    stays as it is.
     """
-    delta = delta.to(layer.weight.dtype)
-    record_float_parameters(model, name, layer, ("bias",))
-    deployed = torch.zeros_like(delta) if layer.bias is None else quantized_bias(layer).detach().clone()
-    if layer.bias is None:
-        try:
-            scheme = prepare_info(model).scheme
-        except ValueError:  # prepared info lost (e.g. a deep copy of a GraphModule): the bias stays float
-            scheme = None
-        add_zero_bias(layer, name, None if scheme is None else scheme.bias)  # quantized where the target says so
-        report.created_bias.append(name)
-    layer.bias.data.copy_(deployed - delta)
-    fq = layer.bias_fake_quant
-    if fq is not None:  # the bias moved: its range must be observed again (the weight scale is not touched)
-        fq.observer.reset()
-        fq.enable_observer(True)
-        fq(layer.bias.detach())
-        fq.enable_observer(False)
-    report.corrections[name] = delta.norm().item()
 
+    def __init__(self, qmodel: nn.Module, report: BiasCorrectionReport) -> None:
+        self.qmodel, self.report = qmodel, report
+        self.sums: dict[str, list] = {}  # name -> [error sum (float64), positions, deployed bias before any change]
+        self.seen: set[str] = set()  # layers already corrected in the current pass (a layer may be called twice)
 
-def _concatenated(inputs: list[Any]) -> Any | None:
-    """The batches joined along dim 0 (tensors, and tuples/lists/dicts of them), or None when they cannot be."""
-    first = inputs[0]
-    if isinstance(first, torch.Tensor):
-        ok = all(isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[1:] == first.shape[1:] for x in inputs)
-        return torch.cat(inputs) if ok and first.dim() > 0 else None
-    if isinstance(first, (tuple, list)) and all(type(x) is type(first) and len(x) == len(first) for x in inputs):
-        parts = [_concatenated([x[i] for x in inputs]) for i in range(len(first))]
-        return None if any(p is None for p in parts) else type(first)(parts)
-    if isinstance(first, dict) and all(isinstance(x, dict) and x.keys() == first.keys() for x in inputs):
-        parts = {k: _concatenated([x[k] for x in inputs]) for k in first}
-        return None if any(p is None for p in parts.values()) else parts
-    return None
-
-
-def _correct_in_one_pass(qmodel: nn.Module, layers: dict, batch: Any, report: BiasCorrectionReport, bar) -> None:
-    """One forward pass over all batches at once: each layer's hook measures its error on what it receives (earlier
-    layers already corrected), corrects its bias, and passes on the output recomputed with the new bias. The same
-    result as one pass per layer (the model treats images independently in eval mode), in ``1 / layers`` the time."""
-    done: set[str] = set()
-
-    def hook(name: str):
+    def hook(self, name: str) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor | None]:
         def correct(layer: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-            if name in done:  # a layer called twice: corrected at its first call, like the per-layer passes
+            if name in self.seen:  # a second call in one pass: corrected at its first call already
                 return None
-            done.add(name)
-            total, count = channel_error_mean(layer, args[0], out, float_bias(qmodel, name, layer))
-            _apply(qmodel, name, layer, total / count, report)
-            bar.update()
-            return layer.forward(*args)  # forward() itself: no hooks, the corrected (and re-quantized) bias
+            self.seen.add(name)
+            total, count = weight_error_sum(layer, args[0])
+            before = quantized_bias(layer)
+            before = None if before is None else before.detach().clone()  # x86: the very Parameter set below
+            state = self.sums.get(name)
+            if state is None:
+                state = self.sums[name] = [
+                    0.0,
+                    0,
+                    torch.zeros_like(total, dtype=out.dtype) if before is None else before,
+                ]
+            state[0], state[1] = state[0] + total, state[1] + count
+            self._set_bias(name, layer, state[0] / state[1])
+            after = quantized_bias(layer)
+            moved = after if before is None else after - before
+            return out + moved.to(out.dtype).reshape(_channel_shape(layer, out))
 
         return correct
 
-    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
-    try:
-        feed(qmodel, batch, 0)
-    finally:
-        for handle in handles:
-            handle.remove()
+    def _set_bias(self, name: str, layer: nn.Module, mean_error: torch.Tensor) -> None:
+        """Bias := float bias - ``mean_error``; a quantized bias (DPU) is observed again on its new value."""
+        record_float_parameters(self.qmodel, name, layer, ("bias",))
+        reference = float_bias(self.qmodel, name, layer)
+        if layer.bias is None:
+            try:
+                scheme = prepare_info(self.qmodel).scheme
+            except ValueError:  # prepared info lost (e.g. a deep copy of a GraphModule): the bias stays float
+                scheme = None
+            add_zero_bias(layer, name, None if scheme is None else scheme.bias)  # quantized where the target says so
+            self.report.created_bias.append(name)
+        target = -mean_error if reference is None else reference.double() - mean_error
+        layer.bias.data.copy_(target.to(layer.bias.dtype))
+        fq = layer.bias_fake_quant
+        if fq is not None:  # the bias moved: its range must be observed again (the weight scale is not touched)
+            fq.observer.reset()
+            fq.enable_observer(True)
+            fq(layer.bias.detach())
+            fq.enable_observer(False)
+
+    def finish(self) -> None:
+        """Record each corrected layer's total change of its deployed bias, in execution order."""
+        for name, (_, _, first) in self.sums.items():
+            self.report.corrections[name] = (first - quantized_bias(self.qmodel.get_submodule(name))).norm().item()
 
 
 @torch.no_grad()
@@ -192,9 +182,16 @@ def correct_bias(
     transform_fn: Callable[[Any], Any] | None = None,
     num_batches: int = 4,
     progress: bool = True,
-    one_pass: bool = True,
+    one_pass: bool | None = None,
 ) -> BiasCorrectionReport:
     """Empirical bias correction of a calibrated fake-quant PTQ model, in place (see the module docstring).
+
+    Streams: one forward pass per batch, with one batch in memory. In each pass every layer, in execution order,
+    adds the batch's weight error (:func:`weight_error_sum`) to its running sum, takes the bias ``float bias - mean
+    error so far`` and hands the next layers its output with that bias; so later layers measure their error on
+    inputs that earlier corrections already moved. With one batch this is exactly the sequential, layer-by-layer
+    correction; with more, the first batches saw earlier layers corrected on fewer images (a second-order
+    difference; the mean error left is checked in the tests).
 
     Observers are switched off (as :func:`~lightning_quant.calibration.calibrate` leaves them) so no weight or
     activation scale moves; a quantized bias (``target="dpu"``) is re-observed, so run
@@ -205,11 +202,9 @@ def correct_bias(
         calibration_data: iterable of batches, as for ``quantize``; only the first ``num_batches`` are used.
         transform_fn: maps one item of ``calibration_data`` to the model input.
         num_batches: batches to average over (1 = the fast variant).
-        progress: show a progress bar over layers.
-        one_pass: join the batches and correct every layer in one forward pass (memory: activations of all
-            ``num_batches`` batches at once); ``False`` runs one pass per layer (batch by batch, stopped right after
-            the layer), which needs the memory of one batch but takes about ``layers / 2`` times longer. Inputs that
-            cannot be joined along dim 0 always take the per-layer path.
+        progress: show a progress bar over batches.
+        one_pass: deprecated and ignored: every correction now streams one batch at a time (the memory of one
+            batch, about the time of one fake-quant forward pass per batch).
 
     Returns:
         A :class:`BiasCorrectionReport`.
@@ -219,31 +214,39 @@ def correct_bias(
             lightning_quant fake-quant Conv/Linear layer, or a QAT conv+BN (convert it first).
         NotCalibratedError: the model was never calibrated.
     """
+    if one_pass is not None:
+        warnings.warn(
+            "correct_bias(one_pass=...) is deprecated and ignored: bias correction now streams one batch at a time "
+            "in every case. Drop the argument.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
     check_positive("num_batches", num_batches)
     layers = weight_layers(qmodel, "correct_bias")
     require_any_calibrated(qmodel, "correct_bias")
-    inputs = bounded_inputs(calibration_data, transform_fn, num_batches, qmodel, "correct_bias")
+    report = BiasCorrectionReport()
+    todo = {}
+    for name, layer in layers.items():
+        if layer.weight_fake_quant.calibrated.item():
+            todo[name] = layer
+        else:
+            report.skipped[name] = "weight quantizer not calibrated"
     was_training = qmodel.training
     qmodel.eval()
     set_observers(qmodel, False)
-    report = BiasCorrectionReport(batches=len(inputs))
+    corrector = _Corrector(qmodel, report)
+    handles = [layer.register_forward_hook(corrector.hook(name)) for name, layer in todo.items()]
     try:
-        order = execution_order(qmodel, layers, inputs[0])
-        report.skipped.update({n: "not reached by the calibration data" for n in layers if n not in order})
-        todo = {}
-        for name in order:
-            if layers[name].weight_fake_quant.calibrated.item():
-                todo[name] = layers[name]
-            else:
-                report.skipped[name] = "weight quantizer not calibrated"
-        batch = _concatenated(inputs) if one_pass else None
-        with tqdm(total=len(todo), desc="Bias correction", disable=not progress, leave=False, unit="layer") as bar:
-            if batch is not None:
-                _correct_in_one_pass(qmodel, todo, batch, report, bar)
-            else:  # inputs that cannot be joined (or one_pass=False): one pass per layer, stopped right after it
-                for name, layer in todo.items():
-                    _apply(qmodel, name, layer, _measure(qmodel, name, layer, inputs), report)
-                    bar.update()
+        batches = stream_inputs(calibration_data, transform_fn, num_batches, qmodel, "correct_bias")
+        for index, batch in enumerate(tqdm(batches, desc="Bias correction", total=num_batches, disable=not progress,
+                                           leave=False, unit="batch")):  # fmt: skip
+            corrector.seen.clear()
+            feed(qmodel, batch, index)
+            report.batches += 1
     finally:
+        for handle in handles:
+            handle.remove()
         qmodel.train(was_training)
+    corrector.finish()
+    report.skipped.update({n: "not reached by the calibration data" for n in todo if n not in corrector.sums})
     return report

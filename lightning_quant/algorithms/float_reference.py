@@ -87,11 +87,15 @@ def _put(layer: nn.Module, attr: str, value: torch.Tensor | None) -> None:
 
 
 @contextlib.contextmanager
-def float_parameters_swapped_in(model: nn.Module) -> Iterator[int]:
-    """Run ``model`` with its recorded float parameters in place of the refined ones; yields how many layers
-    were swapped. The refined values (the very same Parameter objects) are back on exit, also after an error."""
+def float_parameters_swapped_in(model: nn.Module, layers: Iterable[str] | None = None) -> Iterator[int]:
+    """Run ``model`` with its recorded float parameters in place of the refined ones (of every layer, or of the
+    layers named in ``layers`` only); yields how many layers were swapped. The refined values (the very same
+    Parameter objects) are back on exit, also after an error."""
     undo: list[tuple[nn.Module, str, nn.Parameter, torch.Tensor | None]] = []
     record = recorded_float_parameters(model)
+    if layers is not None:
+        wanted = set(layers)
+        record = {name: saved for name, saved in record.items() if name in wanted}
     try:
         with torch.no_grad():
             for name, saved in record.items():

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_quant.algorithms.float_reference import restore_float_parameters
-from lightning_quant.calibration import call_model, default_transform, move_to_device
+from lightning_quant.calibration import call_model, default_transform, is_input_error, move_to_device
 from lightning_quant.errors import NotCalibratedError
 from lightning_quant.quantizers.modules import QuantConv1d, QuantConv2d, QuantConv3d, QuantConvBn, QuantLinear
 from lightning_quant.quantizers.prepare import iter_quantizers, set_fake_quant, set_observers
@@ -48,6 +48,7 @@ __all__ = [
     "layer_targets",
     "quantized_bias",
     "require_any_calibrated",
+    "stream_inputs",
     "weight_layers",
 ]
 
@@ -151,6 +152,29 @@ def _model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def stream_inputs(
+    data: Iterable[Any], transform_fn: Callable[[Any], Any] | None, num_batches: int, model: nn.Module, action: str
+) -> Iterator[Any]:
+    """The first ``num_batches`` model inputs of ``data``, transformed and on the model's device, one at a time.
+
+    Raises:
+        ValueError: ``data`` yielded no batch (raised when the iteration ends).
+    """
+    transform = transform_fn or default_transform
+    device = _model_device(model)
+    produced = 0
+    for item in data:
+        if produced >= num_batches:
+            break
+        produced += 1
+        yield move_to_device(transform(item), device)
+    if not produced:
+        raise ValueError(
+            f"{action}: calibration data is empty (no batch was produced). Pass a non-empty DataLoader or list, "
+            "e.g. the data used for quantize()."
+        )
+
+
 def bounded_inputs(
     data: Iterable[Any], transform_fn: Callable[[Any], Any] | None, num_batches: int, model: nn.Module, action: str
 ) -> list[Any]:
@@ -161,19 +185,7 @@ def bounded_inputs(
     Raises:
         ValueError: ``data`` yielded no batch.
     """
-    transform = transform_fn or default_transform
-    device = _model_device(model)
-    inputs = []
-    for item in data:
-        if len(inputs) >= num_batches:
-            break
-        inputs.append(move_to_device(transform(item), device))
-    if not inputs:
-        raise ValueError(
-            f"{action}: calibration data is empty (no batch was produced). Pass a non-empty DataLoader or list, "
-            "e.g. the data used for quantize()."
-        )
-    return inputs
+    return list(stream_inputs(data, transform_fn, num_batches, model, action))
 
 
 def feed(model: nn.Module, inputs: Any, index: int) -> None:
@@ -187,6 +199,8 @@ def feed(model: nn.Module, inputs: Any, index: int) -> None:
     except StopForward:
         pass
     except (RuntimeError, TypeError) as err:
+        if not is_input_error(err):  # out of memory, a bug in the model...: not something transform_fn fixes
+            raise
         raise ValueError(
             f"batch {index} could not be fed to the model: {str(err).splitlines()[0]}. Make transform_fn return "
             "exactly the model input (a tuple is passed as positional arguments, a dict as keyword arguments)."

@@ -27,8 +27,9 @@ from lightning_quant.algorithms.adaround import adaround
 from lightning_quant.algorithms.bias_correction import correct_bias
 from lightning_quant.algorithms.cle import equalize, relu6_to_relu
 from lightning_quant.algorithms.range_search import search_activation_ranges
-from lightning_quant.config import REFINEMENT_STEPS, QuantOptions, Target
+from lightning_quant.config import REFINEMENT_STEPS, QuantMode, QuantOptions, Target
 from lightning_quant.quantizers.config_record import record_refinement_steps
+from lightning_quant.quantizers.dpu_concat import align_concat_positions
 from lightning_quant.quantizers.dpu_shifts import enforce_dpu_shifts
 from lightning_quant.quantizers.prepare import prepare_info
 
@@ -85,7 +86,7 @@ def refine_calibrated(
         ValueError: a QAT model or a model ``prepare()`` did not produce (named by the algorithm); range search
             with another activation estimator than ``percentile``.
     """
-    options = options or QuantOptions()
+    options = (options or QuantOptions()).resolved(QuantMode.PTQ, target)
     limit = options.refinement_batches if num_batches is None else min(num_batches, options.refinement_batches)
     tune = dict(transform_fn=transform_fn, num_batches=limit, progress=progress)
     # Lightning calls the callback inside ``torch.inference_mode()`` (validate/test); fast finetune needs autograd and
@@ -134,6 +135,7 @@ def _refine(
 
 def _enforce_dpu_shifts(qmodel: nn.Module) -> None:
     """Make the calibrated positions satisfy the DPU's shift constraints, warning about every change."""
+    align_concat_positions(qmodel)  # Vitis AI's concat rule first; the shift moves below keep concats aligned
     moved = enforce_dpu_shifts(qmodel)
     if moved:
         lines = ", ".join(f"{a.quantizer} {a.old_fix_pos}->{a.new_fix_pos} ({a.reason})" for a in moved)

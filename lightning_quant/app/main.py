@@ -213,6 +213,8 @@ def quant_scheme(cfg: DictConfig, mode: str = "ptq") -> QuantScheme:
 
     Example:
         >>> quant_scheme(compose_config(["recipe=mobilenetv2_ptq_imagenette"])).activation.observer
+        'mean_minmax'
+        >>> quant_scheme(compose_config(["recipe=mobilenetv2_ptq_imagenette_mse_bc"])).activation.observer
         'mse'
     """
     overrides = {k: v for k, v in (cfg.quant.get("scheme") or {}).items() if v is not None}

@@ -165,6 +165,7 @@ class QuantCallback(Callback):
         self.mode: QuantMode = _coerce_enum(QuantMode, mode, "mode")  # type: ignore[assignment]
         self.options = options_from_keywords(options, deprecated_options, "QuantCallback")
         self.scheme = resolve_scheme(target, scheme, self.mode)
+        self.options = self.options.resolved(self.mode, self.scheme.target)
         self.options.check_mode(self.mode)
         self.options.check_scheme(self.scheme)
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 0:
@@ -327,7 +328,7 @@ class QuantCallback(Callback):
             if name in kept:
                 fq.load_state_dict(kept[name])
         if self.scheme.target is Target.DPU:  # the new positions must satisfy the DPU's shift constraints too
-            refine_calibrated(network, [], QuantOptions(), target=Target.DPU, progress=False)
+            refine_calibrated(network, [], QuantOptions(bias_correction=False), target=Target.DPU, progress=False)
         return True
 
     def _apply_schedule(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

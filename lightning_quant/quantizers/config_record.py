@@ -116,7 +116,7 @@ def attach_config_record(
         "scheme": scheme.to_dict(),
         "exclude": exclude_names(exclude),
         "layer_weight_bits": dict(layer_weight_bits),
-        "options": QuantOptions().to_dict(),
+        "options": QuantOptions(bias_correction=False).to_dict(),
         "refinements": [],
     }
     prepared.register_buffer(RECORD_ATTR, encode_config(config))

@@ -130,7 +130,11 @@ def _extremes(x: torch.Tensor, axis: int | None = None) -> tuple[torch.Tensor, t
     if axis is None:
         lo, hi = torch.aminmax(x)
     else:
-        lo, hi = torch.aminmax(x.movedim(axis, 0).reshape(x.shape[axis], -1), dim=1)
+        # two reductions over the other dims, in place: on CPU, aminmax(dim=) of a moved and reshaped copy was 5 to 10x
+        # slower (a 32x96x112x112 activation per sample: 43 vs 7 ms, per channel: 84 vs 9 ms; torch 2.14), a
+        # quarter of MobileNetV2's calibration time under per-sample ranges
+        others = tuple(d for d in range(x.dim()) if d != axis)
+        lo, hi = (x.amin(dim=others), x.amax(dim=others)) if others else (x.clone(), x.clone())
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         raise FloatingPointError(f"{'NaN' if torch.isnan(x).any() else 'inf'} values reached an observer")
     return lo, hi
@@ -167,19 +171,26 @@ class MovingAverageMinMaxObserver(Observer):
             self._finish_mean_sync()
 
 
+# below this many values per sample, mean_minmax takes each call's extremes instead of each sample's
+MIN_SAMPLE_VALUES = 64
+
+
 class MeanMinMaxObserver(Observer):
     """Mean over all samples seen of each sample's min and max (NNCF's ``MEAN_MINMAX`` activation default).
 
     Dimension 0 is the batch: every sample contributes its own extremes, so the range does not depend on how the
     calibration images were batched, and a rare outlier moves it by ``1 / samples`` of its size instead of
-    setting it, which suits heavy-tailed activations. Per-channel specs and tensors without a batch dimension
-    count as one sample per call.
+    setting it, which suits heavy-tailed activations. Per-channel specs, tensors without a batch dimension and
+    samples of fewer than :data:`MIN_SAMPLE_VALUES` values (a few logits, a small feature vector) count as one
+    sample per call: the extremes of a handful of values are their typical values, and their mean would clip
+    half of them (a 2-value input lost 26 dB of SQNR that way).
 
     Example:
         >>> import torch
         >>> from lightning_quant.config import QuantSpec
         >>> obs = MeanMinMaxObserver(QuantSpec(observer="mean_minmax"))
-        >>> _ = obs(torch.tensor([[0.0, 1.0], [0.0, 3.0]])); _ = obs(torch.tensor([[0.0, 8.0]]))
+        >>> ramp = torch.linspace(0.0, 1.0, 64)  # one sample of 64 values
+        >>> _ = obs(torch.stack([ramp, 3 * ramp])); _ = obs(8 * ramp[None])
         >>> obs.max_val.item(), int(obs.samples)  # (1 + 3 + 8) / 3
         (4.0, 3)
     """
@@ -189,7 +200,7 @@ class MeanMinMaxObserver(Observer):
         self.register_buffer("samples", torch.zeros((), dtype=torch.float64))
 
     def observe(self, x: torch.Tensor) -> None:
-        if self.spec.per_channel or x.dim() < 2:
+        if self.spec.per_channel or x.dim() < 2 or x[0].numel() < MIN_SAMPLE_VALUES:
             lo, hi = self.batch_range(x)
             n, lo_sum, hi_sum = 1, lo.double(), hi.double()
         else:

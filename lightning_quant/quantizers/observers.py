@@ -89,7 +89,7 @@ def input_spec(spec: Any) -> Any:
         >>> input_spec(scheme_for_target("dpu").activation).observer
         'dpu_pot_input'
         >>> input_spec(scheme_for_target("x86").activation).observer
-        'minmax'
+        'mean_minmax'
     """
     variant = getattr(_REGISTRY.get(spec.observer), "input_observer", None)
     if variant is None or variant == spec.observer:

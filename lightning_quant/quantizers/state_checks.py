@@ -172,6 +172,9 @@ def _mismatch_message(key: str, saved: dict[str, Any], own: dict[str, Any]) -> s
             f"callback (or prepare the network) with mode={saved[key]!r} to load it."
         )
     if key == "scheme":
+        hint = estimator_hint(saved[key], own[key])
+        if hint:
+            return hint
         diff = _first_difference(saved[key], own[key])
         return (
             f"the checkpoint was quantized for target={saved[key].get('target')!r}, this network for "
@@ -183,6 +186,32 @@ def _mismatch_message(key: str, saved: dict[str, Any], own: dict[str, Any]) -> s
         f"the checkpoint was quantized with {key}={saved[key]!r}, this network with {own[key]!r}; create it with "
         f"{key}={saved[key]!r} (or use lightning_quant.load_quantized_checkpoint(module, path), which rebuilds it "
         "from the file)."
+    )
+
+
+def estimator_hint(saved: Any, own: Any) -> str | None:
+    """The fix for schemes that differ only in the activation range estimator (checkpoints of 0.1, whose PTQ default
+    was ``minmax``; 0.2 calibrates with ``mean_minmax``), or None when they differ otherwise.
+
+    Example:
+        >>> from lightning_quant.config import scheme_for_target
+        >>> old = scheme_for_target("x86", activation_observer="minmax").to_dict()
+        >>> print(estimator_hint(old, scheme_for_target("x86").to_dict()))  # doctest: +ELLIPSIS
+        the checkpoint's activations were calibrated with the 'minmax' range estimator, this run uses 'mean_minmax' ...
+    """
+    if not (isinstance(saved, dict) and isinstance(own, dict)) or "activation" not in saved or "activation" not in own:
+        return None
+    saved_act, own_act = dict(saved["activation"]), dict(own["activation"])
+    was, now = saved_act.pop("observer", None), own_act.pop("observer", None)
+    if was == now or saved_act != own_act or {**saved, "activation": None} != {**own, "activation": None}:
+        return None
+    target = saved.get("target") or "x86"
+    return (
+        f"the checkpoint's activations were calibrated with the {was!r} range estimator, this run uses {now!r} (the "
+        f"PTQ default is 'mean_minmax' since 0.2; 0.1 used 'minmax'); create the callback with "
+        f"scheme=scheme_for_target({target!r}, activation_observer={was!r}) (recipes: "
+        f"quant.scheme.activation_observer={was}) to load it, or use lightning_quant.load_quantized_checkpoint(module, "
+        "path), which rebuilds the network from the file."
     )
 
 
@@ -234,6 +263,9 @@ def require_matching_config(current: dict[str, Any], saved: dict[str, Any]) -> N
     """
     for key in ("mode", "target", "scheme", "exclude", "layer_weight_bits"):
         if key in saved and saved[key] != current[key]:
+            hint = estimator_hint(saved[key], current[key]) if key == "scheme" else None
+            if hint:
+                raise CheckpointMismatchError(hint)
             raise CheckpointMismatchError(
                 f"the checkpoint was written with QuantCallback {key}={saved[key]!r}, this run uses {current[key]!r}; "
                 f"create the callback with {key}={saved[key]!r} to load it, or start from the float model."

@@ -13,7 +13,12 @@ from lightning_quant.algorithms import quantize_with_accuracy_control
 from lightning_quant.config import Granularity, QuantOptions, scheme_for_target
 from lightning_quant.quantizers.prepare import iter_quantizers, prepare_info
 
-SCHEME = scheme_for_target("tensorrt", weight_bits=4, weight_granularity=Granularity.PER_TENSOR)
+# 4-bit per-tensor weights, min/max ranges and no refinement unless a test names one: coarse on purpose, so one layer
+# dominates the error and the search has something to find
+SCHEME = scheme_for_target(
+    "tensorrt", weight_bits=4, weight_granularity=Granularity.PER_TENSOR, activation_observer="minmax"
+)
+PLAIN = QuantOptions(bias_correction=False)
 
 
 def _model() -> nn.Module:
@@ -49,6 +54,7 @@ def _metric_for(model: nn.Module):
 
 
 def _run(model, bound, **kwargs):
+    kwargs.setdefault("options", PLAIN)
     return quantize_with_accuracy_control(
         model, _data(), _metric_for(model), max_accuracy_drop=bound, scheme=SCHEME, progress=False, **kwargs
     )
@@ -57,7 +63,7 @@ def _run(model, bound, **kwargs):
 def test_most_sensitive_layer_goes_back_to_float_and_stays_there():
     model = _model()
     metric = _metric_for(model)
-    all_quantized = metric(quantize(model, _data(), scheme=SCHEME, progress=False))
+    all_quantized = metric(quantize(model, _data(), scheme=SCHEME, options=PLAIN, progress=False))
     bound = (100.0 - all_quantized) / 2
     qmodel, report = _run(model, bound)
     assert report.ranking[0][0] == "2"  # the outlier layer recovers the most
@@ -83,7 +89,7 @@ def test_bisection_finds_the_same_prefix_as_a_linear_search():
     linear = next(
         k
         for k in range(1, len(ranking) + 1)
-        if metric(quantize(model, _data(), scheme=SCHEME, exclude=ranking[:k], progress=False)) >= floor
+        if metric(quantize(model, _data(), scheme=SCHEME, exclude=ranking[:k], options=PLAIN, progress=False)) >= floor
     )
     assert len(report.kept_float) == linear
     assert len(report.evaluations) <= 1 + math.ceil(math.log2(len(ranking)))
@@ -186,12 +192,39 @@ def test_fallback_weight_bits_bad_values():
 
 def test_layer_weight_bits_mixed_precision_quantize():
     model = _model()
-    qmodel = quantize(model, _data(), scheme=SCHEME, layer_weight_bits={"2": 8, "[04]": 6}, progress=False)
+    qmodel = quantize(
+        model, _data(), scheme=SCHEME, layer_weight_bits={"2": 8, "[04]": 6}, options=PLAIN, progress=False
+    )
     bits = {name: fq.spec.bits for name, fq in iter_quantizers(qmodel) if name.endswith("weight_fake_quant")}
     assert bits == {"0.weight_fake_quant": 6, "2.weight_fake_quant": 8, "4.weight_fake_quant": 6,
                     "7.weight_fake_quant": 4}  # fmt: skip
     assert prepare_info(qmodel).weight_bits == {"0": 6, "2": 8, "4": 6}
     metric = _metric_for(model)
-    assert metric(qmodel) > metric(quantize(model, _data(), scheme=SCHEME, progress=False)) + 5
+    assert metric(qmodel) > metric(quantize(model, _data(), scheme=SCHEME, options=PLAIN, progress=False)) + 5
     with pytest.raises(ValueError, match=r"pattern 'conv\*' matches no Conv/Linear layer; .* 0, 2, 4, ..., 7 "):
         quantize(model, _data(), scheme=SCHEME, layer_weight_bits={"conv*": 8}, progress=False)
+
+
+@pytest.mark.parametrize("fallback", [None, 8], ids=["float", "8-bit"])
+def test_a_layer_tried_outside_the_scheme_runs_without_the_bias_correction_of_its_narrow_weights(fallback):
+    """Bias correction compensated each layer's 4-bit weight error in its bias. While the search tries a layer in
+    float (or at 8 bits), that compensation no longer applies: the layer runs with its float bias. Found by the app
+    smoke test: with 3-bit weights, 19 of 20 layers "in float" scored below all 20 quantized."""
+    from lightning_quant.algorithms.accuracy_control import _switched_off, _weights_at
+
+    model = _model()
+    qmodel = quantize(model, _data(), scheme=SCHEME, options=QuantOptions(bias_correction=True), progress=False)
+    layers = prepare_info(qmodel).quantized_layers
+    corrected = {name: qmodel.get_submodule(name).bias.detach().clone() for name in layers}
+    assert any(not torch.equal(corrected[n], model.get_submodule(n).bias) for n in layers)
+    everything = {name for name, _ in iter_quantizers(qmodel)}
+    with torch.no_grad():
+        if fallback is None:
+            with _switched_off(qmodel, everything, layers):  # every layer "kept in float": the float model
+                torch.testing.assert_close(qmodel(HELD_OUT[0]), model(HELD_OUT[0]))
+        else:
+            with _weights_at(qmodel, layers, fallback):
+                for name in layers:
+                    assert torch.equal(qmodel.get_submodule(name).bias, model.get_submodule(name).bias), name
+    for name in layers:  # the refined biases are back
+        assert torch.equal(qmodel.get_submodule(name).bias, corrected[name]), name

@@ -31,7 +31,8 @@ def _data(n: int = 4) -> list[torch.Tensor]:
 
 
 def _w4(model: nn.Module, data) -> nn.Module:
-    return quantize(model, data, scheme=scheme_for_target("tensorrt", weight_bits=4), progress=False)
+    scheme = scheme_for_target("tensorrt", weight_bits=4)  # nearest rounding, nothing else
+    return quantize(model, data, scheme=scheme, options=QuantOptions(bias_correction=False), progress=False)
 
 
 def _codes(layer: nn.Module) -> torch.Tensor:
@@ -177,8 +178,9 @@ def test_quantize_and_callback_pass_adaround_per_sample_on():
 
     data = _outlier_data()
     w4 = scheme_for_target("tensorrt", weight_bits=4)
-    pooled = quantize(_model(), data, scheme=w4, progress=False, options=QuantOptions(adaround=True))
-    both = QuantOptions(adaround=True, adaround_per_sample=True)
+    no_bc = {"bias_correction": False}  # as _w4: AdaRound alone
+    pooled = quantize(_model(), data, scheme=w4, progress=False, options=QuantOptions(adaround=True, **no_bc))
+    both = QuantOptions(adaround=True, adaround_per_sample=True, **no_bc)
     per_sample = quantize(_model(), data, scheme=w4, progress=False, options=both)
     direct = _w4(_model(), data)
     adaround(direct, data, per_sample=True, progress=False)

@@ -46,7 +46,10 @@ def _data(batches: int = 3, seed: int = 1) -> list[torch.Tensor]:
 
 
 def _calibrated(scheme=PCT) -> nn.Module:
-    return quantize(Residual().eval(), _data(), scheme=scheme, progress=False)
+    """Calibrated only: the search's own effect, without the default bias correction."""
+    return quantize(
+        Residual().eval(), _data(), scheme=scheme, options=QuantOptions(bias_correction=False), progress=False
+    )
 
 
 @torch.no_grad()
@@ -197,12 +200,13 @@ def test_relative_output_error_weighs_every_sample_the_same():
 def test_quantize_and_callback_run_it_and_record_it():
     search = QuantOptions(range_search=True)
     qmodel = quantize(Residual().eval(), _data(), scheme=PCT, options=search, progress=False)
-    assert prepare_info(qmodel).refinements == ["range_search"]
+    assert prepare_info(qmodel).refinements == ["range_search", "bias_correction"]  # the default follows the search
     assert prepare_info(qmodel).range_search.chosen.keys() == {"signed", "residual_sum", "non_negative"}
     callback = QuantCallback("ptq", scheme=PCT, options=search)
     assert callback.state_dict()["options"]["range_search"] is True
     with pytest.raises(ValueError, match="range_search refine a PTQ calibration; QAT trains the weights itself"):
         QuantCallback("qat", options=search)
+    assert QuantCallback("qat").options.refinements == ()  # the per-run default: nothing to refuse
 
 
 def test_other_estimators_are_refused_with_the_fix():

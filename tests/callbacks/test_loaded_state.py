@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_quant import CheckpointMismatchError, QuantCallback, load_quantized_checkpoint
+from lightning_quant import CheckpointMismatchError, QuantCallback, load_quantized_checkpoint, scheme_for_target
 from lightning_quant.checkpoint import read_checkpoint
 from lightning_quant.quantizers.prepare import iter_quantizers
 from tests.helpers.models import quiet_trainer, random_images, seeded_lit
@@ -153,3 +153,23 @@ def test_an_already_quantized_network_must_match_the_callback(saved):
 def test_exclude_given_as_one_pattern_or_one_type(saved):
     assert QuantCallback(exclude="model.fc").exclude == ("model.fc",)
     assert QuantCallback(exclude=torch.nn.Linear).exclude == (torch.nn.Linear,)
+
+
+def test_a_state_calibrated_with_the_old_default_estimator_names_the_scheme_to_pass(tmp_path):
+    """0.1 calibrated PTQ activations with min/max; 0.2's default is mean_minmax. Loading such a state into a default
+    callback must say which scheme reloads it (not dump two scheme dicts), and that scheme must load it."""
+    old_default = scheme_for_target("x86", activation_observer="minmax")
+    trainer = quiet_trainer(tmp_path, [_callback(scheme=old_default)])
+    trainer.validate(seeded_lit(), dataloaders=VAL, verbose=False)
+    trainer.save_checkpoint(tmp_path / "minmax.ckpt")
+    wanted = r"calibrated with the 'minmax' range estimator.*scheme_for_target\('x86', activation_observer='minmax'\)"
+    with pytest.raises(CheckpointMismatchError, match=wanted):
+        quiet_trainer(tmp_path, [_callback()]).validate(
+            seeded_lit(1), dataloaders=VAL, ckpt_path=tmp_path / "minmax.ckpt", verbose=False
+        )
+    model = seeded_lit(1)
+    quiet_trainer(tmp_path, [_callback(scheme=old_default)]).validate(
+        model, dataloaders=VAL, ckpt_path=tmp_path / "minmax.ckpt", verbose=False
+    )
+    saved_state = read_checkpoint(tmp_path / "minmax.ckpt")["state_dict"]
+    assert all(torch.equal(v, saved_state[k]) for k, v in model.state_dict().items() if k in saved_state)

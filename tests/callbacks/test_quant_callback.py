@@ -31,6 +31,7 @@ def make_trainer(tmp_path, callback, **kwargs) -> pl.Trainer:
 
 
 lit = seeded_lit
+MINMAX = scheme_for_target("x86", activation_observer="minmax")  # ranges that equal what calibration saw
 
 
 def input_range(module: LitClassifier) -> tuple[float, float]:
@@ -43,7 +44,7 @@ def test_ptq_validate_calibrates_on_calibration_loader_not_val(tmp_path):
     marker = random_images(32, seed=5)
     marker.tensors[0][0, 0, 0, 0] = 1000.0  # only the calibration data holds this value
     dm.calibration_dataloader = lambda: DataLoader(marker, batch_size=16)
-    cb = QuantCallback(mode="ptq", target="x86", calibration_batches=2, progress=False)
+    cb = QuantCallback(mode="ptq", scheme=MINMAX, calibration_batches=2, progress=False)
     model = lit()
     result = make_trainer(tmp_path, cb).validate(model, datamodule=dm)
     assert "val_acc" in result[0]
@@ -73,7 +74,8 @@ def test_ptq_uses_train_loader_when_no_calibration_loader(tmp_path):
     dm = TinyDataModule(with_calibration=False)
     dm.train_set.tensors[0][0, 0, 0, 0] = -777.0
     model = lit()
-    make_trainer(tmp_path, QuantCallback(calibration_batches=1, progress=False)).validate(model, datamodule=dm)
+    callback = QuantCallback(scheme=MINMAX, calibration_batches=1, progress=False)
+    make_trainer(tmp_path, callback).validate(model, datamodule=dm)
     assert input_range(model)[0] == pytest.approx(-777.0)
 
 
@@ -289,9 +291,10 @@ def test_post_calibration_refinements_run_in_a_trainer(tmp_path):
     bc = QuantOptions(bias_correction=True)
     callback = QuantCallback(mode="ptq", calibration_batches=2, options=bc, progress=False, report=False)
     make_trainer(tmp_path, callback).validate(corrected, datamodule=TinyDataModule())
-    make_trainer(tmp_path, QuantCallback(mode="ptq", calibration_batches=2, progress=False, report=False)).validate(
-        plain, datamodule=TinyDataModule()
-    )
+    off = QuantOptions(bias_correction=False)
+    make_trainer(
+        tmp_path, QuantCallback(mode="ptq", calibration_batches=2, options=off, progress=False, report=False)
+    ).validate(plain, datamodule=TinyDataModule())
     assert not torch.equal(corrected.model.conv2.bias, plain.model.conv2.bias)  # corrected after calibration
     assert callback.state_dict()["options"]["bias_correction"] is True
     assert prepare_info(corrected.model).refinements == ["bias_correction"]

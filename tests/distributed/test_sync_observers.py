@@ -121,8 +121,12 @@ def test_mean_minmax_merges_into_the_sample_weighted_mean(two_ranks):
     pairs = zip(iter_quantizers(merged), iter_quantizers(single), strict=True)
     activations = [(n, fq, ref) for (n, fq), (_, ref) in pairs if not fq.spec.per_channel]
     assert activations
-    for name, fq, ref in activations:  # 28 samples in all, 12 of them on rank 1: a mean, not a max
-        assert fq.observer.samples.item() == ref.observer.samples.item() == 28, name
+    counts = {name: fq.observer.samples.item() for name, fq, _ in activations}
+    # 28 samples in all, 12 of them on rank 1: a mean, not a max; the 5 logits of a sample are too few values
+    # for per-sample extremes, so that quantizer counts its 7 calls instead (MIN_SAMPLE_VALUES)
+    assert sorted(set(counts.values())) == [7, 28], counts
+    for name, fq, ref in activations:
+        assert fq.observer.samples.item() == ref.observer.samples.item(), name
         torch.testing.assert_close(fq.observer.min_val, ref.observer.min_val, msg=name)
         torch.testing.assert_close(fq.observer.max_val, ref.observer.max_val, msg=name)
 

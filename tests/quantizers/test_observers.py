@@ -182,16 +182,25 @@ def test_mean_minmax_is_the_mean_of_per_sample_extremes_whatever_the_batching():
 
 
 def test_mean_minmax_state_round_trips_and_resets():
+    ramp = torch.linspace(0.0, 1.0, 64)  # samples of 64 values: each one's own extremes count
     obs = build_observer(QuantSpec(observer="mean_minmax"))
-    obs(torch.tensor([[0.0, 2.0], [0.0, 4.0]]))
+    obs(torch.stack([2 * ramp, 4 * ramp]))
     fresh = build_observer(QuantSpec(observer="mean_minmax"))
     fresh.load_state_dict(obs.state_dict())
-    fresh(torch.tensor([[0.0, 9.0]]))  # resumes the running mean: (2 + 4 + 9) / 3
+    fresh(9 * ramp[None])  # resumes the running mean: (2 + 4 + 9) / 3
     assert fresh.max_val.item() == pytest.approx(5.0) and fresh.samples.item() == 3
     fresh.reset()
     assert not fresh.initialized and fresh.samples.item() == 0
-    fresh(torch.tensor([[-1.0, 1.0]]))
+    fresh(2 * ramp[None] - 1)
     assert (fresh.min_val.item(), fresh.max_val.item()) == (-1.0, 1.0)
+
+
+def test_mean_minmax_takes_each_calls_extremes_for_samples_of_a_few_values():
+    """The extremes of a 2-value sample are its typical values: averaging them would clip half of every sample."""
+    obs = build_observer(QuantSpec(observer="mean_minmax"))
+    obs(torch.tensor([[0.0, 2.0], [0.0, 4.0]]))  # one call, one count: its extremes 0 and 4
+    obs(torch.tensor([[0.0, 8.0]]))
+    assert (obs.max_val.item(), obs.samples.item()) == (6.0, 2)  # (4 + 8) / 2, not (2 + 4 + 8) / 3
 
 
 def test_mean_minmax_per_channel_counts_each_call_once():

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
 
-from lightning_quant import export_onnx, quantize, verify_export
+from lightning_quant import QuantOptions, export_onnx, quantize, verify_export
 from lightning_quant.config import QuantScheme, scheme_for_target
 from lightning_quant.export.verify import load_runner
 from lightning_quant.quantizers.fake_quant import FakeQuantize
@@ -114,7 +114,10 @@ def _fused_kernels(scheme: QuantScheme) -> bool:
 
 def _calibrated(plan: NetPlan, scheme: QuantScheme, seed: int) -> nn.Module:
     calibration = [plan.example(8, seed=seed + i) for i in range(3)]
-    return quantize(build(plan, seed), calibration, scheme=scheme, progress=False)
+    # calibration only: the drawn scheme is what is fuzzed (bias correction moves biases next to rounding ties of
+    # these 2-channel nets often enough to blur the one-step statistics below; its biases export the same way)
+    options = QuantOptions(bias_correction=False)
+    return quantize(build(plan, seed), calibration, scheme=scheme, options=options, progress=False)
 
 
 def _input_quantizer(qmodel: fx.GraphModule, node: fx.Node) -> FakeQuantize | None:
