@@ -8,9 +8,13 @@ ReLU commutes with positive scaling, so the float function is unchanged while pe
 more uniform (what per-tensor quantization needs). Depthwise-separable chains (``conv -> depthwise -> conv``, as in
 MobileNetV2) are two overlapping pairs, equalized in turn for ``iterations`` sweeps or until the scales settle.
 
-* BatchNorm after a conv of a pair is folded into the conv (:func:`~lightning_quant.capture.bn_fold.fold_bn_into`)
-  and left in place as an exact identity (zero mean, unit variance, unit weight, zero bias), so the model keeps
-  its class and state-dict keys; ``prepare()`` folds the identity away again.
+* BatchNorm after a conv of a pair stays, and takes the first layer's share of the scaling in its affine weight and
+  bias: its output, ``gamma * (x - mean) / std + beta``, divides by ``s`` exactly whether ``mean`` and ``std`` are
+  the running statistics (eval) or the batch's (training), so an equalized model fine-tunes as before (QAT), keeps
+  its class and state-dict keys, and ``prepare()`` folds it as any BatchNorm. The ranges that set ``s`` are those
+  of the folded weights (``w * |gamma| / std``), the weights that get quantized. A BatchNorm without affine
+  parameters is folded into the conv (:func:`~lightning_quant.capture.bn_fold.fold_bn_into`) and left as an
+  identity, listed in ``CLEReport.folded_bn``: such a model is for inference (PTQ) only.
 * ReLU6 does not commute with scaling. Pairs through a ReLU6 are skipped and reported, unless
   ``replace_relu6=True``, which swaps those ``nn.ReLU6`` modules for ``nn.ReLU`` (the paper's choice for
   MobileNetV2; it changes the function wherever an activation exceeds 6).
@@ -187,31 +191,46 @@ def _grouped(layer: nn.Module) -> torch.Tensor:
     return w.view(groups, w.shape[0] // groups, w.shape[1], -1)
 
 
-def _input_ranges(layer: nn.Module) -> torch.Tensor:
-    return _grouped(layer).abs().amax(dim=(1, 3)).reshape(-1)
+def _bn_factor(bn: nn.Module | None) -> torch.Tensor | float:
+    """Per output channel, what folding ``bn`` multiplies the weights by, in magnitude: ``|gamma| / std``."""
+    return 1.0 if bn is None else bn.weight.detach().abs() / torch.sqrt(bn.running_var + bn.eps)
 
 
-def _output_ranges(layer: nn.Module) -> torch.Tensor:
-    return layer.weight.abs().reshape(layer.weight.shape[0], -1).amax(dim=1)
+def _input_ranges(layer: nn.Module, bn: nn.Module | None) -> torch.Tensor:
+    grouped = _grouped(layer).abs()
+    factor = _bn_factor(bn)
+    if isinstance(factor, torch.Tensor):
+        grouped = grouped * factor.view(grouped.shape[0], grouped.shape[1], 1, 1)
+    return grouped.amax(dim=(1, 3)).reshape(-1)
+
+
+def _output_ranges(layer: nn.Module, bn: nn.Module | None) -> torch.Tensor:
+    return layer.weight.abs().reshape(layer.weight.shape[0], -1).amax(dim=1) * _bn_factor(bn)
 
 
 @torch.no_grad()
-def _equalize_pair(m1: nn.Module, m2: nn.Module) -> torch.Tensor:
-    """Rescale one pair in place; returns the scales ``s`` (1 where a channel is all zero)."""
-    r1, r2 = _output_ranges(m1).double(), _input_ranges(m2).double()
+def _equalize_pair(m1: nn.Module, bn1: nn.Module | None, m2: nn.Module, bn2: nn.Module | None) -> torch.Tensor:
+    """Rescale one pair in place (``bn1``, ``bn2``: the affine BatchNorm after each layer, or None); returns the
+    scales ``s`` (1 where a channel is all zero)."""
+    r1, r2 = _output_ranges(m1, bn1).double(), _input_ranges(m2, bn2).double()
     ok = (r1 > 0) & (r2 > 0)
     s = torch.where(ok, torch.sqrt(r1 * r2) / torch.where(ok, r2, 1.0), 1.0)
-    shape1 = [-1] + [1] * (m1.weight.dim() - 1)
-    m1.weight.div_(s.to(m1.weight.dtype).reshape(shape1))
-    if m1.bias is not None:
-        m1.bias.div_(s.to(m1.bias.dtype))
+    if bn1 is not None:  # the BatchNorm's output is the pair's first output: scale it, not the conv under it
+        bn1.weight.div_(s.to(bn1.weight.dtype))
+        bn1.bias.div_(s.to(bn1.bias.dtype))
+    else:
+        shape1 = [-1] + [1] * (m1.weight.dim() - 1)
+        m1.weight.div_(s.to(m1.weight.dtype).reshape(shape1))
+        if m1.bias is not None:
+            m1.bias.div_(s.to(m1.bias.dtype))
     grouped = _grouped(m2)
     grouped.mul_(s.to(grouped.dtype).reshape(grouped.shape[0], 1, grouped.shape[2], 1))
     return s
 
 
 def _fold_in_place(layer: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold ``bn`` into ``layer``'s own parameters, make ``bn`` an identity; returns BN's ``(beta, |gamma|)``."""
+    """Fold ``bn`` (one without affine parameters) into ``layer``'s own parameters, make ``bn`` an identity;
+    returns BN's ``(beta, |gamma|)``."""
     fused = fold_bn_into(layer, bn)
     with torch.no_grad():
         layer.weight.copy_(fused.weight)
@@ -237,8 +256,8 @@ def _check(model: nn.Module, iterations: int, tolerance: float) -> None:
     training = [name for name, m in model.named_modules() if isinstance(m, _BNS) and m.training]
     if training:
         raise ValueError(
-            f"BatchNorm layers in training mode ({', '.join(training[:3])}): equalization folds their running "
-            "statistics, so call model.eval() first."
+            f"BatchNorm layers in training mode ({', '.join(training[:3])}): equalization reads their running "
+            "statistics, so call model.eval() first (model.train() afterwards is fine)."
         )
 
 
@@ -278,7 +297,8 @@ def relu6_to_relu(model: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def _absorb(m1: nn.Module, m2: nn.Module, beta: torch.Tensor, gamma: torch.Tensor) -> None:
-    """Move ``c = max(0, beta - 3 gamma)`` from ``m1``'s bias into ``m2``'s (``b2 += W2 c``)."""
+    """Move ``c = max(0, beta - 3 gamma)`` from ``m1``'s bias (the first layer's or its BatchNorm's) into ``m2``'s
+    (``b2 += W2 c``; a BatchNorm after ``m2`` sees the same input either way)."""
     c = torch.clamp(beta - 3.0 * gamma, min=0.0)
     m1.bias.sub_(c)
     grouped = _grouped(m2)  # (groups, out/groups, in/groups, k)
@@ -289,16 +309,20 @@ def _absorb(m1: nn.Module, m2: nn.Module, beta: torch.Tensor, gamma: torch.Tenso
         m2.bias.add_(shift)
 
 
-def _absorb_all(model: nn.Module, pairs: list[_Pair], stats: dict, report: CLEReport) -> None:
+def _absorb_all(model: nn.Module, pairs: list[_Pair], bns: dict, stats: dict, report: CLEReport) -> None:
     for pair in pairs:
         name = f"{pair.conv1} -> {pair.conv2}"
         m2 = model.get_submodule(pair.conv2)
-        if pair.conv1 not in stats:
+        if pair.conv1 not in stats and pair.conv1 not in bns:
             report.skipped[f"bias absorption {name}"] = "no BatchNorm statistics after the first layer"
         elif pair.act != "relu":
             report.skipped[f"bias absorption {name}"] = "no ReLU between the layers"
         elif not isinstance(m2, nn.Linear) and (m2.padding == "same" or any(p != 0 for p in _tuple(m2.padding))):
             report.skipped[f"bias absorption {name}"] = "the second layer zero-pads (border outputs would change)"
+        elif pair.conv1 in bns:
+            bn = bns[pair.conv1]
+            _absorb(bn, m2, bn.bias.detach().clone(), bn.weight.detach().abs())
+            report.absorbed_bias.append((pair.conv1, pair.conv2))
         else:
             _absorb(model.get_submodule(pair.conv1), m2, *stats[pair.conv1])
             report.absorbed_bias.append((pair.conv1, pair.conv2))
@@ -316,7 +340,8 @@ def equalize(
     replace_relu6: bool = False,
     tolerance: float = 1e-6,
 ) -> CLEReport:
-    """Cross-layer equalization of ``model`` in place (BatchNorm folded first), then optional bias absorption.
+    """Cross-layer equalization of ``model`` in place (BatchNorms kept, see the module docs), then optional bias
+    absorption.
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 4, 1)).eval()
@@ -325,7 +350,7 @@ def equalize(
         ([], ['0 -> 3'])
         >>> report = equalize(model, replace_relu6=True)
         >>> report.pairs, report.replaced_relu6, report.folded_bn
-        ([('0', '3')], ['2'], ['1'])
+        ([('0', '3')], ['2'], [])
 
     Args:
         model: float model in eval mode; modified in place (deep-copy it first to keep the original).
@@ -347,10 +372,24 @@ def equalize(
     gm = _trace(model)
     report = CLEReport()
     pairs = _select(model, _find_pairs(gm), replace_relu6, report)
-    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    bns: dict[str, nn.Module] = {}  # layer -> its affine BatchNorm, which takes the layer's output scaling
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (beta, |gamma|) of a folded BatchNorm
     for layer_name, bn_name in {(p.conv1, p.bn1) for p in pairs} | {(p.conv2, p.bn2) for p in pairs}:
-        if bn_name is not None:
-            stats[layer_name] = _fold_in_place(model.get_submodule(layer_name), model.get_submodule(bn_name))
+        if bn_name is None:
+            continue
+        bn = model.get_submodule(bn_name)
+        if bn.running_var is None or bn.running_mean is None:
+            raise ValueError(
+                f"BatchNorm {bn_name!r} tracks no running statistics (track_running_stats=False): equalization needs "
+                "them to know the folded weights' ranges; leave cross_layer_equalization off for this model."
+            )
+        if bn.affine:
+            bns[layer_name] = bn
+            layer = model.get_submodule(layer_name)
+            if layer.bias is None:  # a zero bias (a no-op before BatchNorm) keeps the state-dict keys 0.1 wrote
+                layer.bias = nn.Parameter(torch.zeros_like(bn.running_mean, dtype=layer.weight.dtype))
+        else:
+            stats[layer_name] = _fold_in_place(model.get_submodule(layer_name), bn)
             report.folded_bn.append(bn_name)
     report.folded_bn.sort()
     report.pairs = [(p.conv1, p.conv2) for p in pairs]
@@ -358,7 +397,12 @@ def equalize(
         report.iterations = sweep
         change = 0.0
         for pair in pairs:
-            s = _equalize_pair(model.get_submodule(pair.conv1), model.get_submodule(pair.conv2))
+            s = _equalize_pair(
+                model.get_submodule(pair.conv1),
+                bns.get(pair.conv1),
+                model.get_submodule(pair.conv2),
+                bns.get(pair.conv2),
+            )
             if pair.conv1 in stats:
                 beta, gamma = stats[pair.conv1]
                 stats[pair.conv1] = (beta / s.to(beta.dtype), gamma / s.to(gamma.dtype))
@@ -366,5 +410,5 @@ def equalize(
         if change < tolerance:
             break
     if absorb_bias:
-        _absorb_all(model, pairs, stats, report)
+        _absorb_all(model, pairs, bns, stats, report)
     return report

@@ -27,7 +27,9 @@ def export_artefacts(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir
 
     Each artefact is written under a staging name and gets its final name (``model_int8.onnx`` ...) only once it
     passed the check on the validation batches; one that fails is kept as ``rejected_<name>`` for inspection, so
-    a file under the deployable name has always been verified. An XModel moves together with its quant_info file
+    a file under the deployable name has always been verified. The reference is the network as it deploys
+    (:func:`~lightning_quant.quantizers.convert`): a QAT network's conv + BatchNorm folded, and on the DPU its
+    folded bias quantized, which training does not simulate. An XModel moves together with its quant_info file
     (``model_int8.xmodel`` + ``model_int8.quant_info.json``). With ``deploy_check=true`` the XModel must also
     reproduce the fake-quant model layer by layer on the first example input (:mod:`.deploy_check_step`).
     """
@@ -42,6 +44,7 @@ def export_artefacts(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir
     from lightning_quant.export._atomic import replace_together
     from lightning_quant.export.deploy_check import DeployCheckError
     from lightning_quant.export.xmodel import quant_info_path_for
+    from lightning_quant.quantizers import convert
 
     def move(src: Path, dst: Path) -> None:  # an XModel and its quant_info file move as one
         pairs = [(src, dst)]
@@ -53,6 +56,7 @@ def export_artefacts(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir
     batches = verification_batches(dm.val_dataloader(), max(1, cfg.export.verify_batches))
     example = batches[0][0][:1]
     network = network.cpu().eval()
+    deployed = convert(network)  # what every file computes; the same model for a PTQ network
     artefacts: dict[str, Any] = {}
     for fmt in cfg.export.formats:
         final = out_dir / {"onnx": "model_int8.onnx", "xmodel": "model_int8.xmodel"}.get(fmt, "model_int8.pt")
@@ -70,7 +74,7 @@ def export_artefacts(cfg: DictConfig, network: torch.nn.Module, dm: Any, out_dir
             entry["quant_info"] = str(quant_info_path_for(final))
         if cfg.export.verify and cfg.export.verify_batches > 0:
             try:
-                report = verify_export(network, staged, batches, min_top1_agreement=cfg.export.min_top1_agreement,
+                report = verify_export(deployed, staged, batches, min_top1_agreement=cfg.export.min_top1_agreement,
                                        latency_runs=0)  # fmt: skip
             except ExportVerificationError as error:
                 rejected = final.with_name(f"rejected_{final.name}")

@@ -26,9 +26,8 @@ OFFLINE = {
     "mobilenetv2_ptq_imagenette_tensorrt": [],
     "resnet50_ptq_imagenette": [],
     "mobilenetv2_qat_imagenette": ["trainer.max_epochs=1", "trainer.limit_train_batches=1"],
-    "mobilenetv2_qat_imagenette_dpu": [  # both freezes inside the 3 steps, then the XModel export
+    "mobilenetv2_qat_imagenette_dpu": [  # the observer freeze inside the 3 steps, then the XModel export
         "trainer.limit_train_batches=3",
-        "quant.qat_schedule.freeze_bn_step=1",
         "quant.qat_schedule.freeze_observer_step=2",
         "deploy=true",
         "export.verify_batches=1",

@@ -247,6 +247,20 @@ def test_qat_step_based_schedule(tmp_path):
     assert all(m.bn_frozen.item() for m in model.model.modules() if isinstance(m, QuantConvBn))
 
 
+@pytest.mark.parametrize("equalized", [False, True])
+def test_freezing_batchnorm_in_an_equalized_network_warns(tmp_path, equalized, recwarn):
+    cb = QuantCallback(
+        mode="qat",
+        calibration_batches=0,
+        progress=False,
+        options=QuantOptions(cross_layer_equalization=equalized),
+        qat_schedule=QATSchedule(freeze_bn_step=2),
+    )
+    make_trainer(tmp_path, cb, max_steps=4).fit(lit(), datamodule=TinyDataModule())
+    warned = [w for w in recwarn if "BatchNorm now uses running statistics" in str(w.message)]
+    assert len(warned) == int(equalized)  # once, at the freeze
+
+
 def test_qat_learnable_scales_are_trained(tmp_path):
 
     scheme = scheme_for_target("x86", "qat", weight_learnable=True, activation_learnable=True)
