@@ -342,12 +342,15 @@ class QuantCallback(Callback):
         for _, fq in iter_quantizers(network):
             fq.enable_observer(not state[0] and not fq.spec.learnable)
         freeze_bn(network, state[1])
-        if state[1] and not (self._applied or (False, False))[1] and self.options.cross_layer_equalization:
+        sgd = any(isinstance(opt, torch.optim.SGD) for opt in trainer.optimizers)
+        if state[1] and not (self._applied or (False, False))[1] and self.options.cross_layer_equalization and sgd:
             rank_zero_warn(
-                "lightning_quant: BatchNorm now uses running statistics in a network trained after cross-layer "
-                "equalization. Equalization spreads per-channel weight scales over orders of magnitude, which batch "
-                "statistics had absorbed: MobileNetV2 with SGD diverged within 5 steps of this freeze. If the loss "
-                "jumps, keep batch statistics (QATSchedule(freeze_bn_epoch=None)) or lower the learning rate."
+                "lightning_quant: BatchNorm now uses running statistics in a network trained with SGD after "
+                "cross-layer equalization. Equalization spreads per-channel weight scales over orders of magnitude, "
+                "which batch statistics had absorbed; SGD's step is not scale-invariant, and MobileNetV2 diverged "
+                "within 5 steps of this freeze (lr 1e-4). Train with Adam/AdamW (scale-invariant steps; the DPU QAT "
+                "recipe freezes BatchNorm from the first step with AdamW, lr 1e-5), or keep batch statistics "
+                "(QATSchedule(freeze_bn_epoch=None))."
             )
         if self._applied is not None or any(state):
             rank_zero_info(

@@ -117,6 +117,15 @@ def add_zero_bias(layer: nn.Module, name: str, bias_spec: QuantSpec | None) -> N
         layer.bias_fake_quant = FakeQuantize(bias_spec, name=f"{name}.bias").to(weight.device)
 
 
+@torch.no_grad()
+def _observe_once(quantizer: FakeQuantize, value: torch.Tensor) -> None:
+    """Calibrate ``quantizer`` on ``value`` (a parameter that exists only now, e.g. a folded bias)."""
+    was_observing = bool(quantizer.observer_enabled.item())
+    quantizer.enable_observer(True)
+    quantizer(value)
+    quantizer.enable_observer(was_observing)
+
+
 def _constructor_kwargs(layer: nn.Module) -> dict:
     if isinstance(layer, nn.Linear):
         return dict(in_features=layer.in_features, out_features=layer.out_features, bias=layer.bias is not None)
@@ -148,10 +157,23 @@ class QuantConvBn(nn.Module):
     """Conv followed by BatchNorm for QAT, simulating the folded INT8 conv (Krishnamoorthi 2018, sec. 3.2).
 
     The conv weight is scaled by ``gamma / sqrt(running_var + eps)`` and fake-quantized exactly as the
-    deployed folded conv is (a quantized bias, as on the DPU, applies from :meth:`to_folded` on); the scaling is
-    undone on the output and BatchNorm then normalizes with batch statistics, until :meth:`freeze_bn` switches
-    it to running statistics. :meth:`to_folded` returns the
-    plain fake-quant conv with BatchNorm folded in.
+    deployed folded conv is. While BatchNorm uses batch statistics (training, until :meth:`freeze_bn`), the
+    scaling is undone on the output and BatchNorm normalizes it. On running statistics (eval mode, or frozen)
+    the layer computes the deployed conv itself: the quantized folded weight plus the folded bias
+    ``beta + (bias - running_mean) * gamma / std``, so evaluating the QAT network is evaluating what exports.
+
+    Where the scheme quantizes biases (the DPU's 8-bit biases), ``bias_fake_quant`` quantizes the folded bias
+    on running statistics; with batch statistics its rounding error is added to BatchNorm's output, so training
+    sees the deployed bias too (the error carries no gradient, as a straight-through rounding would not).
+    :meth:`to_folded` returns the plain fake-quant conv with BatchNorm folded in and these quantizers' states.
+
+    Example:
+        >>> from lightning_quant.config import scheme_for_target
+        >>> layer = QuantConvBn(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), scheme_for_target("dpu"), "c")
+        >>> _ = layer(torch.randn(2, 3, 8, 8))                     # batch statistics; observers calibrate
+        >>> _ = layer.eval(); x = torch.randn(1, 3, 8, 8)
+        >>> torch.equal(layer(x), layer.to_folded()(x))          # eval mode computes the deployed conv
+        True
     """
 
     def __init__(self, conv: nn.Module, bn: nn.Module, scheme: QuantScheme, name: str) -> None:
@@ -161,6 +183,11 @@ class QuantConvBn(nn.Module):
         self.scheme = scheme
         self.name = name
         self.weight_fake_quant = _weight_quantizer(scheme.weight, conv.weight, name)
+        self.bias_fake_quant = FakeQuantize(scheme.bias, name=f"{name}.bias") if scheme.bias is not None else None
+        if self.bias_fake_quant is not None:
+            self.bias_fake_quant.to(conv.weight.device)
+            self.register_load_state_dict_post_hook(QuantConvBn._calibrate_bias_after_legacy_load)
+        self._bias_state_missing = False
         self.register_buffer("bn_frozen", torch.tensor(0, dtype=torch.uint8, device=conv.weight.device))
 
     def freeze_bn(self, frozen: bool = True) -> None:
@@ -175,22 +202,51 @@ class QuantConvBn(nn.Module):
         shape[axis] = -1
         return t.reshape(shape)
 
+    def folded_bias(self) -> torch.Tensor:
+        """The float bias of the deployed conv: ``beta + (bias - running_mean) * gamma / std``."""
+        bn = self.bn
+        std = torch.sqrt(bn.running_var + bn.eps)
+        centred = -bn.running_mean if self.conv.bias is None else self.conv.bias - bn.running_mean
+        return bn.bias + centred * bn.weight / std if bn.affine else centred / std
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(self.conv, nn.Linear):
+            return F.linear(x, weight, bias)
+        return self.conv._conv_forward(x, weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         factor = self._scale_factor()
         w = self.conv.weight
         w_q = self.weight_fake_quant(w * self._view(factor, w.dim(), 0))
-        if isinstance(self.conv, nn.Linear):
-            y = F.linear(x, w_q)
-        else:
-            y = self.conv._conv_forward(x, w_q, None)
+        if not self.training or self.bn_frozen.item():  # running statistics: exactly the deployed conv
+            bias = self.folded_bias()
+            return self._conv(x, w_q, self.bias_fake_quant(bias) if self.bias_fake_quant is not None else bias)
+        y = self._conv(x, w_q, None)
         y = y / self._view(factor, y.dim(), 1)
         if self.conv.bias is not None:
             y = y + self._view(self.conv.bias, y.dim(), 1)
-        if self.training and not self.bn_frozen.item():
-            return self.bn(y)
-        return F.batch_norm(
-            y, self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias, False, 0.0, self.bn.eps
-        )
+        y = self.bn(y)
+        if self.bias_fake_quant is not None:
+            bias = self.folded_bias().detach()
+            y = y + self._view(self.bias_fake_quant(bias) - bias, y.dim(), 1)
+        return y
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # type: ignore[override]
+        """A QAT checkpoint of 0.2 or earlier has no folded-bias quantizer: keep this one's (uncalibrated) state, and
+        calibrate it on the loaded folded bias once the BatchNorm is loaded too (the value ``to_folded`` gave it)."""
+        head = f"{prefix}bias_fake_quant."
+        if self.bias_fake_quant is not None and f"{prefix}weight_fake_quant.scale" in state_dict:
+            if not any(key.startswith(head) for key in state_dict):
+                state_dict.update({head + k: v for k, v in self.bias_fake_quant.state_dict().items()})
+                self._bias_state_missing = True
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @staticmethod
+    def _calibrate_bias_after_legacy_load(module: nn.Module, incompatible_keys: object) -> None:
+        if isinstance(module, QuantConvBn) and module._bias_state_missing and module.bias_fake_quant is not None:
+            module._bias_state_missing = False
+            _observe_once(module.bias_fake_quant, module.folded_bias().detach())
+            module.bias_fake_quant.enable_observer(bool(module.weight_fake_quant.observer_enabled.item()))
 
     @torch.no_grad()
     def to_folded(self) -> nn.Module:
@@ -200,8 +256,12 @@ class QuantConvBn(nn.Module):
         folded = fold_bn_into(self.conv, self.bn)
         q = quantized_layer_from_float(folded, self.scheme, self.name)
         q.weight_fake_quant.load_state_dict(self.weight_fake_quant.state_dict())
-        if q.bias_fake_quant is not None:  # the folded bias exists only now: calibrate its quantizer on it
-            q.bias_fake_quant(q.bias)
+        if q.bias_fake_quant is not None:
+            own = self.bias_fake_quant
+            if own is not None and own.calibrated.item():
+                q.bias_fake_quant.load_state_dict(own.state_dict())
+            else:  # never ran on running statistics: calibrate on the folded bias
+                _observe_once(q.bias_fake_quant, q.bias)
         return q
 
     def extra_repr(self) -> str:

@@ -208,3 +208,70 @@ def test_quant_conv_bn_weight_quantizer_sees_folded_weight():
     folded_weight = fold_bn_into(layer, bn).weight
     amax = folded_weight.abs().flatten(1).amax(1)
     torch.testing.assert_close(fused.weight_fake_quant.scale, amax / SCHEME.weight.quant_range()[1])
+
+
+# --- DPU: the folded bias is 8-bit on the device ----------------------------------------------------------------
+DPU_QAT = scheme_for_target("dpu", mode="qat")
+
+
+def _dpu_pair(case: str, seed: int = 0):
+    make_layer, make_bn, shape = CASES[case]
+    torch.manual_seed(seed)
+    layer, bn = make_layer(), _randomize_bn(make_bn(), seed)
+    with torch.no_grad():  # folded biases far apart, so an 8-bit power-of-two grid rounds the small ones visibly
+        bn.bias.mul_(torch.linspace(0.01, 20.0, bn.num_features))
+    return QuantConvBn(copy.deepcopy(layer), copy.deepcopy(bn), DPU_QAT, name="blk"), torch.randn(*shape) * 2
+
+
+@pytest.mark.parametrize("case", ["conv2d_bias", "conv2d_nobias", "linear_bn1d", "depthwise"])
+def test_dpu_qat_conv_bn_in_eval_is_the_deployed_conv(case):
+    fused, x = _dpu_pair(case)
+    with torch.no_grad():
+        fused.train()(x)  # batch statistics: observers calibrate, running statistics move
+        fused.eval()
+        out = fused(x)
+        folded = fused.to_folded().eval()
+        deployed = folded(x)
+    assert folded.bias_fake_quant is not None and folded.bias_fake_quant.calibrated.item() == 1
+    assert torch.equal(folded.bias_fake_quant.scale, fused.bias_fake_quant.scale)
+    torch.testing.assert_close(out, deployed, rtol=0, atol=1e-5)
+    # the bias really is rounded: the same conv with the float folded bias differs
+    with torch.no_grad():
+        folded.bias.copy_(fused.folded_bias())
+        folded.bias_fake_quant = None
+        assert (out - folded(x)).abs().max() > 1e-3
+
+
+def test_dpu_qat_conv_bn_training_sees_the_rounded_bias_without_its_gradient():
+    fused, x = _dpu_pair("conv2d_nobias")
+    with torch.no_grad():
+        fused.eval()(x)  # calibrate both quantizers on running statistics first
+    fused.train()
+    fused.weight_fake_quant.disable_observer()
+    fused.bias_fake_quant.disable_observer()
+    reference = copy.deepcopy(fused)
+    reference.bias_fake_quant = None  # the same layer without the deployed bias
+    out, ref = fused(x), reference(x)
+    bias = fused.folded_bias().detach()
+    rounding = (fused.bias_fake_quant(bias) - bias).reshape(1, -1, 1, 1)
+    assert rounding.abs().max() > 1e-3
+    torch.testing.assert_close(out, ref + rounding, rtol=0, atol=1e-5)
+    out.sum().backward()
+    ref.sum().backward()
+    assert torch.allclose(fused.bn.bias.grad, reference.bn.bias.grad)
+
+
+def test_dpu_qat_state_without_bias_quantizer_loads_and_calibrates_it():
+    """QAT checkpoints of 0.2 and earlier hold no folded-bias quantizer: they still load, and the layer then
+    quantizes its folded bias as their export did (calibrated on the loaded folded bias)."""
+    fused, x = _dpu_pair("conv2d_bias")
+    with torch.no_grad():
+        fused.eval()(x)
+    old_state = {k: v for k, v in fused.state_dict().items() if not k.startswith("bias_fake_quant.")}
+    fresh, _ = _dpu_pair("conv2d_bias", seed=5)
+    assert fresh.bias_fake_quant.calibrated.item() == 0
+    fresh.load_state_dict(old_state)
+    assert fresh.bias_fake_quant.calibrated.item() == 1
+    assert torch.equal(fresh.bias_fake_quant.scale, fused.bias_fake_quant.scale)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), fused(x), rtol=0, atol=1e-6)
