@@ -7,14 +7,19 @@ state, preparation and every step included; sampled every 2 ms).
 
 Methods:
 * ``float``: the plain model;
-* ``ours``: ``prepare(model, scheme_for_target("x86", mode="qat"))``: per-channel weight fake-quant, conv+BN
-  kept as a QAT unit with BatchNorm folding simulated, moving-average activation ranges;
+* ``ours``: ``prepare(model, scheme_for_target("x86", mode="qat"), mode="qat")``, as ``QuantCallback(mode="qat")``
+  prepares: per-channel weight fake-quant, conv+BN kept as a QAT unit with BatchNorm folding simulated,
+  moving-average activation ranges;
+* ``ours_frozen``: the same after ``QATSchedule``'s freezes (torchvision's reference: from epoch 3 on), observers
+  off and BatchNorm on running statistics, where each conv+BN is the deployed conv (folded weight and bias); weights
+  and activations still fake-quantized every step;
 * ``pt2e``: torchao ``prepare_qat_pt2e`` with ``X86InductorQuantizer`` in its QAT config (needs
   ``pip install -e ".[bench]"``; reported as not installed otherwise).
 
 Usage:
     PYTHONPATH=. python scripts/bench_qat.py                                    # mobilenet_v2 and resnet50
     PYTHONPATH=. python scripts/bench_qat.py --models mobilenet_v2 --batch-size 32 --image-size 224
+    PYTHONPATH=. python scripts/bench_qat.py --interleave --steps 15   # ratios against a float model in-process
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from bench_calibration import PeakSampler
 from results_io import RESULTS_DIR, run_header, write_results
 from torch import nn
 
-METHODS = ("float", "ours", "pt2e")
+METHODS = ("float", "ours", "ours_frozen", "pt2e")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time each method's steps alternating with a float model's steps in the same process (ratios against "
+        "that float median; on a machine whose speed drifts, separate processes give ratios 20 %% apart)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_qat.json")
     return parser.parse_args(argv)
 
@@ -58,13 +69,18 @@ def build(model_name: str, method: str, example: torch.Tensor) -> nn.Module:
     model = getattr(torchvision.models, model_name)(num_classes=10).train()
     if method == "float":
         return model
-    if method == "ours":
+    if method in ("ours", "ours_frozen"):
         from lightning_quant import scheme_for_target
-        from lightning_quant.quantizers import prepare
+        from lightning_quant.quantizers import freeze_bn, prepare, set_observers
 
-        qmodel = prepare(model, scheme_for_target("x86", mode="qat"))
+        # mode="qat" as QuantCallback(mode="qat") prepares (conv+BN kept as QuantConvBn); before 2026-12-07 this row
+        # prepared for PTQ, BatchNorm folded away, and so timed a cheaper network than QAT trains
+        qmodel = prepare(model, scheme_for_target("x86", mode="qat"), mode="qat")
         with torch.no_grad():  # one observed batch so the first timed step is not the initialising one
             qmodel(example)
+        if method == "ours_frozen":
+            set_observers(qmodel, False)
+            freeze_bn(qmodel, True)
         return qmodel.train()
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
@@ -83,11 +99,28 @@ def build(model_name: str, method: str, example: torch.Tensor) -> nn.Module:
 def _import_for(method: str) -> None:
     import torchvision  # noqa: F401
 
-    if method == "ours":
+    if method.startswith("ours"):
         import lightning_quant.quantizers  # noqa: F401
     elif method == "pt2e":
         import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
         import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+
+
+def _stepper(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Any:
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+
+    return step
+
+
+def _timed(step: Any) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
 
 
 def _worker(model_name: str, method: str, args: argparse.Namespace, queue: Any) -> None:
@@ -101,21 +134,21 @@ def _worker(model_name: str, method: str, args: argparse.Namespace, queue: Any) 
         # from before the model is built: weights, optimizer state, the preparation and the steps' working set all
         # count (a baseline taken after building would hide whatever ``build`` allocated, e.g. a traced graph)
         with PeakSampler() as memory:
-            model = build(model_name, method, images)
-            optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-            def step() -> None:
-                optimizer.zero_grad(set_to_none=True)
-                nn.functional.cross_entropy(model(images), labels).backward()
-                optimizer.step()
-
+            step = _stepper(build(model_name, method, images), images, labels)
             for _ in range(args.warmup):
                 step()
             for _ in range(args.steps):
-                start = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - start)
-        queue.put({"step_s": statistics.median(times), "peak_mb": memory.mb, "error": None})
+                times.append(_timed(step))
+        result = {"step_s": statistics.median(times), "peak_mb": memory.mb, "error": None}
+        if args.interleave and method != "float":
+            float_step, float_times, times = _stepper(build(model_name, "float", images), images, labels), [], []
+            for _ in range(args.warmup):
+                float_step()
+            for _ in range(args.steps):
+                float_times.append(_timed(float_step))
+                times.append(_timed(step))
+            result.update(step_s=statistics.median(times), float_step_s=statistics.median(float_times))
+        queue.put(result)
     except ImportError as error:
         queue.put({"error": f"not installed ({error.name or error}); pip install -e '.[bench]'"})
     except Exception as error:  # noqa: BLE001 - a peer that fails is a row with its error, the run goes on
@@ -140,10 +173,12 @@ def table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {r['model']} | {r['method']} | - | - | - | - | {r['error']} |")
             continue
         base = floats.get(r["model"])
-        time_ratio = f"{r['step_s'] / base['step_s']:.2f}x" if base else "-"
+        base_step = r.get("float_step_s") or (base["step_s"] if base else None)  # interleaved: its own float median
+        time_ratio = f"{r['step_s'] / base_step:.2f}x" if base_step else "-"
         mem_ratio = f"{r['peak_mb'] / base['peak_mb']:.2f}x" if base and base["peak_mb"] > 0 else "-"
         lines.append(
-            f"| {r['model']} | {r['method']} | {r['step_s']:.3f} | {time_ratio} | {r['peak_mb']:.0f} | {mem_ratio} | |"
+            f"| {r['model']} | {r['method']} | {r['step_s']:.3f} | {time_ratio} | {r['peak_mb']:.0f} | {mem_ratio} | "
+            + (f"float {r['float_step_s']:.3f} s interleaved |" if r.get("float_step_s") else "|")
         )
     return "\n".join(lines)
 

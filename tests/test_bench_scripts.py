@@ -169,3 +169,32 @@ def test_peer_table_names_each_loss_of_every_ours_row():
     bench_peers.annotate_losses(rows)  # idempotent: re-rendering a table does not repeat its notes
     assert rows[0]["notes"] == ["LOSS: pt2e top-1 +0.50", "LOSS: pt2e calibration 18.00 vs 20.00 s"]
     assert rows[1]["notes"] == [] and rows[2]["notes"] == []
+
+
+def test_bench_qat_frozen_row_trains_the_deployed_convs():
+    """``ours_frozen`` times QAT after the schedule's freezes: observers off, every conv+BN on running statistics,
+    fake-quant still on (the row must not time a float model)."""
+    import torch
+
+    from lightning_quant.quantizers import iter_quantizers
+    from lightning_quant.quantizers.modules import QuantConvBn
+
+    bench_qat = pytest.importorskip("bench_qat")
+    model = bench_qat.build("mobilenet_v2", "ours_frozen", torch.randn(2, 3, 32, 32))
+    convbn = [m for m in model.modules() if isinstance(m, QuantConvBn)]
+    assert model.training and convbn and all(m.bn_frozen.item() for m in convbn)
+    quantizers = [fq for _, fq in iter_quantizers(model)]
+    assert not any(fq.observer_enabled.item() for fq in quantizers)
+    assert all(fq.fake_quant_enabled.item() and fq.calibrated.item() for fq in quantizers)
+
+
+def test_bench_qat_interleaved_rows_take_their_own_float_step():
+    bench_qat = pytest.importorskip("bench_qat")
+    rows = [
+        {"model": "m", "method": "float", "step_s": 1.0, "peak_mb": 100.0},
+        {"model": "m", "method": "ours", "step_s": 1.5, "peak_mb": 120.0, "float_step_s": 1.25},
+        {"model": "m", "method": "pt2e", "step_s": 3.0, "peak_mb": 150.0},
+    ]
+    lines = bench_qat.table(rows).splitlines()
+    assert "| 1.20x |" in lines[3] and "float 1.250 s interleaved" in lines[3]
+    assert "| 3.00x |" in lines[4]

@@ -131,6 +131,8 @@ class _Corrector:
                 return None
             self.seen.add(name)
             total, count = weight_error_sum(layer, args[0])
+            if count == 0:  # an empty batch: no positions to average (0 / 0 made every later bias NaN)
+                return None
             before = quantized_bias(layer)
             before = None if before is None else before.detach().clone()  # x86: the very Parameter set below
             state = self.sums.get(name)

@@ -411,3 +411,40 @@ def test_no_grad_fast_path_is_bit_identical_to_torch_kernel(per_channel, symmetr
         fast = fake_quantize(x, scale, zero_point, spec)
     assert torch.equal(fast, torch_fake_quantize(x, scale, zero_point, spec))
     assert fast.min() < 0 and (fast == fast.max()).sum() > 1  # the clamp was reached
+
+
+@pytest.mark.parametrize(
+    "zero_point,symmetric,signed,scale", [(0, True, True, 0.02), (37, False, False, 0.013), (0, True, True, 2**-5)]
+)
+def test_training_fake_quant_on_cpu_matches_torch_kernel_bit_for_bit(zero_point, symmetric, signed, scale):
+    """The vectorized per-tensor path QAT uses on CPU: same values and same clipped STE gradient as torch's fused
+    kernel, ties and clipped values included."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, 33, 17, generator=g) * 3
+    x[0, 0] = (torch.arange(33 * 17).reshape(33, 17) - 280) * scale / 2  # every half code: rounding ties
+    spec = QuantSpec(symmetric=symmetric, signed=signed)
+    ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = fake_quantize(ours, torch.tensor(scale), torch.tensor(zero_point), spec)
+    assert "CPUFakeQuantizeSTE" in type(y.grad_fn).__name__
+    expected = torch.fake_quantize_per_tensor_affine(ref, scale, zero_point, *spec.quant_range())
+    weights = torch.randn(x.shape, generator=g)
+    (y * weights).sum().backward()
+    (expected * weights).sum().backward()
+    assert torch.equal(y, expected) and torch.equal(ours.grad, ref.grad)
+
+
+def test_training_fake_quant_per_channel_on_cpu_matches_torch_kernel_bit_for_bit():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 8, 3, 3, generator=g) * 0.3
+    scale = w.abs().flatten(1).amax(1) / 127
+    w[0, 0] = (torch.arange(9).reshape(3, 3) - 4) * scale[0] / 2  # ties
+    zero = torch.zeros(16, dtype=torch.int32)
+    spec = QuantSpec(granularity=Granularity.PER_CHANNEL, ch_axis=0)
+    ours, ref = w.clone().requires_grad_(), w.clone().requires_grad_()
+    y = fake_quantize(ours, scale, zero, spec)
+    assert "CPUFakeQuantizeSTE" in type(y.grad_fn).__name__
+    expected = torch.fake_quantize_per_channel_affine(ref, scale, zero, 0, *spec.quant_range())
+    weights = torch.randn(w.shape, generator=g)
+    (y * weights).sum().backward()
+    (expected * weights).sum().backward()
+    assert torch.equal(y, expected) and torch.equal(ours.grad, ref.grad)
