@@ -337,7 +337,9 @@ def _calibrate(cfg: DictConfig, model: pl.LightningModule, dm: Any, state_path: 
         metrics["range_search"] = dict(search.chosen)
         metrics["range_search_parameter"] = search.parameter
     state_path.parent.mkdir(parents=True, exist_ok=True)
-    trainer.save_checkpoint(state_path, weights_only=False)  # with the QuantCallback state that checks it on load
+    # save_checkpoint's weights_only=False writes the QuantCallback state beside the weights (Lightning's default,
+    # which it logs when left unset); it is not torch.load's flag: the file is read with weights_only=True
+    trainer.save_checkpoint(state_path, weights_only=False)
     metrics["state_file"] = str(state_path)
     return metrics, callback
 
@@ -398,7 +400,9 @@ def _run_qat(cfg: DictConfig, model: pl.LightningModule, dm: Any, out: Path) -> 
     metrics.update(_evaluate(trainer, model, dm, "int8", stage="test"))
     metrics["calibration_seconds"] = callback.calibration_seconds
     state = out / "quant_state.ckpt"
-    trainer.save_checkpoint(state, weights_only=False)  # with the QuantCallback state that checks it on load
+    # save_checkpoint's weights_only=False writes the QuantCallback state beside the weights (Lightning's default,
+    # which it logs when left unset); it is not torch.load's flag: the file is read with weights_only=True
+    trainer.save_checkpoint(state, weights_only=False)
     metrics["state_file"] = str(state)
     return metrics, callback
 

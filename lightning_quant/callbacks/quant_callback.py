@@ -342,8 +342,9 @@ class QuantCallback(Callback):
         for _, fq in iter_quantizers(network):
             fq.enable_observer(not state[0] and not fq.spec.learnable)
         freeze_bn(network, state[1])
-        sgd = any(isinstance(opt, torch.optim.SGD) for opt in trainer.optimizers)
-        if state[1] and not (self._applied or (False, False))[1] and self.options.cross_layer_equalization and sgd:
+        newly_frozen_bn = state[1] and not (self._applied or (False, False))[1]
+        equalized = self.options.cross_layer_equalization
+        if newly_frozen_bn and equalized and any(isinstance(opt, torch.optim.SGD) for opt in trainer.optimizers):
             rank_zero_warn(
                 "lightning_quant: BatchNorm now uses running statistics in a network trained with SGD after "
                 "cross-layer equalization. Equalization spreads per-channel weight scales over orders of magnitude, "

@@ -17,11 +17,25 @@ import copy
 import torch
 from torch import fx, nn
 
-__all__ = ["FOLDABLE_PAIRS", "fold_batchnorm", "fold_bn_into", "foldable_pairs", "set_submodule"]
+__all__ = ["FOLDABLE_PAIRS", "bn_folded_bias", "fold_batchnorm", "fold_bn_into", "foldable_pairs", "set_submodule"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 FOLDABLE_PAIRS = (_CONVS, _BNS)
+
+
+def bn_folded_bias(layer_bias: torch.Tensor | None, bn: nn.Module, factor: torch.Tensor) -> torch.Tensor:
+    """The bias of ``layer`` with ``bn`` folded in: ``beta + (bias - running_mean) * factor``, where ``factor`` is
+    what folding multiplies the weights by (``gamma / std``, or ``1 / std`` without affine parameters).
+
+    Example:
+        >>> bn = nn.BatchNorm1d(2).eval()
+        >>> _ = bn.running_mean.fill_(1.0)
+        >>> bn_folded_bias(None, bn, torch.tensor([2.0, 0.5])).tolist()
+        [-2.0, -0.5]
+    """
+    centred = -bn.running_mean if layer_bias is None else layer_bias - bn.running_mean
+    return bn.bias + centred * factor if bn.affine else centred * factor
 
 
 @torch.no_grad()
@@ -35,13 +49,10 @@ def fold_bn_into(layer: nn.Module, bn: nn.Module) -> nn.Module:
         raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False).")
     fused = copy.deepcopy(layer)
     std = torch.sqrt(bn.running_var + bn.eps)
-    gamma = bn.weight if bn.affine else torch.ones_like(std)
-    beta = bn.bias if bn.affine else torch.zeros_like(std)
-    factor = gamma / std
+    factor = bn.weight / std if bn.affine else 1.0 / std
     shape = [-1] + [1] * (fused.weight.dim() - 1)
     fused.weight.copy_(fused.weight * factor.reshape(shape))
-    bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
-    new_bias = beta + (bias - bn.running_mean) * factor
+    new_bias = bn_folded_bias(layer.bias, bn, factor)
     if fused.bias is None:
         fused.bias = nn.Parameter(new_bias.to(fused.weight.dtype))
     else:

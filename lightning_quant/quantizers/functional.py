@@ -140,9 +140,7 @@ def fake_quantize(
             if not (torch.is_grad_enabled() and x.requires_grad):
                 return _inverse_scale_fake_quantize(x, scale, zero_point, spec, qmin, qmax)
             scale_b = _broadcast(scale.to(torch.float32), x, spec.ch_axis)
-            return _CPUFakeQuantizeSTE.apply(
-                x, scale_b, _broadcast(zero_point.to(torch.float32), x, spec.ch_axis), qmin, qmax
-            )
+            return _CPUFakeQuantizeSTE.apply(x, scale_b, _broadcast(zero_point, x, spec.ch_axis), qmin, qmax)
         return _fused_fake_quantize(x, scale, zero_point, spec, qmin, qmax)
     if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
         return _inference_fake_quantize(x, scale, zero_point, spec, qmin, qmax)
