@@ -237,7 +237,7 @@ def _feed(
         set_observers(model, False)
         if shard:  # fake-quant on, estimate deferred (sync_quantizers, or the next forward pass, makes it)
             for _, fq in iter_quantizers(model):
-                fq.fake_quant_enabled.fill_(1)
+                fq.enable_fake_quant(True, estimate=False)
         else:
             set_fake_quant(model, True)
         model.train(was_training)

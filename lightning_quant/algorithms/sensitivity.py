@@ -174,15 +174,15 @@ def _kind(name: str) -> str:
 @contextlib.contextmanager
 def restored_switches(quantizers: list[FakeQuantize]) -> Iterator[None]:
     """Observers off inside the block; every fake-quant/observer switch restored on exit (errors included)."""
-    saved = [(fq.fake_quant_enabled.clone(), fq.observer_enabled.clone()) for fq in quantizers]
+    saved = [(bool(fq.fake_quant_enabled.item()), bool(fq.observer_enabled.item())) for fq in quantizers]
     try:
         for fq in quantizers:
             fq.disable_observer()
         yield
     finally:
         for fq, (fake, obs) in zip(quantizers, saved, strict=True):
-            fq.fake_quant_enabled.copy_(fake)
-            fq.observer_enabled.copy_(obs)
+            fq.enable_fake_quant(fake, estimate=False)
+            fq.enable_observer(obs)
 
 
 @torch.no_grad()

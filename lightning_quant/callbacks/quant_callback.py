@@ -370,6 +370,13 @@ class QuantCallback(Callback):
             )
         name = network_attribute(pl_module, self.module_name)
         network = getattr(pl_module, name)
+        if isinstance(network, torch._dynamo.eval_frame.OptimizedModule):
+            raise ValueError(
+                f"{type(pl_module).__name__}.{name} is a torch.compile'd module: QuantCallback inserts quantizers into "
+                "the network in setup(), which a compiled wrapper hides. Keep the network uncompiled and compile the "
+                "LightningModule instead: trainer.fit(torch.compile(model)) (the compiled forward then traces the "
+                "quantized network, and checkpoints keep the network's own parameter names)."
+            )
         if self._is_prepared(network):  # a second run, or a network load_quantized_checkpoint rebuilt
             self._check_prepared_network(network)
             return

@@ -22,15 +22,17 @@ from torch import nn
 from lightning_quant.config import QuantSpec
 from lightning_quant.quantizers.functional import fake_quantize
 from lightning_quant.quantizers.observers import build_observer
+from lightning_quant.quantizers.state_flags import BufferFlags
 
 __all__ = ["FakeQuantize"]
 
 
-class FakeQuantize(nn.Module):
+class FakeQuantize(BufferFlags, nn.Module):
     """Observe ranges and/or fake-quantize one tensor.
 
     State (all saved in ``state_dict``): ``scale``, ``zero_point``, the observer's buffers, and the flags
-    ``observer_enabled``, ``fake_quant_enabled``, ``calibrated``. With ``spec.learnable`` the scale is an
+    ``observer_enabled``, ``fake_quant_enabled``, ``calibrated`` (switch them with the methods below: a compiled
+    forward reads their Python mirrors, see :mod:`~lightning_quant.quantizers.state_flags`). With ``spec.learnable`` the scale is an
     ``nn.Parameter`` trained by LSQ once the observer is switched off.
 
     Args:
@@ -55,21 +57,23 @@ class FakeQuantize(nn.Module):
         else:
             self.register_buffer("scale", scale)
         self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
-        self.register_buffer("observer_enabled", torch.tensor(1, dtype=torch.uint8))
-        self.register_buffer("fake_quant_enabled", torch.tensor(1, dtype=torch.uint8))
-        self.register_buffer("calibrated", torch.tensor(0, dtype=torch.uint8))
+        self._register_flag("observer_enabled", True)
+        self._register_flag("fake_quant_enabled", True)
+        self._register_flag("calibrated", False)
         self._stale = False  # observed since the qparams were last estimated (not state: recomputed from buffers)
 
     # -- switches -------------------------------------------------------------------------------------------
     def enable_observer(self, enabled: bool = True) -> None:
-        self.observer_enabled.fill_(int(enabled))
+        self._set_flag("observer_enabled", bool(enabled))
 
     def disable_observer(self) -> None:
         self.enable_observer(False)
 
-    def enable_fake_quant(self, enabled: bool = True) -> None:
-        self.fake_quant_enabled.fill_(int(enabled))
-        if enabled and self._stale:
+    def enable_fake_quant(self, enabled: bool = True, estimate: bool = True) -> None:
+        """Switch fake-quant on or off; switching it on estimates qparams from what was observed since the last
+        estimate, at once (``estimate=False``: at the next forward, or after a distributed merge)."""
+        self._set_flag("fake_quant_enabled", bool(enabled))
+        if enabled and estimate and self._stale:
             self.refresh_qparams()
 
     def disable_fake_quant(self) -> None:
@@ -83,21 +87,22 @@ class FakeQuantize(nn.Module):
         output, see :func:`~lightning_quant.capture.patterns.shared_quant_points`): counting them again would skew
         histogram estimates.
         """
-        if observe and self.observer_enabled.item():
-            self._observe(x)
+        observed = observe and self._flag("observer_enabled") and self._observe(x)
         leader = self.leader
         if leader is not None:  # see follow: mirror the leader's scale (it may have been set directly since)
             self._copy_qparams(leader)
-            if leader.observer_enabled.item():
+            if leader._flag("observer_enabled"):
                 return x  # the leader, which fixes these values downstream, is estimating: show it their whole range
-        if self._stale and self.fake_quant_enabled.item():
-            self.refresh_qparams()
-        if self.fake_quant_enabled.item() and self.calibrated.item():
+        fake_quant = self._flag("fake_quant_enabled")
+        if self._stale and fake_quant:
+            self.refresh_qparams(observed=observed)
+        if fake_quant and self._flag("calibrated"):
             scale = self.scale if leader is None else self.scale.clone()  # the leader may update ours in place
             return fake_quantize(x, scale, self.zero_point, self.spec, grad_scale=self._lsq_grad_scale(x))
         return x
 
-    def _observe(self, x: torch.Tensor) -> None:
+    def _observe(self, x: torch.Tensor) -> bool:
+        """Record ``x`` in the observer; True when it held values (the observer is then initialized)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(
                 f"quantizer {self.name or '<unnamed>'!r} received a {type(x).__module__}.{type(x).__name__}, not a "
@@ -110,16 +115,20 @@ class FakeQuantize(nn.Module):
                 f"{err} at quantizer {self.name or '<unnamed>'!r}: the model produced non-finite values during "
                 "calibration/QAT. Check the input normalization and the learning rate, or exclude this layer."
             ) from None
+        if x.numel() == 0:
+            return False
         # estimated when next needed: at once in QAT (fake-quant on, see forward), once after calibration
         self._stale = True
+        return True
 
-    def refresh_qparams(self) -> None:
+    def refresh_qparams(self, observed: bool = False) -> None:
         """Set ``scale``/``zero_point`` from the observer's state (after observing, or after a distributed sync);
         a no-op while the observer has seen nothing.
 
         While fake-quant is off (calibration) observing only records statistics, and the estimate (a histogram
         search for ``percentile``/``mse``/``entropy``) runs once, here, when fake-quant is switched back on
-        (``calibrate()`` does), or at the next forward with fake-quant on.
+        (``calibrate()`` does), or at the next forward with fake-quant on. ``observed``: the observer has just seen
+        values, so it is initialized (saves a data-dependent check, which ``torch.compile`` cannot trace).
         """
         self._stale = False
         leader = self.leader
@@ -128,13 +137,13 @@ class FakeQuantize(nn.Module):
                 leader.refresh_qparams()
             self._copy_qparams(leader)
             return
-        if not self.observer.initialized:
+        if not observed and not self.observer.initialized:
             return
         scale, zero_point = self.observer.calculate_qparams()
         with torch.no_grad():
             self.scale.copy_(scale.to(self.scale.device))
             self.zero_point.copy_(zero_point.to(self.zero_point.device))
-        self.calibrated.fill_(1)
+        self._set_flag("calibrated", True)
         for follower in self.__dict__.get("_followers", ()):
             follower._copy_qparams(self)
 
@@ -210,11 +219,11 @@ class FakeQuantize(nn.Module):
             )
 
     def _copy_qparams(self, leader: FakeQuantize) -> None:
-        if leader.calibrated.item():
+        if leader._flag("calibrated"):
             with torch.no_grad():
                 self.scale.copy_(leader.scale)
                 self.zero_point.copy_(leader.zero_point)
-            self.calibrated.fill_(1)
+            self._set_flag("calibrated", True)
 
     def _lsq_grad_scale(self, x: torch.Tensor) -> float | None:
         if not self.spec.learnable:

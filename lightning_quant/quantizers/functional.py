@@ -212,6 +212,12 @@ class _CPUFakeQuantizeSTE(torch.autograd.Function):
         qmax: int,
     ) -> torch.Tensor:
         zp = zero_point.to(torch.float32)
+        if torch.compiler.is_compiling():
+            # Inductor fuses the out-of-place form into one loop; a uint8 mask, because its CPU code stored a bool
+            # (or float) mask about 5x slower than uint8 (torch 2.14, 6M values: 87 vs 18 ms forward + backward)
+            codes = torch.round(x * (1.0 / scale)) + zp
+            ctx.save_for_backward(((codes >= qmin) & (codes <= qmax)).to(torch.uint8))
+            return (torch.clamp(codes, qmin, qmax) - zp) * scale
         codes = torch.mul(x, 1.0 / scale).round_().add_(zp)
         inside = (codes >= qmin).logical_and_(codes <= qmax)
         ctx.save_for_backward(inside)

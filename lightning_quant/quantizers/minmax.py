@@ -135,6 +135,10 @@ def _extremes(x: torch.Tensor, axis: int | None = None) -> tuple[torch.Tensor, t
         # quarter of MobileNetV2's calibration time under per-sample ranges
         others = tuple(d for d in range(x.dim()) if d != axis)
         lo, hi = (x.amin(dim=others), x.amax(dim=others)) if others else (x.clone(), x.clone())
+    # a data-dependent branch, which torch.compile cannot trace: a compiled QAT step skips it (non-finite values
+    # then reach the range and the scale, and the loss shows them)
+    if torch.compiler.is_compiling():
+        return lo, hi
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         raise FloatingPointError(f"{'NaN' if torch.isnan(x).any() else 'inf'} values reached an observer")
     return lo, hi
@@ -154,13 +158,12 @@ class MovingAverageMinMaxObserver(Observer):
 
     def observe(self, x: torch.Tensor) -> None:
         lo, hi = self.batch_range(x)
-        if not self.initialized:
-            self.min_val.copy_(lo)
-            self.max_val.copy_(hi)
-            return
         c = float(self.spec.averaging_constant)
-        self.min_val.add_(c * (lo - self.min_val))
-        self.max_val.add_(c * (hi - self.max_val))
+        # the first batch sets the range; a select rather than a branch on `initialized`, so torch.compile traces it
+        # (inf - inf is NaN in the unselected average, which `where` drops)
+        seen = torch.isfinite(self.min_val)
+        self.min_val.copy_(torch.where(seen, self.min_val + c * (lo - self.min_val), lo))
+        self.max_val.copy_(torch.where(seen, self.max_val + c * (hi - self.max_val), hi))
 
     def sync_tensors(self, phase: int) -> list[tuple[torch.Tensor, str]]:
         """Average the ranks' moving averages (ranks that have seen no data yet do not count)."""

@@ -22,6 +22,7 @@ from torch import nn
 from lightning_quant.capture.bn_fold import bn_folded_bias, fold_bn_into
 from lightning_quant.config import QuantScheme, QuantSpec
 from lightning_quant.quantizers.fake_quant import FakeQuantize
+from lightning_quant.quantizers.state_flags import BufferFlags
 
 __all__ = [
     "add_zero_bias",
@@ -154,7 +155,7 @@ def quantized_layer_from_float(
     return q
 
 
-class QuantConvBn(nn.Module):
+class QuantConvBn(BufferFlags, nn.Module):
     """Conv followed by BatchNorm for QAT, simulating the folded INT8 conv (Krishnamoorthi 2018, sec. 3.2).
 
     The conv weight is scaled by ``gamma / sqrt(running_var + eps)`` and fake-quantized exactly as the
@@ -189,10 +190,10 @@ class QuantConvBn(nn.Module):
             self.bias_fake_quant.to(conv.weight.device)
             self.register_load_state_dict_post_hook(QuantConvBn._calibrate_bias_after_legacy_load)
         self._bias_state_missing = False
-        self.register_buffer("bn_frozen", torch.tensor(0, dtype=torch.uint8, device=conv.weight.device))
+        self._register_flag("bn_frozen", False, device=conv.weight.device)
 
     def freeze_bn(self, frozen: bool = True) -> None:
-        self.bn_frozen.fill_(int(frozen))
+        self._set_flag("bn_frozen", frozen)
 
     def _scale_factor(self) -> torch.Tensor:
         std = torch.sqrt(self.bn.running_var + self.bn.eps)
@@ -217,7 +218,7 @@ class QuantConvBn(nn.Module):
         factor = self._scale_factor()
         w = self.conv.weight
         w_q = self.weight_fake_quant(w * self._view(factor, w.dim(), 0))
-        if not self.training or self.bn_frozen.item():  # running statistics: exactly the deployed conv
+        if not self.training or self._flag("bn_frozen"):  # running statistics: exactly the deployed conv
             bias = self.folded_bias(factor)
             return self._conv(x, w_q, self.bias_fake_quant(bias) if self.bias_fake_quant is not None else bias)
         # conv(x, w_q) / factor, with the division on the weight instead of the (far larger) output: the same values,
