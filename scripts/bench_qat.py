@@ -15,10 +15,10 @@ Methods:
   and activations still fake-quantized every step;
 * ``pt2e``: torchao ``prepare_qat_pt2e`` with ``X86InductorQuantizer`` in its QAT config (needs
   ``pip install -e ".[bench]"``; reported as not installed otherwise);
-* ``<method>_compiled``: the same model wrapped in ``torch.compile`` (Inductor), as ``trainer.fit(torch.compile(model))``
-  trains it; compiling happens in the warmup steps (minutes for ResNet50 on 2 cores). With ``--interleave`` a compiled
-  method alternates with the compiled float model (a user who compiles compiles both), and ``float_compiled`` with the
-  eager float model (what compiling gains).
+* ``<method>_compiled``: the same model wrapped in ``torch.compile`` (Inductor), as
+  ``trainer.fit(torch.compile(model))`` trains it; compiling happens in the warmup steps (minutes for ResNet50 on 2
+  cores). With ``--interleave`` a compiled method alternates with the compiled float model (a user who compiles
+  compiles both), and ``float_compiled`` with the eager float model (what compiling gains).
 
 Usage:
     PYTHONPATH=. python scripts/bench_qat.py                                    # mobilenet_v2 and resnet50
@@ -189,7 +189,11 @@ def table(rows: list[dict[str, Any]]) -> str:
         mem_ratio = f"{r['peak_mb'] / base['peak_mb']:.2f}x" if base and base["peak_mb"] > 0 else "-"
         lines.append(
             f"| {r['model']} | {r['method']} | {r['step_s']:.3f} | {time_ratio} | {r['peak_mb']:.0f} | {mem_ratio} | "
-            + (f"{r.get('float_method', 'float')} {r['float_step_s']:.3f} s interleaved |" if r.get("float_step_s") else "|")
+            + (
+                f"{r.get('float_method', 'float')} {r['float_step_s']:.3f} s interleaved |"
+                if r.get("float_step_s")
+                else "|"
+            )
         )
     return "\n".join(lines)
 

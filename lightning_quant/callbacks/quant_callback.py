@@ -476,9 +476,26 @@ class QuantCallback(Callback):
         else:
             set_observers(self.network(pl_module), False)
 
+    def _check_compiled_dpu_qat(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A compiled DPU QAT run whose observers still update fails in the backward pass: refuse it with the fix.
+
+        The DPU's fix-position search breaks the compiled graph at each updating quantizer, and a graph that ends
+        there saves the BatchNorm statistics that the next graph updates in place."""
+        compiled = getattr(pl_module, "_compiler_ctx", None) is not None  # set by Lightning for fit(torch.compile(m))
+        observing = not self.qat_schedule.observers_frozen(trainer.current_epoch, trainer.global_step)
+        if compiled and observing and self.scheme.target is Target.DPU:
+            raise ValueError(
+                "DPU QAT under torch.compile needs its observers frozen: while they update, the fix-position search "
+                "breaks the compiled graph at every quantizer and the backward pass fails on a BatchNorm statistic "
+                "updated across the break. Keep the positions of the initial calibration with "
+                "QATSchedule(freeze_observer_step=0), or train the observing steps uncompiled and resume compiled "
+                "from that checkpoint (ckpt_path=...)."
+            )
+
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._require_verified_state()
+        self._check_compiled_dpu_qat(trainer, pl_module)
         if self.calibration_batches > 0 and self._calibrate_if_needed(trainer, pl_module, "fit"):
             pl_module.train()
         self._applied = None

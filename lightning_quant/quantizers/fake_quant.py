@@ -32,8 +32,8 @@ class FakeQuantize(BufferFlags, nn.Module):
 
     State (all saved in ``state_dict``): ``scale``, ``zero_point``, the observer's buffers, and the flags
     ``observer_enabled``, ``fake_quant_enabled``, ``calibrated`` (switch them with the methods below: a compiled
-    forward reads their Python mirrors, see :mod:`~lightning_quant.quantizers.state_flags`). With ``spec.learnable`` the scale is an
-    ``nn.Parameter`` trained by LSQ once the observer is switched off.
+    forward reads their Python mirrors, see :mod:`~lightning_quant.quantizers.state_flags`). With
+    ``spec.learnable`` the scale is an ``nn.Parameter`` trained by LSQ once the observer is switched off.
 
     Args:
         spec: how the tensor is quantized.

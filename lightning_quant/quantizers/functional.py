@@ -203,9 +203,10 @@ class _CPUFakeQuantizeSTE(torch.autograd.Function):
     """Fake-quant with the clipped straight-through gradient, for training on CPU: torch's fused kernels' arithmetic
     (multiply by ``1 / scale``, half to even, clamp the code) as four vectorized passes (the zero point folded into
     the clamp's bounds) plus a boolean mask for the backward pass (where the clamp changed nothing); ``scale`` and
-    ``zero_point`` are tensors that broadcast against ``x`` (one value, or one per channel). Bit-identical to ``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine`` in values and
-    gradient, and 1.7-2x faster forward + backward on a 6M-value activation (those kernels are not vectorized): they
-    were a quarter of a MobileNetV2 QAT step.
+    ``zero_point`` are tensors that broadcast against ``x`` (one value, or one per channel). Bit-identical to
+    ``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine`` in values and gradient, and 1.7-2x faster
+    forward + backward on a 6M-value activation (those kernels are not vectorized): they were a quarter of a
+    MobileNetV2 QAT step.
 
     Example:
         >>> x = torch.tensor([-3.0, 0.26, 3.0], requires_grad=True)

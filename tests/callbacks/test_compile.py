@@ -55,6 +55,34 @@ def test_dpu_qat_network_compiles_as_one_graph_once_its_observers_freeze():
     assert _graph_breaks(qmodel, x) == (0, [])
 
 
+def test_compiled_dpu_qat_fits_with_frozen_observers_and_refuses_updating_ones(tmp_path):
+    """Updating DPU observers under compile would fail in the backward pass (a BatchNorm statistic saved by one graph
+    and updated in place by the next): refused before the first step, with the two ways out; with the positions of
+    the initial calibration kept (freeze_observer_step=0) the compiled fit trains."""
+    pkg = importlib.import_module("lightning.pytorch")
+    Lit = _lit_class(pkg)
+
+    def fit(schedule, root):
+        callback = QuantCallback(
+            mode="qat", target="dpu", calibration_batches=1, qat_schedule=schedule, progress=False, report=False
+        )
+        trainer = pkg.Trainer(
+            default_root_dir=root, callbacks=[callback], logger=False, enable_progress_bar=False,
+            enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", max_epochs=1,
+            limit_train_batches=3, limit_val_batches=0,
+        )  # fmt: skip
+        lit = Lit()
+        torch._dynamo.reset()
+        trainer.fit(torch.compile(lit, backend="aot_eager"), DataLoader(random_images(24, seed=0), batch_size=8))
+        return lit, trainer
+
+    with pytest.raises(ValueError, match=r"freeze_observer_step=0\).*ckpt_path"):
+        fit(QATSchedule(freeze_observer_step=2, freeze_bn_epoch=None), tmp_path / "observing")
+    lit, trainer = fit(QATSchedule(freeze_observer_step=0, freeze_bn_epoch=None), tmp_path / "frozen")
+    assert trainer.global_step == 3
+    assert all(fq.calibrated.item() and not fq.observer_enabled.item() for _, fq in iter_quantizers(lit.model))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["x86", "tensorrt", "x86_vnni"])
 def test_mobilenet_v2_qat_compiles_as_one_graph(target):
