@@ -25,6 +25,7 @@ Usage:
     PYTHONPATH=. python scripts/bench_qat.py --models mobilenet_v2 --batch-size 32 --image-size 224
     PYTHONPATH=. python scripts/bench_qat.py --interleave --steps 15   # ratios against a float model in-process
     PYTHONPATH=. python scripts/bench_qat.py --interleave --methods float_compiled ours_compiled ours_frozen_compiled
+    PYTHONPATH=. python scripts/bench_qat.py --interleave --channels-last     # oneDNN's native CPU layout
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="time each method's steps alternating with a float model's steps in the same process (ratios against "
         "that float median; on a machine whose speed drifts, separate processes give ratios 20 %% apart)",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="models and batch in channels-last memory format (oneDNN's native layout on CPU), every method alike",
     )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_qat.json")
     return parser.parse_args(argv)
@@ -137,12 +143,14 @@ def _worker(model_name: str, method: str, args: argparse.Namespace, queue: Any) 
         generator = torch.Generator().manual_seed(0)
         images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)
         labels = torch.randint(0, 10, (args.batch_size,), generator=generator)
+        layout = torch.channels_last if args.channels_last else torch.contiguous_format
+        images = images.contiguous(memory_format=layout)
         _import_for(method)  # library code is not the method's memory
         times = []
         # from before the model is built: weights, optimizer state, the preparation and the steps' working set all
         # count (a baseline taken after building would hide whatever ``build`` allocated, e.g. a traced graph)
         with PeakSampler() as memory:
-            step = _stepper(build(model_name, method, images), images, labels)
+            step = _stepper(build(model_name, method, images).to(memory_format=layout), images, labels)
             for _ in range(args.warmup):
                 step()
             for _ in range(args.steps):
@@ -150,7 +158,8 @@ def _worker(model_name: str, method: str, args: argparse.Namespace, queue: Any) 
         result = {"step_s": statistics.median(times), "peak_mb": memory.mb, "error": None}
         if args.interleave and method != "float":
             reference = "float_compiled" if method.endswith("_compiled") and method != "float_compiled" else "float"
-            float_step, float_times, times = _stepper(build(model_name, reference, images), images, labels), [], []
+            float_model = build(model_name, reference, images).to(memory_format=layout)
+            float_step, float_times, times = _stepper(float_model, images, labels), [], []
             for _ in range(args.warmup):
                 float_step()
             for _ in range(args.steps):
@@ -208,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
             shown = row.get("error") or f"{row['step_s']:.3f} s/step, peak {row['peak_mb']:.0f} MB"
             print(f"[bench] {model_name} {method}: {shown}", file=sys.stderr, flush=True)
     text = table(rows)
-    print(f"batch {args.batch_size} x 3 x {args.image_size}^2, {args.threads} threads, median of {args.steps}\n{text}")
+    layout = ", channels-last" if args.channels_last else ""
+    print(f"batch {args.batch_size} x 3 x {args.image_size}^2{layout}, {args.threads} threads, median of {args.steps}")
+    print(text)
     payload = {**run_header("scripts/bench_qat.py", argv, args), "rows": rows, "table": text}
     try:
         import torchao
