@@ -211,9 +211,11 @@ class MeanMinMaxObserver(Observer):
             n, lo_sum, hi_sum = lo.numel(), lo.double().sum(), hi.double().sum()
         total = self.samples + n
         old = self.samples / total  # weights of the running means and of this batch's sums
-        seen = self.initialized
-        self.min_val.copy_((self.min_val.double() * old if seen else 0.0) + lo_sum / total)
-        self.max_val.copy_((self.max_val.double() * old if seen else 0.0) + hi_sum / total)
+        # before the first sample the running means are inf (times a weight of 0: NaN), dropped by a select rather
+        # than a branch on `initialized`, so torch.compile traces it
+        seen = torch.isfinite(self.min_val)
+        self.min_val.copy_(torch.where(seen, self.min_val.double() * old, 0.0) + lo_sum / total)
+        self.max_val.copy_(torch.where(seen, self.max_val.double() * old, 0.0) + hi_sum / total)
         self.samples.copy_(total)
 
     def reset(self) -> None:

@@ -25,18 +25,22 @@ def _graph_breaks(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, list[st
     return explained.graph_break_count, [r.reason.splitlines()[0] for r in explained.break_reasons]
 
 
-def _qat_network(model: torch.nn.Module, target: str, x: torch.Tensor) -> torch.nn.Module:
-    qmodel = prepare(model.train(), scheme_for_target(target, mode="qat"), mode="qat")
+def _qat_network(model: torch.nn.Module, target: str, x: torch.Tensor, **scheme: object) -> torch.nn.Module:
+    qmodel = prepare(model.train(), scheme_for_target(target, mode="qat", **scheme), mode="qat")
     with torch.no_grad():
         qmodel(x)
     return qmodel
 
 
-@pytest.mark.parametrize("target", ["x86", "tensorrt"])
-def test_qat_network_compiles_as_one_graph_while_observing_and_after_the_freezes(target):
+@pytest.mark.parametrize(
+    "target,scheme",
+    [("x86", {}), ("tensorrt", {}), ("x86", {"activation_observer": "mean_minmax"}), ("x86", {"weight_bits": 4})],
+    ids=["x86", "tensorrt", "mean_minmax_ranges", "4bit_weights"],
+)
+def test_qat_network_compiles_as_one_graph_while_observing_and_after_the_freezes(target, scheme):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 16, 16)
-    qmodel = _qat_network(TinyConvBN(), target, x)
+    qmodel = _qat_network(TinyConvBN(), target, x, **scheme)
     assert _graph_breaks(qmodel, x) == (0, [])  # observers updating, batch statistics
     set_observers(qmodel, False)
     freeze_bn(qmodel, True)
