@@ -17,11 +17,33 @@ import copy
 import torch
 from torch import fx, nn
 
-__all__ = ["FOLDABLE_PAIRS", "bn_folded_bias", "fold_batchnorm", "fold_bn_into", "foldable_pairs", "set_submodule"]
+__all__ = [
+    "FOLDABLE_PAIRS",
+    "bn_fold_factor",
+    "bn_folded_bias",
+    "fold_batchnorm",
+    "fold_bn_into",
+    "foldable_pairs",
+    "set_submodule",
+]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 FOLDABLE_PAIRS = (_CONVS, _BNS)
+
+
+def bn_fold_factor(bn: nn.Module) -> torch.Tensor:
+    """What folding ``bn`` multiplies each output channel's weights by: ``gamma / sqrt(running_var + eps)`` (``1 / std``
+    without affine parameters).
+
+    Example:
+        >>> bn = nn.BatchNorm1d(2, eps=0.0).eval()
+        >>> _ = bn.running_var.fill_(4.0)
+        >>> bn_fold_factor(bn).tolist()
+        [0.5, 0.5]
+    """
+    std = torch.sqrt(bn.running_var + bn.eps)
+    return bn.weight / std if bn.affine else 1.0 / std
 
 
 def bn_folded_bias(layer_bias: torch.Tensor | None, bn: nn.Module, factor: torch.Tensor) -> torch.Tensor:
@@ -48,8 +70,7 @@ def fold_bn_into(layer: nn.Module, bn: nn.Module) -> nn.Module:
     if bn.running_var is None or bn.running_mean is None:
         raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False).")
     fused = copy.deepcopy(layer)
-    std = torch.sqrt(bn.running_var + bn.eps)
-    factor = bn.weight / std if bn.affine else 1.0 / std
+    factor = bn_fold_factor(bn)
     shape = [-1] + [1] * (fused.weight.dim() - 1)
     fused.weight.copy_(fused.weight * factor.reshape(shape))
     new_bias = bn_folded_bias(layer.bias, bn, factor)

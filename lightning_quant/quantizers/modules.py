@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_quant.capture.bn_fold import bn_folded_bias, fold_bn_into
+from lightning_quant.capture.bn_fold import bn_fold_factor, bn_folded_bias, fold_bn_into
 from lightning_quant.config import QuantScheme, QuantSpec
 from lightning_quant.quantizers.fake_quant import FakeQuantize
 from lightning_quant.quantizers.state_flags import BufferFlags
@@ -195,10 +195,6 @@ class QuantConvBn(BufferFlags, nn.Module):
     def freeze_bn(self, frozen: bool = True) -> None:
         self._set_flag("bn_frozen", frozen)
 
-    def _scale_factor(self) -> torch.Tensor:
-        std = torch.sqrt(self.bn.running_var + self.bn.eps)
-        return self.bn.weight / std if self.bn.affine else 1.0 / std
-
     def _view(self, t: torch.Tensor, dims: int, axis: int) -> torch.Tensor:
         shape = [1] * dims
         shape[axis] = -1
@@ -207,7 +203,7 @@ class QuantConvBn(BufferFlags, nn.Module):
     def folded_bias(self, factor: torch.Tensor | None = None) -> torch.Tensor:
         """The float bias of the deployed conv: ``beta + (bias - running_mean) * gamma / std`` (``factor``: this
         forward's ``gamma / std``, when it has it already)."""
-        return bn_folded_bias(self.conv.bias, self.bn, self._scale_factor() if factor is None else factor)
+        return bn_folded_bias(self.conv.bias, self.bn, bn_fold_factor(self.bn) if factor is None else factor)
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if isinstance(self.conv, nn.Linear):
@@ -215,7 +211,7 @@ class QuantConvBn(BufferFlags, nn.Module):
         return self.conv._conv_forward(x, weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        factor = self._scale_factor()
+        factor = bn_fold_factor(self.bn)
         w = self.conv.weight
         w_q = self.weight_fake_quant(w * self._view(factor, w.dim(), 0))
         if not self.training or self._flag("bn_frozen"):  # running statistics: exactly the deployed conv
