@@ -15,6 +15,10 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import math
+
+import numpy as np
 import torch
 
 from lightning_quant.config import QuantSpec, RoundingMode, ScaleType
@@ -199,14 +203,54 @@ def _code_bounds(zero_point: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.
     return qmin - zp, qmax - zp
 
 
+@functools.lru_cache(maxsize=1024)  # the same few scales every step once the observers are frozen
+def _input_interval(inverse: float, low: float, high: float) -> tuple[float, float]:
+    """The open interval of float32 inputs ``x`` whose code ``round(x * inverse)`` (float32 product, half to even)
+    lies in ``[low, high]``: product and rounding are monotone in ``x``, so the codes in range are those of one
+    interval of inputs. Its ends are found exactly, starting from ``(bound -/+ 0.5) / inverse`` and stepping one float
+    at a time (a step or two), so ``below < x < above`` is the fake-quant's clipped-STE mask bit for bit, ties
+    included.
+
+    Example:
+        >>> _input_interval(10.0, 0.0, 255.0)  # codes 0..255 at scale 0.1: x in [-0.05, 25.55) rounds inside
+        (-0.05000000447034836, 25.549999237060547)
+    """
+    inv = np.float32(inverse)
+
+    def code(x: np.float32) -> float:
+        return float(np.round(np.float32(x * inv)))
+
+    def first_inside(bound: float, direction: float) -> np.float32:
+        """The outermost float32 whose code is still in range: ``code >= bound`` walking down (``direction`` -inf),
+        ``code <= bound`` walking up (+inf)."""
+        inside = (lambda c: c >= bound) if direction < 0 else (lambda c: c <= bound)
+        x = np.float32((bound + (0.5 if direction > 0 else -0.5)) / float(inv))
+        while not inside(code(x)):
+            x = np.nextafter(x, np.float32(-direction), dtype=np.float32)
+        while inside(code(np.nextafter(x, np.float32(direction), dtype=np.float32))):
+            x = np.nextafter(x, np.float32(direction), dtype=np.float32)
+        return x
+
+    with np.errstate(over="ignore"):
+        lowest, highest = first_inside(low, -np.inf), first_inside(high, np.inf)
+        return (
+            float(np.nextafter(lowest, np.float32(-np.inf), dtype=np.float32)),
+            float(np.nextafter(highest, np.float32(np.inf), dtype=np.float32)),
+        )
+
+
 class _CPUFakeQuantizeSTE(torch.autograd.Function):
     """Fake-quant with the clipped straight-through gradient, for training on CPU: torch's fused kernels' arithmetic
     (multiply by ``1 / scale``, half to even, clamp the code) as four vectorized passes (the zero point folded into
-    the clamp's bounds) plus a boolean mask for the backward pass (where the clamp changed nothing); ``scale`` and
-    ``zero_point`` are tensors that broadcast against ``x`` (one value, or one per channel). Bit-identical to
-    ``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine`` in values and gradient, and 1.7-2x faster
-    forward + backward on a 6M-value activation (those kernels are not vectorized): they were a quarter of a
-    MobileNetV2 QAT step.
+    the clamp's bounds); ``scale`` and ``zero_point`` are tensors that broadcast against ``x`` (one value, or one per
+    channel). Bit-identical to ``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine`` in values and
+    gradient (those kernels are not vectorized, and were a quarter of a MobileNetV2 QAT step).
+
+    The gradient mask: with one scale (activations), the inputs whose code is in range are one interval
+    (:func:`_input_interval`), so the forward saves ``x`` itself (which the ReLU before it usually saves anyway) and
+    the backward is one ``hardtanh_backward`` pass over it; 2x faster forward + backward than a boolean mask made in
+    the forward (6M values: 8.3 vs 17 ms, and 4x the torch kernel's). Per channel (weights, small) a boolean mask
+    records where the clamp changed nothing.
 
     Example:
         >>> x = torch.tensor([-3.0, 0.26, 3.0], requires_grad=True)
@@ -227,20 +271,35 @@ class _CPUFakeQuantizeSTE(torch.autograd.Function):
         if torch.compiler.is_compiling():
             # Inductor fuses the out-of-place form into one loop; a uint8 mask, because its CPU code stored a bool
             # (or float) mask about 5x slower than uint8 (torch 2.14, 6M values: 87 vs 18 ms forward + backward)
+            ctx.input_bounds = None  # type: ignore[attr-defined]
             zp = zero_point.to(torch.float32)
             codes = torch.round(x * (1.0 / scale)) + zp
             ctx.save_for_backward(((codes >= qmin) & (codes <= qmax)).to(torch.uint8))
             return (torch.clamp(codes, qmin, qmax) - zp) * scale
         low, high = _code_bounds(zero_point, qmin, qmax)
-        codes = torch.mul(x, 1.0 / scale).round_()
+        inverse = 1.0 / scale
+        if isinstance(low, float) and inverse.numel() == 1 and math.isfinite(inverse.item()):
+            # one scale and zero point: the inputs whose code is in range are an interval, and the mask its test
+            ctx.input_bounds = _input_interval(inverse.item(), low, high)  # type: ignore[attr-defined]
+            ctx.save_for_backward(x)  # usually saved already (a ReLU's result): no new memory
+            return torch.mul(x, inverse).round_().clamp_(low, high).mul_(scale)
+        codes = torch.mul(x, inverse).round_()
         clamped = torch.clamp(codes, low, high)
+        ctx.input_bounds = None  # type: ignore[attr-defined]
         ctx.save_for_backward(torch.eq(codes, clamped))  # inside the range: the clamp left the code alone
         return clamped.mul_(scale)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:  # type: ignore[override]
-        (inside,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        return grad * inside, None, None, None, None
+        (saved,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        bounds = ctx.input_bounds  # type: ignore[attr-defined]
+        if bounds is not None:  # hardtanh's backward keeps the gradient where below < x < above: one fused pass
+            grad_x = torch.ops.aten.hardtanh_backward(grad, saved, *bounds)
+        elif saved.dtype == torch.bool:
+            grad_x = torch.where(saved, grad, 0.0)  # one pass; ``grad * mask`` first copies the mask to float
+        else:
+            grad_x = grad * saved  # the compiled form's uint8 mask
+        return grad_x, None, None, None, None
 
 
 def _fused_fake_quantize(

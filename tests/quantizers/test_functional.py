@@ -448,3 +448,32 @@ def test_training_fake_quant_per_channel_on_cpu_matches_torch_kernel_bit_for_bit
     (y * weights).sum().backward()
     (expected * weights).sum().backward()
     assert torch.equal(y, expected) and torch.equal(ours.grad, ref.grad)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_training_fake_quant_gradient_mask_edges_match_torch_kernel(seed):
+    """Per tensor, the backward keeps the gradient on an open interval of inputs found from the scale: on the
+    inputs just inside and just outside each end of it (the last and first float32 that round into the range, and
+    the exact ties there), the gradient is torch's fused kernel's, for random scales and zero points."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand((), generator=g) * 0.05 + 1e-3
+    signed = seed % 2 == 0
+    spec = QuantSpec(symmetric=signed, signed=signed)
+    qmin, qmax = spec.quant_range()
+    zero_point = torch.tensor(0 if signed else int(torch.randint(0, 100, (), generator=g)))
+    inverse = 1.0 / scale
+    ends = torch.tensor([qmin - zero_point.item() - 0.5, qmax - zero_point.item() + 0.5]) / inverse  # the ties
+    near = [ends]
+    for direction in (-math.inf, math.inf):  # four floats either side of each end
+        step = ends
+        for _ in range(4):
+            step = torch.nextafter(step, torch.full_like(step, direction))
+            near.append(step)
+    x = torch.cat([*near, torch.randn(200, generator=g) * 200 * scale])
+    ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = fake_quantize(ours, scale, zero_point, spec)
+    expected = torch.fake_quantize_per_tensor_affine(ref, scale, zero_point.to(torch.int32), qmin, qmax)
+    y.backward(torch.ones_like(y))
+    expected.backward(torch.ones_like(expected))
+    assert torch.equal(y, expected) and torch.equal(ours.grad, ref.grad)
+    assert 0 < ours.grad.sum() < len(x)  # both kinds of inputs were there
