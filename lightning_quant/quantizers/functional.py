@@ -239,6 +239,24 @@ def _input_interval(inverse: float, low: float, high: float) -> tuple[float, flo
         )
 
 
+def _rounding_interval(low: float, high: float) -> tuple[float, float]:
+    """The open interval of float32 values ``v`` that round (half to even) into ``[low, high]`` (integers): ``v``
+    just past ``low - 0.5`` or ``high + 0.5``, and the tie itself where it rounds to the even end.
+
+    Example:
+        >>> _rounding_interval(-127.0, 127.0)  # -127.5 and 127.5 round to -128 and 128: outside
+        (-127.5, 127.5)
+        >>> _rounding_interval(0.0, 254.0)  # -0.5 rounds to 0, 254.5 to 254: inside
+        (-0.5000000596046448, 254.50001525878906)
+    """
+    below, above = np.float32(low - 0.5), np.float32(high + 0.5)
+    if low % 2 == 0:  # the tie rounds up to the even ``low``: inside, so the open bound is the float below it
+        below = np.nextafter(below, np.float32(-np.inf), dtype=np.float32)
+    if high % 2 == 0:
+        above = np.nextafter(above, np.float32(np.inf), dtype=np.float32)
+    return float(below), float(above)
+
+
 class _CPUFakeQuantizeSTE(torch.autograd.Function):
     """Fake-quant with the clipped straight-through gradient, for training on CPU: torch's fused kernels' arithmetic
     (multiply by ``1 / scale``, half to even, clamp the code) as four vectorized passes (the zero point folded into
@@ -283,6 +301,14 @@ class _CPUFakeQuantizeSTE(torch.autograd.Function):
             ctx.input_bounds = _input_interval(inverse.item(), low, high)  # type: ignore[attr-defined]
             ctx.save_for_backward(x)  # usually saved already (a ReLU's result): no new memory
             return torch.mul(x, inverse).round_().clamp_(low, high).mul_(scale)
+        if not isinstance(low, float) and not zero_point.any():  # per channel, all zero points 0 (symmetric)
+            low, high = float(qmin), float(qmax)
+        if isinstance(low, float):
+            # one code range for every channel: the mask is an interval of the scaled input ``v``, the same for all
+            products = torch.mul(x, inverse)
+            ctx.input_bounds = _rounding_interval(low, high)  # type: ignore[attr-defined]
+            ctx.save_for_backward(products)
+            return torch.round(products).clamp_(low, high).mul_(scale)
         codes = torch.mul(x, inverse).round_()
         clamped = torch.clamp(codes, low, high)
         ctx.input_bounds = None  # type: ignore[attr-defined]

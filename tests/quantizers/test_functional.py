@@ -477,3 +477,35 @@ def test_training_fake_quant_gradient_mask_edges_match_torch_kernel(seed):
     expected.backward(torch.ones_like(expected))
     assert torch.equal(y, expected) and torch.equal(ours.grad, ref.grad)
     assert 0 < ours.grad.sum() < len(x)  # both kinds of inputs were there
+
+
+@pytest.mark.parametrize("narrow_range", [False, True])
+@pytest.mark.parametrize("zero_points", ["zero", "random"])
+def test_training_fake_quant_per_channel_mask_edges_match_torch_kernel(narrow_range, zero_points):
+    """Per channel: with every zero point 0 the backward keeps the gradient on one interval of the scaled input for
+    all channels (otherwise a mask is recorded); on the inputs at and around each channel's rounding ties at both ends
+    of the code range, values and gradient are torch's fused kernel's."""
+    g = torch.Generator().manual_seed(3)
+    channels = 6
+    scale = torch.rand(channels, generator=g) * 0.05 + 1e-3
+    spec = QuantSpec(granularity=Granularity.PER_CHANNEL, ch_axis=0, narrow_range=narrow_range)
+    qmin, qmax = spec.quant_range()
+    zero_point = torch.zeros(channels, dtype=torch.int32)
+    if zero_points == "random":
+        zero_point = torch.randint(-20, 20, (channels,), generator=g, dtype=torch.int32)
+    inverse = (1.0 / scale)[:, None]
+    ties = torch.stack([qmin - zero_point - 0.5, qmax - zero_point + 0.5], 1).float() / inverse
+    near = [ties]
+    for direction in (-math.inf, math.inf):
+        step = ties
+        for _ in range(3):
+            step = torch.nextafter(step, torch.full_like(step, direction))
+            near.append(step)
+    w = torch.cat([*near, torch.randn(channels, 50, generator=g) * 150 * scale[:, None]], 1)
+    ours, ref = w.clone().requires_grad_(), w.clone().requires_grad_()
+    y = fake_quantize(ours, scale, zero_point, spec)
+    expected = torch.fake_quantize_per_channel_affine(ref, scale, zero_point, 0, qmin, qmax)
+    y.backward(torch.ones_like(y))
+    expected.backward(torch.ones_like(expected))
+    assert torch.equal(y, expected) and torch.equal(ours.grad, ref.grad)
+    assert 0 < ours.grad.sum() < w.numel()
