@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -37,14 +38,30 @@ def repo_relative(text: str) -> str:
     return text.replace(f"{REPO_ROOT}/", "")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux; ``platform.processor()`` elsewhere, possibly empty): timings
+    from two machines are not comparable, and the platform string does not tell them apart."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
 def run_header(script: str, argv: list[str] | None, args: argparse.Namespace) -> dict[str, Any]:
     """``script``, the exact ``command`` (``argv``, or the process arguments when None), UTC ``date``, ``machine``
-    (CPUs, platform, load average), torch / lightning_quant ``versions`` and the parsed ``settings`` (less ``out``)."""
+    (CPU model, CPUs, platform, load average), torch / lightning_quant ``versions`` and the parsed ``settings``
+    (less ``out``)."""
     return {
         "script": script,
         "command": " ".join([f"PYTHONPATH=. python {script}", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg": os.getloadavg()},
+        "machine": {
+            "cpu": cpu_model(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "loadavg": os.getloadavg(),
+        },
         "versions": {"torch": torch.__version__, "lightning_quant": lightning_quant.__version__},
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
     }
