@@ -212,7 +212,7 @@ def _input_interval(inverse: float, low: float, high: float) -> tuple[float, flo
     included.
 
     Example:
-        >>> _input_interval(10.0, 0.0, 255.0)  # codes 0..255 at scale 0.1: x in [-0.05, 25.55) rounds inside
+        >>> _input_interval(10.0, 0.0, 255.0)  # codes 0..255 at scale 0.1: x from about -0.05 to 25.55
         (-0.05000000447034836, 25.549999237060547)
     """
     inv = np.float32(inverse)
@@ -267,8 +267,10 @@ class _CPUFakeQuantizeSTE(torch.autograd.Function):
     The gradient mask: with one scale (activations), the inputs whose code is in range are one interval
     (:func:`_input_interval`), so the forward saves ``x`` itself (which the ReLU before it usually saves anyway) and
     the backward is one ``hardtanh_backward`` pass over it; 2x faster forward + backward than a boolean mask made in
-    the forward (6M values: 8.3 vs 17 ms, and 4x the torch kernel's). Per channel (weights, small) a boolean mask
-    records where the clamp changed nothing.
+    the forward (6M values: 8.3 vs 17 ms, and 4x the torch kernel's). Per channel with every zero point 0 (symmetric
+    weights) the interval is one of the scaled input ``x / scale``, the same for every channel
+    (:func:`_rounding_interval`): the scaled input is saved instead of a mask. Other zero points per channel record a
+    boolean mask of where the clamp changed nothing.
 
     Example:
         >>> x = torch.tensor([-3.0, 0.26, 3.0], requires_grad=True)
