@@ -9,8 +9,10 @@ GTC 2017; NVIDIA pytorch-quantization's ``_compute_amax_entropy``). ``L`` is the
 from prefix sums (``O(candidates x L)``), not bin by bin, in blocks of candidates whose temporaries stay in
 the CPU cache.
 
-Asymmetric specs use the same ``|x|`` threshold on both sides (clipped to the observed min/max), which suits
-post-ReLU activations. Per-channel specs (weights) fall back to the per-channel min/max.
+The histogram's first bin, ``[0, w)``, is left out of the search: it holds the exact zeros of a ReLU (most of a
+post-ReLU tensor), which any grid represents without error, and whose spike would otherwise always pick the smallest
+candidate. Asymmetric specs use the same ``|x|`` threshold on both sides (clipped to the observed min/max), which
+suits post-ReLU activations. Per-channel specs (weights) fall back to the per-channel min/max.
 
 Example:
     >>> import torch
@@ -131,6 +133,9 @@ class EntropyObserver(HistogramObserver):
 
     def clipped_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         counts, width = self.abs_histogram()
-        amax = min(kl_threshold_bins(counts, self.levels()) * width, self.observed_amax())
+        # the search runs on |x| from the second bin on: the first holds a ReLU's zeros (62 % of a CIFAR ResNet-20
+        # activation), which every grid represents exactly, and with them in P the spike decided the threshold, always
+        # the smallest candidate (ResNet-20 at 13 % top-1 instead of 81 %); ncnn's calibration drops the bin too
+        amax = min((kl_threshold_bins(counts[1:], self.levels()) + 1) * width, self.observed_amax())
         lo, hi = max(self.min_val.item(), -amax), min(self.max_val.item(), amax)
         return torch.tensor(lo, device=self.min_val.device), torch.tensor(hi, device=self.min_val.device)

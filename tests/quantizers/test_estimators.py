@@ -227,7 +227,7 @@ def test_entropy_threshold_is_kl_optimum_of_the_histogram():
     x = _heavy()
     obs = _observed("entropy", x, bins=1024)  # power-of-two widths: 512 to 1024 bins span the data
     counts, width = obs.abs_histogram()
-    i = kl_threshold_bins(counts, 128)
+    i = kl_threshold_bins(counts[1:], 128) + 1  # the search leaves out the first bin (a ReLU's zeros)
     _, hi = obs.clipped_range()
     assert hi.item() == pytest.approx(min(i * width, x.abs().max().item()))
     assert hi.item() < x.abs().max().item()
@@ -302,3 +302,15 @@ def test_bins_validation():
 def test_percentile_spec_validation(bad):
     with pytest.raises(ValueError, match=r"percentile=.* must be (a number )?in \(50, 100\]"):
         QuantSpec(observer="percentile", percentile=bad)
+
+
+def test_entropy_threshold_ignores_a_relus_zeros():
+    """Post-ReLU data is mostly exact zeros: with them in the searched histogram the spike always picked the smallest
+    candidate (amax 128 bins), clipping most of the range; without them the threshold keeps the bulk of the data."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(200_000, generator=g) - 0.3).relu()  # 62 % zeros, a half-normal tail up to ~4
+    obs = _observed("entropy", x, bins=2048, **X86_ACT)
+    _, hi = obs.clipped_range()
+    assert (x > hi).float().mean() < 0.01  # almost nothing clipped
+    counts, width = obs.abs_histogram()
+    assert kl_threshold_bins(counts, obs.levels()) == obs.levels()  # the old search: the smallest candidate
