@@ -133,9 +133,7 @@ class EntropyObserver(HistogramObserver):
 
     def clipped_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         counts, width = self.abs_histogram()
-        # the search runs on |x| from the second bin on: the first holds a ReLU's zeros (62 % of a CIFAR ResNet-20
-        # activation), which every grid represents exactly, and with them in P the spike decided the threshold, always
-        # the smallest candidate (ResNet-20 at 13 % top-1 instead of 81 %); ncnn's calibration drops the bin too
+        # from the second bin on (module docstring): with a ReLU's zeros in P the smallest candidate always won
         amax = min((kl_threshold_bins(counts[1:], self.levels()) + 1) * width, self.observed_amax())
         lo, hi = max(self.min_val.item(), -amax), min(self.max_val.item(), amax)
         return torch.tensor(lo, device=self.min_val.device), torch.tensor(hi, device=self.min_val.device)

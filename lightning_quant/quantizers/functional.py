@@ -203,42 +203,6 @@ def _code_bounds(zero_point: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.
     return qmin - zp, qmax - zp
 
 
-@functools.lru_cache(maxsize=1024)  # the same few scales every step once the observers are frozen
-def _input_interval(inverse: float, low: float, high: float) -> tuple[float, float]:
-    """The open interval of float32 inputs ``x`` whose code ``round(x * inverse)`` (float32 product, half to even)
-    lies in ``[low, high]``: product and rounding are monotone in ``x``, so the codes in range are those of one
-    interval of inputs. Its ends are found exactly, starting from ``(bound -/+ 0.5) / inverse`` and stepping one float
-    at a time (a step or two), so ``below < x < above`` is the fake-quant's clipped-STE mask bit for bit, ties
-    included.
-
-    Example:
-        >>> _input_interval(10.0, 0.0, 255.0)  # codes 0..255 at scale 0.1: x from about -0.05 to 25.55
-        (-0.05000000447034836, 25.549999237060547)
-    """
-    inv = np.float32(inverse)
-
-    def code(x: np.float32) -> float:
-        return float(np.round(np.float32(x * inv)))
-
-    def first_inside(bound: float, direction: float) -> np.float32:
-        """The outermost float32 whose code is still in range: ``code >= bound`` walking down (``direction`` -inf),
-        ``code <= bound`` walking up (+inf)."""
-        inside = (lambda c: c >= bound) if direction < 0 else (lambda c: c <= bound)
-        x = np.float32((bound + (0.5 if direction > 0 else -0.5)) / float(inv))
-        while not inside(code(x)):
-            x = np.nextafter(x, np.float32(-direction), dtype=np.float32)
-        while inside(code(np.nextafter(x, np.float32(direction), dtype=np.float32))):
-            x = np.nextafter(x, np.float32(direction), dtype=np.float32)
-        return x
-
-    with np.errstate(over="ignore"):
-        lowest, highest = first_inside(low, -np.inf), first_inside(high, np.inf)
-        return (
-            float(np.nextafter(lowest, np.float32(-np.inf), dtype=np.float32)),
-            float(np.nextafter(highest, np.float32(np.inf), dtype=np.float32)),
-        )
-
-
 def _rounding_interval(low: float, high: float) -> tuple[float, float]:
     """The open interval of float32 values ``v`` that round (half to even) into ``[low, high]`` (integers): ``v``
     just past ``low - 0.5`` or ``high + 0.5``, and the tie itself where it rounds to the even end.
@@ -255,6 +219,40 @@ def _rounding_interval(low: float, high: float) -> tuple[float, float]:
     if high % 2 == 0:
         above = np.nextafter(above, np.float32(np.inf), dtype=np.float32)
     return float(below), float(above)
+
+
+@functools.lru_cache(maxsize=1024)  # the same few scales every step once the observers are frozen
+def _input_interval(inverse: float, low: float, high: float) -> tuple[float, float]:
+    """The open interval of float32 inputs ``x`` whose code ``round(x * inverse)`` (float32 product, half to even)
+    lies in ``[low, high]``: those whose product lies in :func:`_rounding_interval`, and the product is monotone in
+    ``x``, so they are one interval too. Its ends are found exactly, starting from ``bound / inverse`` and stepping one
+    float at a time (a step or two), so ``below < x < above`` is the fake-quant's clipped-STE mask bit for bit, ties
+    included.
+
+    Example:
+        >>> _input_interval(10.0, 0.0, 255.0)  # codes 0..255 at scale 0.1: x from about -0.05 to 25.55
+        (-0.05000000447034836, 25.549999237060547)
+    """
+    inv = np.float32(inverse)
+    below, above = _rounding_interval(low, high)
+
+    def outermost_inside(bound: float, direction: float) -> np.float32:
+        """The outermost float32 ``x`` with ``x * inv`` still inside ``bound``: walking down (``direction`` -inf)
+        while the product stays above ``below``, walking up (+inf) while it stays below ``above``."""
+        inside = (lambda v: v > bound) if direction < 0 else (lambda v: v < bound)
+        x = np.float32(bound / float(inv))
+        while not inside(np.float32(x * inv)):
+            x = np.nextafter(x, np.float32(-direction), dtype=np.float32)
+        while inside(np.float32(np.nextafter(x, np.float32(direction), dtype=np.float32) * inv)):
+            x = np.nextafter(x, np.float32(direction), dtype=np.float32)
+        return x
+
+    with np.errstate(over="ignore"):
+        lowest, highest = outermost_inside(below, -np.inf), outermost_inside(above, np.inf)
+        return (
+            float(np.nextafter(lowest, np.float32(-np.inf), dtype=np.float32)),
+            float(np.nextafter(highest, np.float32(np.inf), dtype=np.float32)),
+        )
 
 
 class _CPUFakeQuantizeSTE(torch.autograd.Function):
@@ -298,9 +296,10 @@ class _CPUFakeQuantizeSTE(torch.autograd.Function):
             return (torch.clamp(codes, qmin, qmax) - zp) * scale
         low, high = _code_bounds(zero_point, qmin, qmax)
         inverse = 1.0 / scale
-        if isinstance(low, float) and inverse.numel() == 1 and math.isfinite(inverse.item()):
+        one_inverse = inverse.item() if inverse.numel() == 1 else math.nan
+        if isinstance(low, float) and math.isfinite(one_inverse):
             # one scale and zero point: the inputs whose code is in range are an interval, and the mask its test
-            ctx.input_bounds = _input_interval(inverse.item(), low, high)  # type: ignore[attr-defined]
+            ctx.input_bounds = _input_interval(one_inverse, low, high)  # type: ignore[attr-defined]
             ctx.save_for_backward(x)  # usually saved already (a ReLU's result): no new memory
             return torch.mul(x, inverse).round_().clamp_(low, high).mul_(scale)
         if not isinstance(low, float) and not zero_point.any():  # per channel, all zero points 0 (symmetric)
