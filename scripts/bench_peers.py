@@ -41,6 +41,9 @@ of ``--latency-runs`` runs; once a model's methods are done, all its ONNX files 
 of 10 runs (order rotated each round) so that load from other processes hits them alike, and that figure is reported
 (the first, sequential one stays in the JSON as ``onnx_ms_sequential``; the load average is recorded with each).
 ``--retime JSON --workdir DIR`` redoes only that timing for the files a run kept in ``--workdir``.
+Agrees with float %: the images a method classifies as the float model does (every row keeps its predictions, base64
+in the JSON); a top-1 loss of an ``ours`` row names the images only the peer and only ours get right and their exact
+McNemar p-value, "within noise" when p >= 0.05 (``scripts/paired_comparison.py``).
 
 Usage:
     PYTHONPATH=. .venv-bench/bin/python scripts/bench_peers.py --smoke
@@ -76,6 +79,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from paired_comparison import agreement, compare, decode_predictions, encode_predictions
 from results_io import RESULTS_DIR, repo_relative
 
 MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)  # ImageNet mean/std: every model here uses them
@@ -278,16 +282,24 @@ def build_model(name: str) -> torch.nn.Module:
 
 
 def evaluate(predict: Callable[[torch.Tensor], Any], data: Data) -> dict[str, Any]:
-    """Top-1 (percent) of ``predict`` (a batch of inputs -> logits, tensor or array) over the evaluation images."""
-    correct = seen = 0
+    """Top-1 (percent) of ``predict`` (a batch of inputs -> logits, tensor or array) over the evaluation images, and
+    every image's predicted class (:func:`paired_comparison.encode_predictions`: the table compares rows image by
+    image)."""
+    predictions, labels = [], []
     start = time.perf_counter()
     with torch.inference_mode():
         for x, y in data.eval_batches():
             logits = predict(x)
             logits = logits.detach().numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-    return {"top1": 100.0 * correct / seen, "eval_images": seen, "eval_s": time.perf_counter() - start}
+            predictions.append(logits.argmax(1))
+            labels.append(y)
+    predicted, labels = np.concatenate(predictions), np.concatenate(labels)
+    return {
+        "top1": 100.0 * float((predicted == labels).mean()),
+        "eval_images": len(labels),
+        "eval_s": time.perf_counter() - start,
+        "predictions": encode_predictions(predicted),
+    }
 
 
 def _status_kb(field: str) -> int:
@@ -655,6 +667,7 @@ COLUMNS = (
     "method",
     "top-1 %",
     "drop vs float (points)",
+    "agrees with float %",
     "calibration s",
     "peak RSS MB",
     "ONNX INT8 ms (b1, median)",
@@ -675,16 +688,26 @@ LOSS_CHECKS = (  # (key, label, unit), all costs: lower is better; lost when a p
 )
 
 
-def annotate_losses(rows: list[dict[str, Any]]) -> None:
+def annotate_losses(rows: list[dict[str, Any]], labels: dict[str, np.ndarray] | None = None) -> None:
     """Add "LOSS" notes to each ``ours`` / ``ours_tensorrt`` / ``ours_recipe`` / ``ours_best`` row: peers with a
-    higher top-1 (any margin) or a cost lower by > 5 %."""
+    higher top-1 (any margin) or a cost lower by > 5 %. With the model's ``labels`` and both rows' predictions, a
+    top-1 loss says whether it is more than noise (:func:`paired_comparison.compare`: the images only the peer and
+    only ours get right, and the McNemar p-value of that split)."""
     ours = ("ours", "ours_tensorrt", "ours_recipe", "ours_best")
+    labels = labels or {}
     for row in (r for r in rows if r["method"] in ours and r["status"] == "ok"):
         row["notes"] = [n for n in row["notes"] if not n.startswith("LOSS:")]  # idempotent: re-rendered rows
         peers = [r for r in rows if r["model"] == row["model"] and r["method"] in PEERS and r["status"] == "ok"]
         for peer in peers:
             if peer["top1"] > row["top1"]:
-                row["notes"].append(f"LOSS: {peer['method']} top-1 +{peer['top1'] - row['top1']:.2f}")
+                note = f"LOSS: {peer['method']} top-1 +{peer['top1'] - row['top1']:.2f}"
+                if row["model"] in labels and "predictions" in row and "predictions" in peer:
+                    paired = compare(
+                        decode_predictions(peer["predictions"]), decode_predictions(row["predictions"]),
+                        labels[row["model"]],
+                    )  # fmt: skip
+                    note += f" ({paired.describe()}{'' if paired.significant else ': within noise'})"
+                row["notes"].append(note)
             for key, label, unit in LOSS_CHECKS:
                 mine, theirs = row.get(key), peer.get(key)
                 if mine is not None and theirs is not None and theirs < 0.95 * mine:
@@ -701,6 +724,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             r["method"],
             _fmt(r.get("top1"), ".2f"),
             _fmt(r.get("drop_points"), "+.2f") if r["method"] != "float" else "-",
+            _fmt(r.get("agree_float"), ".2f") if r["method"] != "float" else "-",
             _fmt(r.get("calibration_s"), ".1f"),
             _fmt(r.get("peak_rss_mb"), ".0f"),
             _fmt(r.get("onnx_ms"), ".2f"),
@@ -811,12 +835,20 @@ def summary(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def finish_rows(rows: list[dict[str, Any]]) -> None:
-    floats = {r["model"]: r.get("top1") for r in rows if r["method"] == "float" and r["status"] == "ok"}
+def finish_rows(rows: list[dict[str, Any]], data: dict[str, Any] | None = None) -> None:
+    """Derived columns from the raw rows: the drop vs float, the agreement with the float model's predictions
+    (``agree_float``: percent of images classified as the float model does) and the loss notes; ``data`` is the
+    result's ``data`` entry (each model's labels)."""
+    floats = {r["model"]: r for r in rows if r["method"] == "float" and r["status"] == "ok"}
+    labels = {m: decode_predictions(d["labels"]) for m, d in (data or {}).items() if "labels" in d}
     for r in rows:
-        if r["method"] != "float" and r.get("top1") is not None and floats.get(r["model"]) is not None:
-            r["drop_points"] = floats[r["model"]] - r["top1"]
-    annotate_losses(rows)
+        reference = floats.get(r["model"])
+        if r["method"] == "float" or r.get("top1") is None or reference is None:
+            continue
+        r["drop_points"] = reference["top1"] - r["top1"]
+        if "predictions" in r and "predictions" in reference:
+            r["agree_float"] = agreement(*(decode_predictions(x["predictions"]) for x in (r, reference)))
+    annotate_losses(rows, labels)
 
 
 def print_row(r: dict[str, Any]) -> None:
@@ -866,6 +898,7 @@ def main(argv: list[str] | None = None) -> int:
             paths = prepare_data(name, args, workdir)
             info = {k: paths[k] for k in ("eval_images", "val_split")}
             result["data"][name] = info | {"partial": info["eval_images"] < info["val_split"]}
+            result["data"][name]["labels"] = encode_predictions(np.load(paths["val_y"]))  # for the paired comparison
             print(f"{name}: {info['eval_images']} eval images, data ready in {time.perf_counter() - start:.0f} s")
             for method in ("float", *args.methods):
                 row = {"model": name, "method": method} | run_isolated(name, method, paths, opts, args.method_timeout)
@@ -885,7 +918,7 @@ def main(argv: list[str] | None = None) -> int:
 def write_results(result: dict[str, Any], out: Path) -> None:
     """JSON and Markdown table of the rows measured so far (drops and loss notes recomputed from the raw rows)."""
     rows = [dict(r, notes=list(r.get("notes", []))) for r in result["rows"]]
-    finish_rows(rows)
+    finish_rows(rows, result.get("data"))
     final = result | {"rows": rows, "loadavg_end": round(os.getloadavg()[0], 2)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(repo_relative(json.dumps(final, indent=2, default=str)) + "\n")

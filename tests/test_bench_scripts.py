@@ -171,6 +171,60 @@ def test_peer_table_names_each_loss_of_every_ours_row():
     assert rows[1]["notes"] == [] and rows[2]["notes"] == []
 
 
+def test_paired_comparison_counts_each_models_own_wins_and_tests_the_split():
+    import numpy as np
+    from paired_comparison import compare, decode_predictions, encode_predictions, mcnemar_p_value
+
+    labels = np.zeros(100, dtype=np.int64)
+    first, second = labels.copy(), labels.copy()
+    first[:30] = 1  # 30 images only the second model gets right
+    second[30:35] = 1  # 5 only the first
+    paired = compare(first, second, labels)
+    assert (paired.only_first, paired.only_second) == (5, 30) and paired.significant
+    assert not compare(first[28:], second[28:], labels[28:]).significant  # 5 vs 2 images: chance does that
+    # exact two-sided binomial tail: 2 * P(X <= 2), X ~ Bin(10, 1/2) = 2 * 56 / 1024
+    assert mcnemar_p_value(2, 8) == pytest.approx(112 / 1024)
+    assert mcnemar_p_value(0, 0) == 1.0 and mcnemar_p_value(2000, 2000) == 1.0  # no float underflow past 1074
+    assert 0 < mcnemar_p_value(900, 1100) < 1e-5
+    wide = np.array([0, 300, 70000])
+    assert (decode_predictions(encode_predictions(wide)) == wide).all()
+    assert encode_predictions(np.array([3, 9]))["dtype"] == "uint8"
+    with pytest.raises(ValueError, match="class indices"):
+        encode_predictions(np.array([-1, 2]))
+    with pytest.raises(ValueError, match="shape"):
+        compare(first, second[:5], labels)
+
+
+def test_peer_table_says_whether_a_top1_loss_is_more_than_noise():
+    """With predictions and labels, a loss note names the images each side wins and whether the split is noise;
+    every row gets its agreement with the float model's predictions."""
+    import numpy as np
+
+    bench_peers = pytest.importorskip("bench_peers")
+    from paired_comparison import encode_predictions
+
+    labels = np.zeros(1000, dtype=np.int64)
+    float_pred, ours, close_peer, far_peer = (labels.copy() for _ in range(4))
+    float_pred[:100] = 1
+    ours[:110] = 1  # 890 right
+    close_peer[:105] = 1  # 895 right: 5 images better
+    far_peer[:60] = 1  # 940 right: 50 images better
+
+    def row(method, predicted):
+        top1 = 100.0 * float((predicted == labels).mean())
+        return {"model": "m", "method": method, "status": "ok", "top1": top1, "notes": [],
+                "predictions": encode_predictions(predicted)}  # fmt: skip
+
+    rows = [row("float", float_pred), row("ours", ours), row("ort", close_peer), row("nncf", far_peer)]
+    bench_peers.finish_rows(rows, {"m": {"labels": encode_predictions(labels)}})
+    assert rows[1]["agree_float"] == pytest.approx(99.0) and rows[3]["agree_float"] == pytest.approx(96.0)
+    assert rows[1]["notes"] == [
+        "LOSS: ort top-1 +0.50 (5 vs 0 images, p=0.062: within noise)",
+        "LOSS: nncf top-1 +5.00 (50 vs 0 images, p=1.8e-15)",
+    ]
+    assert "| 99.00 |" in bench_peers.table(rows).splitlines()[3]
+
+
 def test_bench_qat_frozen_row_trains_the_deployed_convs():
     """``ours_frozen`` times QAT after the schedule's freezes: observers off, every conv+BN on running statistics,
     fake-quant still on (the row must not time a float model)."""
