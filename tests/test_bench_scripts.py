@@ -225,6 +225,45 @@ def test_peer_table_says_whether_a_top1_loss_is_more_than_noise():
     assert "| 99.00 |" in bench_peers.table(rows).splitlines()[3]
 
 
+def test_bias_correction_variants_float_inputs_correct_by_the_mean_float_input():
+    """``float_inputs``: each bias moves by the weight error on the mean float input of the calibration images (the
+    first layer's input is the same float data in both models, so the expected value is computed directly)."""
+    import torch
+
+    bench_bias_correction = pytest.importorskip("bench_bias_correction")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 1)).eval()
+    data = [torch.randn(4, 3, 8, 8) + 0.5 for _ in range(3)]
+    qmodel = bench_bias_correction.quantize_with_float_input_correction(
+        model, data, "x86", min_standard_errors=None
+    )  # fmt: skip
+    first = qmodel.get_submodule("0")
+    with torch.no_grad():
+        delta = first.weight_fake_quant(first.weight) - first.weight
+        expected = model[0].bias - torch.cat(
+            [nn.functional.conv2d(x, delta, padding=1) for x in data]
+        ).mean((0, 2, 3))  # fmt: skip
+    assert torch.allclose(first.bias, expected, atol=1e-6)
+    assert not torch.equal(first.bias, model[0].bias)  # 7-bit weights do move the mean
+    gated = bench_bias_correction.quantize_with_float_input_correction(model, data, "x86", min_standard_errors=1e9)
+    assert torch.equal(gated.get_submodule("0").bias, model[0].bias)  # no channel passes an impossible gate
+
+
+def test_bias_correction_variants_limit_and_restore_the_corrected_layers():
+    bench_bias_correction = pytest.importorskip("bench_bias_correction")
+    walk = bench_bias_correction.bias_correction.weight_layers
+    with pytest.raises(RuntimeError), bench_bias_correction.correcting_only(bench_bias_correction.is_depthwise):
+        assert bench_bias_correction.bias_correction.weight_layers is not walk
+        raise RuntimeError("a failing run")
+    assert bench_bias_correction.bias_correction.weight_layers is walk
+    assert bench_bias_correction.is_depthwise(nn.Conv2d(8, 8, 3, groups=8))
+    assert not bench_bias_correction.is_depthwise(nn.Conv2d(8, 16, 3, groups=4))
+    assert not bench_bias_correction.is_depthwise(nn.Linear(4, 4))
+    with pytest.raises(SystemExit):
+        bench_bias_correction.parse_args(["--variants", "fan_inX"])
+    assert bench_bias_correction.parse_args(["--variants", "fan_in64"]).variants == ["fan_in64"]
+
+
 def test_bench_qat_frozen_row_trains_the_deployed_convs():
     """``ours_frozen`` times QAT after the schedule's freezes: observers off, every conv+BN on running statistics,
     fake-quant still on (the row must not time a float model)."""
