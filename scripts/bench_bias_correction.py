@@ -105,7 +105,7 @@ def quantize_with_float_input_correction(
             if isinstance(layer, QuantLinear):
                 x = x.reshape(-1, x.shape[-1])
             else:
-                state["per_image"].append(x.sum((2, 3)))  # per-image channel sums, for the variance
+                state["per_image"].append(x.flatten(2).sum(2))  # per-image channel sums, for the variance
             state["total"] = state["total"] + x.sum(0, keepdim=True)
             state["images"] += x.shape[0]
 
@@ -134,7 +134,7 @@ def quantize_with_float_input_correction(
         if min_standard_errors is not None and not isinstance(layer, QuantLinear):
             per_image = torch.cat(state["per_image"])  # (images, in_channels)
             images, groups = per_image.shape[0], layer.groups
-            kernel_sums = delta.sum((2, 3)).reshape(groups, delta.shape[0] // groups, -1)
+            kernel_sums = delta.flatten(2).sum(2).reshape(groups, delta.shape[0] // groups, -1)
             errors = torch.einsum("ngc,goc->ngo", per_image.reshape(images, groups, -1), kernel_sums)
             errors = errors.reshape(images, -1) / (positions / images)
             keep = mean.abs() > min_standard_errors * errors.std(0) / images**0.5
