@@ -37,9 +37,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from bench_accuracy import MODELS, load
+from paired_comparison import agreement
 from results_io import RESULTS_DIR, run_header, write_results
 from torch import nn
 
@@ -161,12 +163,8 @@ def quantize_variant(model: nn.Module, data: Any, target: str, variant: str) -> 
 
 
 @torch.no_grad()
-def predictions(model: nn.Module, loader: Any) -> torch.Tensor:
-    return torch.cat([model(x).argmax(1) for x, _ in loader])
-
-
-def percent_equal(a: torch.Tensor, b: torch.Tensor) -> float:
-    return 100.0 * (a == b).float().mean().item()
+def predictions(model: nn.Module, loader: Any) -> np.ndarray:
+    return torch.cat([model(x).argmax(1) for x, _ in loader]).numpy()
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -188,16 +186,16 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for name in args.models:
         model, dm = load(name, args)
-        labels = torch.cat([y for _, y in dm.val_dataloader()])
+        labels = torch.cat([y for _, y in dm.val_dataloader()]).numpy()
         float_predicted = predictions(model, dm.val_dataloader())
-        rows.append({"model": name, "variant": "float", "top1": percent_equal(float_predicted, labels)})
+        rows.append({"model": name, "variant": "float", "top1": agreement(float_predicted, labels)})
         for target in args.targets:
             for variant in args.variants:
                 start = time.perf_counter()
                 qmodel = quantize_variant(model, dm.calibration_dataloader(), target, variant)
                 seconds = time.perf_counter() - start
                 predicted = predictions(qmodel, dm.val_dataloader())
-                top1, agree = percent_equal(predicted, labels), percent_equal(predicted, float_predicted)
+                top1, agree = agreement(predicted, labels), agreement(predicted, float_predicted)
                 row = {"model": name, "target": target, "variant": variant, "ptq_s": seconds}
                 rows.append(row | {"top1": top1, "agree_float": agree})
                 write_results(args.out, {**header, "complete": False, "rows": rows}, table(rows))

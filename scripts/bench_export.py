@@ -41,6 +41,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from results_io import cpu_model
 
 import lightning_quant
 from lightning_quant import export_onnx, quantize
@@ -86,14 +87,6 @@ def machine_load() -> dict[str, Any]:
             if int(pid) != os.getpid() and float(pcpu) >= 10.0:
                 busy.append({"pid": int(pid), "cpu_percent": float(pcpu), "elapsed": etime, "command": args[:120]})
     return {"loadavg_1_5_15": [round(v, 2) for v in load], "cpus": os.cpu_count(), "busy_processes": busy}
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -447,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {k: v for k, v in vars(args).items() if k not in ("workdir", "out", "render")},
         "environment": {
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "cpu": cpu_name(),
+            "cpu": cpu_model(),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "torch": torch.__version__,

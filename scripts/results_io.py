@@ -39,13 +39,13 @@ def repo_relative(text: str) -> str:
 
 
 def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux; ``platform.processor()`` elsewhere, possibly empty): timings
-    from two machines are not comparable, and the platform string does not tell them apart."""
+    """The CPU's model name (``/proc/cpuinfo`` on Linux; ``platform.processor()`` elsewhere, ``"unknown"`` if that is
+    empty): timings from two machines are not comparable, and the platform string does not tell them apart."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    return platform.processor()
+    return platform.processor() or "unknown"
 
 
 def run_header(script: str, argv: list[str] | None, args: argparse.Namespace) -> dict[str, Any]:
