@@ -152,7 +152,7 @@ def run(args: argparse.Namespace, observer: str, world: int) -> dict[str, Any]:
             mp.start_processes(
                 _worker, args=(world, free_port(), args, observer, out), nprocs=world, start_method="spawn"
             )
-            saved = torch.load(Path(out) / "rank0.pt")
+            saved = torch.load(Path(out) / "rank0.pt", weights_only=True)
         seconds, result = saved["seconds"], saved["qparams"]
     total = time.perf_counter() - start
     return {"processes": world, "observer": observer, "calibration_s": seconds, "total_s": total, "qparams": result}
